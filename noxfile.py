@@ -1,0 +1,100 @@
+"""Test matrix: one environment per framework, each at its real release and dependency ranges.
+
+The frameworks cannot share an environment (LLaMA-Factory 0.9.5 pins trl<=0.24 and
+transformers<=5.6; ms-swift 4.6.0 pins trl<1.0; TRL's current line is 1.16), so each
+gets its own virtualenv. They do share one torch: torch 2.14.1 + torchvision 0.29.1
+(the pair that loads together here and that Qwen2-VL's processor needs) is installed
+once into a cache folder and linked into every environment with a ``.pth`` file, so
+pip sees it as installed and never downloads another multi-GB torch.
+
+Run everything: ``nox``. One framework: ``nox -s trl`` (or llamafactory, swift).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import sysconfig
+from pathlib import Path
+
+import nox
+
+PYTHON = "3.11"  # the local torch wheels are cp311
+TORCH_REQUIREMENTS = ("torch==2.14.1", "torchvision==0.29.1")
+SHARED_TORCH = Path(
+    os.environ.get("VLM_DPO_SHARED_TORCH", Path.home() / ".cache" / "vlm-dpo-plugins" / "torch-2.14.1-tv0.29.1")
+)
+ROOT = Path(__file__).parent
+TEST_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "VLM_DPO_LOAD_PLUGINS": "none",  # no stray installed third-party plugin leaks into the tests
+    "OMP_NUM_THREADS": "2",
+}
+CORE_TESTS = ("tests/core", "tests/fixtures")
+
+nox.options.sessions = ["trl", "llamafactory", "swift"]
+nox.options.reuse_existing_virtualenvs = False
+nox.options.error_on_missing_interpreters = True
+
+
+def ensure_shared_torch(session: nox.Session) -> None:
+    marker = SHARED_TORCH / ".complete"
+    if marker.exists():
+        return
+    SHARED_TORCH.parent.mkdir(parents=True, exist_ok=True)
+    with open(SHARED_TORCH.parent / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two nox processes must not half-install the same folder
+        if marker.exists():
+            return
+        staging = SHARED_TORCH.with_name(SHARED_TORCH.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        session.run("python", "-m", "pip", "install", "--quiet", "--target", str(staging), *TORCH_REQUIREMENTS)
+        shutil.rmtree(SHARED_TORCH, ignore_errors=True)
+        staging.rename(SHARED_TORCH)
+        marker.touch()
+
+
+def link_shared_torch(session: nox.Session) -> None:
+    ensure_shared_torch(session)
+    site_packages = session.run(
+        "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True
+    ).strip()
+    # Appended after the venv's own site-packages, so a package the environment pins itself wins.
+    (Path(site_packages) / "_vlm_dpo_shared_torch.pth").write_text(f"{SHARED_TORCH}\n")
+
+
+def run_tests(session: nox.Session, *paths: str) -> None:
+    session.run("python", "-c", "import torch, torchvision; print('torch', torch.__version__, torchvision.__version__)")
+    session.run("pytest", *CORE_TESTS, *paths, *session.posargs, env=TEST_ENVIRONMENT)
+
+
+@nox.session(python=PYTHON)
+def trl(session: nox.Session) -> None:
+    """TRL's current release line (1.16), transformers latest."""
+    link_shared_torch(session)
+    session.install("trl==1.16.0", ".[trl,test]")
+    run_tests(session, "tests/adapters/trl")
+
+
+@nox.session(python=PYTHON)
+def llamafactory(session: nox.Session) -> None:
+    """LLaMA-Factory 0.9.5 with the ranges it pins (trl<=0.24, transformers<=5.6, peft 0.18, datasets<=4.0)."""
+    link_shared_torch(session)
+    # LLaMA-Factory requires torchaudio, and no torchaudio release loads beside this torch. A stub
+    # distribution satisfies the requirement in this test environment only (see docs/testing.md).
+    session.install(str(ROOT / "tests" / "envs" / "torchaudio_stub"))
+    session.install("llamafactory==0.9.5", ".[test]")
+    run_tests(session, "tests/adapters/llamafactory")
+
+
+@nox.session(python=PYTHON)
+def swift(session: nox.Session) -> None:
+    """ms-swift 4.6.0 with the ranges it pins (trl<1.0, transformers<5.20)."""
+    link_shared_torch(session)
+    session.install("ms-swift==4.6.0", "qwen-vl-utils", ".[test]")
+    run_tests(session, "tests/adapters/swift")

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.errors import ConfigError
+
+
+def test_empty_config_has_the_fixing_defaults():
+    config = VLMDPOConfig.from_dict({})
+    assert config.freeze.trainable == ("language",)  # vision tower and projector frozen
+    assert config.guards.max_grad_norm == 1.0
+    assert config.guards.skip_nonfinite and config.guards.non_reentrant_checkpointing
+    assert config.loss.type == "sigmoid" and config.loss.fp32_logps
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"gaurds": {}}, "unknown config key 'gaurds'; did you mean 'guards'?"),
+        ({"guards": {"max_grad_nrom": 1.0}}, "unknown config key 'guards.max_grad_nrom'; did you mean 'guards.max_grad_norm'?"),
+        (
+            {"freeze": {"unfreeze": [{"at_step": 5, "vision_block": 2}]}},
+            "unknown config key 'freeze.unfreeze[0].vision_block'; did you mean 'freeze.unfreeze[0].vision_blocks'?",
+        ),
+        ({"loss": {"beta": 0}}, "'loss.beta' is 0.0; expected beta > 0"),
+        ({"loss": {"beta": "high"}}, "'loss.beta' must be float, got 'high'"),
+        ({"freeze": {"trainable": ["visoin"]}}, "'freeze.trainable' has 'visoin'; expected one of"),
+        ({"collation": {"on_invalid_pair": "skp"}}, "did you mean 'skip'?"),
+        ({"freeze": {"unfreeze": [{"at_step": 0}]}}, "'freeze.unfreeze[0].at_step' is 0; expected an optimizer step >= 1"),
+        ({"freeze": {"unfreeze": [{"at_step": 9}, {"at_step": 3}]}}, "'freeze.unfreeze' is [9, 3]"),
+        ({"guards": {"skip_nonfinite": "yes"}}, "'guards.skip_nonfinite' must be bool, got 'yes'"),
+        ({"freeze": {"trainable": "language"}}, "'freeze.trainable' must be a list"),
+    ],
+)
+def test_bad_config_names_the_key_and_the_fix(data, message):
+    with pytest.raises(ConfigError) as error:
+        VLMDPOConfig.from_dict(data)
+    assert message in str(error.value)
+
+
+def test_values_are_converted_and_nested_sections_built():
+    config = VLMDPOConfig.from_dict(
+        {
+            "freeze": {"learning_rates": {"projector": "2e-5"}, "unfreeze": [{"at_step": 10, "groups": ["projector"]}]},
+            "guards": {"max_grad_norm": None},
+            "loss": {"beta": 1},
+        }
+    )
+    assert config.freeze.learning_rates == {"projector": 2e-5}
+    assert config.freeze.unfreeze[0].groups == ("projector",)
+    assert config.guards.max_grad_norm is None
+    assert isinstance(config.loss.beta, float)
+
+
+def test_yaml_file_loads_and_bad_yaml_names_the_file(tmp_path):
+    good = tmp_path / "plugins.yaml"
+    good.write_text("loss:\n  type: hinge\n  beta: 0.2\nfreeze:\n  trainable: [language, projector]\n")
+    config = VLMDPOConfig.from_yaml(good)
+    assert (config.loss.type, config.loss.beta, config.freeze.trainable) == ("hinge", 0.2, ("language", "projector"))
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- loss\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
+        VLMDPOConfig.from_yaml(listing)
+
+
+def test_plugin_declared_section_is_validated_like_a_builtin():
+    @dataclass
+    class Spike:
+        factor: float = 4.0
+
+    config = VLMDPOConfig.from_dict({"spike": {"factor": 3}}, extra_sections={"spike": Spike})
+    assert config.extra["spike"] == Spike(factor=3.0)
+    with pytest.raises(ConfigError, match="unknown config key 'spike.factr'; did you mean 'spike.factor'"):
+        VLMDPOConfig.from_dict({"spike": {"factr": 3}}, extra_sections={"spike": Spike})
+    with pytest.raises(ConfigError, match="clash with built-in sections"):
+        VLMDPOConfig.from_dict({}, extra_sections={"loss": Spike})

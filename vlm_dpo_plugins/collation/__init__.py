@@ -1,0 +1,1 @@
+"""Collation checks: catch preference pairs that can only train to a loss of ln 2."""

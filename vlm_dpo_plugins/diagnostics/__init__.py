@@ -1,0 +1,1 @@
+"""Diagnostics: detectors fed with every logged metric, each warning once with cause and fix."""

@@ -1,0 +1,13 @@
+"""Errors a user sees. Each message names what is wrong and how to fix it."""
+
+
+class VLMDPOError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class ConfigError(VLMDPOError, ValueError):
+    """A configuration key or value is invalid; the message names the key and a suggestion."""
+
+
+class PluginError(VLMDPOError, RuntimeError):
+    """A plugin could not be loaded or implements a hook wrongly."""

@@ -1,0 +1,1 @@
+"""Stability guards: gradient clipping, non-finite step skipping, checkpointing and DeepSpeed settings."""

@@ -1,0 +1,199 @@
+"""The hook specifications: the whole contract between the core, the plugins and the adapters.
+
+Adapters call these hooks from inside their framework's training loop; plugins
+implement them with ``@vlm_dpo_plugins.hookimpl``. Every argument is a tensor, a
+module, a name, a plain dict or one of the dataclasses in ``vlm_dpo_plugins.types``,
+never a framework object, so one plugin serves TRL, LLaMA-Factory and ms-swift alike.
+
+Calling conventions (pluggy):
+- ``firstresult=True``: one plugin decides; the first non-None answer wins, and a
+  plugin that wants to decide first marks itself ``tryfirst=True``.
+- plain hooks: every plugin contributes and the caller gets a list.
+- ``wrapper=True`` implementations surround another hook's call (``result = yield``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from vlm_dpo_plugins.markers import hookspec
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlm_dpo_plugins.config import VLMDPOConfig
+    from vlm_dpo_plugins.types import (
+        Finding,
+        LossOutput,
+        ParameterGroups,
+        PluginState,
+        PreferenceLogps,
+        RunContext,
+        StepSignals,
+    )
+
+    LossFunction = Callable[[PreferenceLogps, Any], LossOutput]
+
+
+# ---------------------------------------------------------------------------
+# configuration and lifecycle
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def vlm_dpo_config_sections() -> Mapping[str, type]:
+    """Return extra top-level config sections this plugin reads, as ``{name: dataclass type}``."""
+
+
+@hookspec
+def vlm_dpo_configure(config: VLMDPOConfig) -> None:
+    """Called once with the validated config before training is set up; raise ``ConfigError`` to refuse it."""
+
+
+@hookspec
+def vlm_dpo_train_begin(model: torch.nn.Module, context: RunContext) -> None:
+    """Called once the model, optimizer and data are ready, before the first step."""
+
+
+@hookspec
+def vlm_dpo_step_begin(step: int, model: torch.nn.Module) -> None:
+    """Called at the start of every optimizer step (``step`` counts optimizer steps from 0)."""
+
+
+@hookspec
+def vlm_dpo_train_end(context: RunContext, metrics: Mapping[str, float]) -> None:
+    """Called once after the last step with the final logged metrics."""
+
+
+# ---------------------------------------------------------------------------
+# freeze policy
+# ---------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def vlm_dpo_classify_parameters(model: torch.nn.Module, model_type: str | None) -> ParameterGroups | None:
+    """Sort every parameter name into ``vision``/``projector``/``language``/``other``; first answer wins."""
+
+
+@hookspec(firstresult=True)
+def vlm_dpo_trainable_parameters(groups: ParameterGroups, step: int) -> set[str] | None:
+    """Return the names of the parameters that should train at optimizer step ``step``; first answer wins."""
+
+
+@hookspec(firstresult=True)
+def vlm_dpo_optimizer_groups(
+    groups: ParameterGroups, trainable: set[str], base_learning_rate: float
+) -> list[dict[str, Any]] | None:
+    """Return optimizer parameter groups as ``[{"names": [...], "lr": float, "group": str}]``; first answer wins."""
+
+
+@hookspec(firstresult=True)
+def vlm_dpo_lora_target_modules(model: torch.nn.Module, groups: ParameterGroups) -> list[str] | None:
+    """Return the module names LoRA should wrap (never frozen groups or conv patch embeddings); first answer wins."""
+
+
+# ---------------------------------------------------------------------------
+# collation
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def vlm_dpo_check_example(example: Mapping[str, Any], row: int) -> Sequence[Finding]:
+    """Check one raw dataset row (fields, image paths, image count) before tokenization."""
+
+
+@hookspec
+def vlm_dpo_check_pair(
+    chosen_ids: Sequence[int],
+    chosen_mask: Sequence[int],
+    rejected_ids: Sequence[int],
+    rejected_mask: Sequence[int],
+    row: int,
+    special: Mapping[str, Any],
+) -> Sequence[Finding]:
+    """Check one tokenized pair; masks are 1 on response tokens; ``special`` holds token ids such as ``image``/``pad``."""
+
+
+@hookspec
+def vlm_dpo_check_batch(batch: Mapping[str, torch.Tensor], step: int) -> Sequence[Finding]:
+    """Check a collated batch of 2B rows (chosen rows first, then rejected) just before the forward pass."""
+
+
+@hookspec(firstresult=True)
+def vlm_dpo_collate(
+    examples: list[Mapping[str, Any]], collate: Callable[[list[Mapping[str, Any]]], dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Build a batch from ``examples``; the default calls the framework's ``collate``, wrappers transform its result."""
+
+
+# ---------------------------------------------------------------------------
+# loss variants
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def vlm_dpo_loss_functions() -> Mapping[str, LossFunction]:
+    """Return the loss variants this plugin provides as ``{name: fn(logps, loss_config) -> LossOutput}``."""
+
+
+@hookspec(firstresult=True)
+def vlm_dpo_compute_loss(logps: PreferenceLogps, config: VLMDPOConfig) -> LossOutput | None:
+    """Compute the preference loss for a batch; the built-in dispatches on ``config.loss.type``."""
+
+
+# ---------------------------------------------------------------------------
+# stability guards
+# ---------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def vlm_dpo_clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
+    """Clip gradients in place and return the total norm measured before clipping; first answer wins."""
+
+
+@hookspec
+def vlm_dpo_skip_step_reason(signals: StepSignals) -> str | None:
+    """Return why this optimizer step must be skipped, or None; any reason on any rank skips it everywhere."""
+
+
+@hookspec
+def vlm_dpo_after_optimizer_step(signals: StepSignals, skipped: bool, reasons: Sequence[str]) -> None:
+    """Called after the step was taken or skipped, with the reasons agreed across ranks."""
+
+
+@hookspec(firstresult=True)
+def vlm_dpo_gradient_checkpointing_kwargs(context: RunContext) -> dict[str, Any] | None:
+    """Return the ``gradient_checkpointing_kwargs`` to use for this run; first answer wins."""
+
+
+@hookspec
+def vlm_dpo_deepspeed_overrides(
+    deepspeed_config: Mapping[str, Any], num_parameters: int, context: RunContext
+) -> Mapping[str, Any] | None:
+    """Return DeepSpeed config values to change (dotted keys, e.g. ``zero_optimization.reduce_bucket_size``)."""
+
+
+# ---------------------------------------------------------------------------
+# diagnostics and metrics
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def vlm_dpo_on_log(step: int, metrics: Mapping[str, float]) -> Sequence[Finding]:
+    """Look at every logged metric dict and return findings (each detector warns once per cause)."""
+
+
+@hookspec
+def vlm_dpo_metrics(step: int) -> Mapping[str, float]:
+    """Return this plugin's own metrics to add to the framework's log at ``step``."""
+
+
+@hookspec
+def vlm_dpo_state_dict() -> tuple[str, PluginState] | None:
+    """Return ``(key, state)`` to save in checkpoints (skip counters, unfreeze stage, detector state)."""
+
+
+@hookspec
+def vlm_dpo_load_state_dict(states: Mapping[str, PluginState]) -> None:
+    """Restore state saved by ``vlm_dpo_state_dict`` when a run resumes; read your own key."""

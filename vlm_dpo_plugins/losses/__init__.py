@@ -1,0 +1,1 @@
+"""Loss variants: the DPO family, computed from summed response log-probabilities."""

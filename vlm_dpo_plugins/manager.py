@@ -1,0 +1,162 @@
+"""The plugin manager: built-in plugins registered explicitly, third-party ones from entry points.
+
+Environment variables (read when a manager is created):
+- ``VLM_DPO_LOAD_PLUGINS``: which third-party entry points to load. Unset: all of
+  them; empty or ``none``: none; ``a,b``: only those names.
+- ``VLM_DPO_BLOCK_PLUGINS``: names of plugins (built-in or third-party) to block,
+  e.g. ``guards`` to run without the stability guards.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from vlm_dpo_plugins import hookspecs
+from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.errors import ConfigError, PluginError
+from vlm_dpo_plugins.markers import PROJECT_NAME
+
+ENTRY_POINT_GROUP = PROJECT_NAME
+LOAD_PLUGINS_ENV = "VLM_DPO_LOAD_PLUGINS"
+BLOCK_PLUGINS_ENV = "VLM_DPO_BLOCK_PLUGINS"
+
+
+def builtin_plugins() -> dict[str, object]:
+    """A fresh instance of every built-in plugin, by registration name (instances hold per-run state)."""
+    from vlm_dpo_plugins.collation.plugin import PairChecks
+    from vlm_dpo_plugins.diagnostics.plugin import Diagnostics
+    from vlm_dpo_plugins.freeze.plugin import FreezePolicy
+    from vlm_dpo_plugins.guards.plugin import StabilityGuards
+    from vlm_dpo_plugins.losses.plugin import LossVariants
+
+    return {
+        "freeze": FreezePolicy(),
+        "collation": PairChecks(),
+        "losses": LossVariants(),
+        "guards": StabilityGuards(),
+        "diagnostics": Diagnostics(),
+    }
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    source: str  # "builtin" or "entry point <dist> <version>"
+    hooks: tuple[str, ...]
+
+
+class VLMDPOPluginManager(pluggy.PluginManager):
+    def __init__(self) -> None:
+        super().__init__(PROJECT_NAME)
+        self.add_hookspecs(hookspecs)
+        self._sources: dict[str, str] = {}
+
+    def register_builtin(self, name: str, plugin: object) -> None:
+        if self.register(plugin, name=name) is not None:
+            self._sources[name] = "builtin"
+
+    def load_entry_points(self, allowed: set[str] | None = None) -> list[str]:
+        """Register every installed ``vlm_dpo_plugins`` entry point (or only ``allowed`` names); return their names."""
+        loaded = []
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if allowed is not None and entry_point.name not in allowed:
+                continue
+            if self.is_blocked(entry_point.name) or self.has_plugin(entry_point.name):
+                continue
+            distribution = entry_point.dist
+            origin = f"{distribution.name} {distribution.version}" if distribution else "unknown distribution"
+            try:
+                plugin = entry_point.load()
+            except Exception as error:
+                raise PluginError(
+                    f"plugin '{entry_point.name}' from {origin} ({entry_point.value}) failed to import: {error!r}. "
+                    f"Fix or uninstall it, or leave it out with {LOAD_PLUGINS_ENV}/{BLOCK_PLUGINS_ENV}."
+                ) from error
+            self.register(plugin, name=entry_point.name)
+            self._sources[entry_point.name] = f"entry point, {origin}"
+            loaded.append(entry_point.name)
+        return loaded
+
+    def check_pending(self) -> None:
+        """Fail loudly when a plugin implements a hook that does not exist (usually a misspelled name)."""
+        try:
+            super().check_pending()
+        except pluggy.PluginValidationError as error:
+            raise PluginError(f"{error}; see vlm_dpo_plugins/hookspecs.py for the hook names") from error
+
+    def list_plugins(self) -> list[PluginInfo]:
+        infos = []
+        for name, plugin in self.list_name_plugin():
+            if plugin is None:  # blocked
+                continue
+            hooks = tuple(sorted(caller.name for caller in self.get_hookcallers(plugin) or ()))
+            infos.append(PluginInfo(name=name, source=self._sources.get(name, "registered at run time"), hooks=hooks))
+        return infos
+
+    # -- config -----------------------------------------------------------
+
+    def load_config(self, data: Mapping[str, Any] | str | os.PathLike | None = None) -> VLMDPOConfig:
+        """Build and validate the config from a dict or YAML path, with the sections plugins declare."""
+        sections: dict[str, type] = {}
+        for contribution in self.hook.vlm_dpo_config_sections():
+            sections.update(contribution or {})
+        if data is None or isinstance(data, Mapping):
+            config = VLMDPOConfig.from_dict(data, extra_sections=sections)
+        else:
+            config = VLMDPOConfig.from_yaml(data, extra_sections=sections)
+        self.validate_loss_type(config)
+        return config
+
+    def loss_functions(self) -> dict[str, Any]:
+        registry: dict[str, Any] = {}
+        for contribution in self.hook.vlm_dpo_loss_functions():
+            for name, function in (contribution or {}).items():
+                if name in registry and registry[name] is not function:
+                    raise PluginError(f"two plugins register the loss variant '{name}'")
+                registry[name] = function
+        return registry
+
+    def validate_loss_type(self, config: VLMDPOConfig) -> None:
+        import difflib
+
+        names = sorted(self.loss_functions())
+        if config.loss.type not in names:
+            close = difflib.get_close_matches(config.loss.type, names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"'loss.type' is {config.loss.type!r}; registered variants: {names}{hint}")
+
+
+def _names_from_env(variable: str) -> set[str] | None:
+    value = os.environ.get(variable)
+    if value is None:
+        return None
+    value = value.strip()
+    if value.lower() in ("", "none"):
+        return set()
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def create_plugin_manager(
+    *,
+    load_entry_points: bool = True,
+    block: Iterable[str] = (),
+    extra_plugins: Mapping[str, object] | None = None,
+) -> VLMDPOPluginManager:
+    """A new manager with the built-ins, the allowed entry points and ``extra_plugins``, validated."""
+    manager = VLMDPOPluginManager()
+    for name in set(block) | (_names_from_env(BLOCK_PLUGINS_ENV) or set()):
+        manager.set_blocked(name)
+    for name, plugin in builtin_plugins().items():
+        manager.register_builtin(name, plugin)
+    for name, plugin in (extra_plugins or {}).items():
+        manager.register(plugin, name=name)
+    if load_entry_points:
+        manager.load_entry_points(allowed=_names_from_env(LOAD_PLUGINS_ENV))
+    manager.check_pending()
+    return manager

@@ -1,0 +1,24 @@
+"""Tiny random-weight vision-language models and synthetic preference data, built offline.
+
+Used by the demo job and the tests: nothing here downloads anything, so every
+model is built from a config, every tokenizer is trained on a small corpus with
+the ``tokenizers`` library, and every image is drawn with Pillow.
+
+Importing this package pulls in ``transformers``; the core package never does.
+"""
+
+from vlm_dpo_plugins.tiny.data import (
+    PreferenceExample,
+    make_preference_examples,
+    write_preference_images,
+)
+from vlm_dpo_plugins.tiny.llava import build_tiny_llava
+from vlm_dpo_plugins.tiny.qwen2_vl import build_tiny_qwen2_vl
+
+__all__ = [
+    "PreferenceExample",
+    "build_tiny_llava",
+    "build_tiny_qwen2_vl",
+    "make_preference_examples",
+    "write_preference_images",
+]

@@ -1,0 +1,110 @@
+"""Plain data passed through the hooks.
+
+Hooks never see a framework object: adapters translate their framework's state
+into these types (tensors, modules, names, plain numbers) before calling a hook.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Severity(str, enum.Enum):
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing a check or detector found: what, where, and the setting or edit that fixes it."""
+
+    code: str
+    severity: Severity
+    message: str
+    fix: str = ""
+    row: int | None = None
+    field: str | None = None
+    source: str = ""
+
+    def __str__(self) -> str:
+        where = []
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.field is not None:
+            where.append(f"field '{self.field}'")
+        prefix = f"[{self.severity.value}] {self.code}" + (f" ({', '.join(where)})" if where else "")
+        suffix = f" Fix: {self.fix}" if self.fix else ""
+        return f"{prefix}: {self.message}{suffix}"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the adapter knows about the run, in framework-neutral terms."""
+
+    framework: str
+    framework_version: str = ""
+    model_type: str | None = None
+    world_size: int = 1
+    rank: int = 0
+    uses_peft: bool = False
+    uses_deepspeed: bool = False
+    deepspeed_stage: int | None = None
+    uses_fsdp: bool = False
+    gradient_checkpointing: bool = False
+    mixed_precision: str | None = None  # "bf16", "fp16" or None
+    output_dir: str | None = None
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass
+class PreferenceLogps:
+    """Summed response log-probabilities, one value per pair, for the policy and the reference.
+
+    ``extras`` carries variant-specific tensors (e.g. log-probs under a corrupted
+    image for mDPO) so new loss variants need no new hook signature.
+    """
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    chosen_token_count: torch.Tensor | None = None
+    rejected_token_count: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class LossOutput:
+    """Per-pair losses and implicit rewards, plus any metrics the variant wants logged."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepSignals:
+    """What the guards look at before an optimizer step. ``grad_norm`` is the norm before clipping."""
+
+    step: int
+    loss: float
+    grad_norm: float | None
+    learning_rate: float | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+ParameterGroups = Mapping[str, list[str]]
+"""Group name (``vision``, ``projector``, ``language``, ``other``) to the parameter names in it."""
+
+PluginState = Mapping[str, Any]
