@@ -57,7 +57,6 @@ class FreezeConfig:
 @dataclass
 class CollationConfig:
     check_pairs: bool = True
-    on_invalid_pair: Literal["error", "skip", "warn"] = "error"
     min_response_tokens: int = 1
 
     def __post_init__(self) -> None:
@@ -82,7 +81,6 @@ class GuardsConfig:
     skip_nonfinite: bool = True
     max_consecutive_skips: int = 8
     non_reentrant_checkpointing: bool = True
-    tune_deepspeed_buckets: bool = True
 
     def __post_init__(self) -> None:
         if self.max_grad_norm is not None:

@@ -11,3 +11,7 @@ class ConfigError(VLMDPOError, ValueError):
 
 class PluginError(VLMDPOError, RuntimeError):
     """A plugin could not be loaded or implements a hook wrongly."""
+
+
+class TrainingHalted(VLMDPOError, RuntimeError):
+    """A guard stopped training on purpose; the message names the cause and the settings to change."""

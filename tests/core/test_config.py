@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 
@@ -28,7 +29,6 @@ def test_empty_config_has_the_fixing_defaults():
         ({"loss": {"beta": 0}}, "'loss.beta' is 0.0; expected beta > 0"),
         ({"loss": {"beta": "high"}}, "'loss.beta' must be float, got 'high'"),
         ({"freeze": {"trainable": ["visoin"]}}, "'freeze.trainable' has 'visoin'; expected one of"),
-        ({"collation": {"on_invalid_pair": "skp"}}, "did you mean 'skip'?"),
         ({"freeze": {"unfreeze": [{"at_step": 0}]}}, "'freeze.unfreeze[0].at_step' is 0; expected an optimizer step >= 1"),
         ({"freeze": {"unfreeze": [{"at_step": 9}, {"at_step": 3}]}}, "'freeze.unfreeze' is [9, 3]"),
         ({"guards": {"skip_nonfinite": "yes"}}, "'guards.skip_nonfinite' must be bool, got 'yes'"),
@@ -70,9 +70,12 @@ def test_plugin_declared_section_is_validated_like_a_builtin():
     @dataclass
     class Spike:
         factor: float = 4.0
+        action: Literal["skip", "warn"] = "skip"
 
-    config = VLMDPOConfig.from_dict({"spike": {"factor": 3}}, extra_sections={"spike": Spike})
-    assert config.extra["spike"] == Spike(factor=3.0)
+    config = VLMDPOConfig.from_dict({"spike": {"factor": 3, "action": "warn"}}, extra_sections={"spike": Spike})
+    assert config.extra["spike"] == Spike(factor=3.0, action="warn")
+    with pytest.raises(ConfigError, match=r"'spike.action' is 'wran'; expected one of \['skip', 'warn'\]; did you mean 'warn'"):
+        VLMDPOConfig.from_dict({"spike": {"action": "wran"}}, extra_sections={"spike": Spike})
     with pytest.raises(ConfigError, match="unknown config key 'spike.factr'; did you mean 'spike.factor'"):
         VLMDPOConfig.from_dict({"spike": {"factr": 3}}, extra_sections={"spike": Spike})
     with pytest.raises(ConfigError, match="clash with built-in sections"):

@@ -53,7 +53,8 @@ class FreezePolicy:
 
     @hookimpl(trylast=True)
     def vlm_dpo_lora_target_modules(self, model: torch.nn.Module, groups: ParameterGroups) -> list[str]:
-        allowed = {name for group in self.config.trainable for name in groups.get(group, ())}
+        targeted_groups = self.config.trainable if self.config.lora_skip_frozen else tuple(groups)
+        allowed = {name for group in targeted_groups for name in groups.get(group, ())}
         return sorted(
             module_name
             for module_name, module in model.named_modules()

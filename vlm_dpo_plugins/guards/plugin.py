@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vlm_dpo_plugins.config import GuardsConfig, VLMDPOConfig
+from vlm_dpo_plugins.errors import TrainingHalted
 from vlm_dpo_plugins.markers import hookimpl
 from vlm_dpo_plugins.types import PluginState, RunContext, StepSignals
 
@@ -52,11 +53,18 @@ class StabilityGuards:
 
     @hookimpl
     def vlm_dpo_after_optimizer_step(self, signals: StepSignals, skipped: bool, reasons: Sequence[str]) -> None:
-        if skipped:
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-        else:
+        if not skipped:
             self.consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.config.max_consecutive_skips:
+            raise TrainingHalted(
+                f"{self.consecutive_skips} consecutive optimizer steps skipped (last at step {signals.step}: "
+                f"{'; '.join(reasons) or 'no reason given'}). Training cannot recover by skipping: lower the "
+                "learning rate, keep guards.max_grad_norm set, train in fp32 or check the data for broken pairs; "
+                "guards.max_consecutive_skips sets this limit."
+            )
 
     @hookimpl
     def vlm_dpo_metrics(self, step: int) -> Mapping[str, float]:
