@@ -36,6 +36,7 @@ TEST_ENVIRONMENT = {
     "OMP_NUM_THREADS": "2",
 }
 CORE_TESTS = ("tests/core", "tests/fixtures")
+CONSTRAINTS = ("--constraint", str(ROOT / "tests" / "envs" / "constraints.txt"))
 
 nox.options.sessions = ["trl", "llamafactory", "swift"]
 nox.options.reuse_existing_virtualenvs = False
@@ -77,7 +78,7 @@ def run_tests(session: nox.Session, *paths: str) -> None:
 def trl(session: nox.Session) -> None:
     """TRL's current release line (1.16), transformers latest."""
     link_shared_torch(session)
-    session.install("trl==1.16.0", ".[trl,test]")
+    session.install("trl==1.16.0", ".[trl,test]", *CONSTRAINTS)
     run_tests(session, "tests/adapters/trl")
 
 
@@ -88,7 +89,7 @@ def llamafactory(session: nox.Session) -> None:
     # LLaMA-Factory requires torchaudio, and no torchaudio release loads beside this torch. A stub
     # distribution satisfies the requirement in this test environment only (see docs/testing.md).
     session.install(str(ROOT / "tests" / "envs" / "torchaudio_stub"))
-    session.install("llamafactory==0.9.5", ".[test]")
+    session.install("llamafactory==0.9.5", ".[test]", *CONSTRAINTS)
     run_tests(session, "tests/adapters/llamafactory")
 
 
@@ -96,5 +97,5 @@ def llamafactory(session: nox.Session) -> None:
 def swift(session: nox.Session) -> None:
     """ms-swift 4.6.0 with the ranges it pins (trl<1.0, transformers<5.20)."""
     link_shared_torch(session)
-    session.install("ms-swift==4.6.0", "qwen-vl-utils", ".[test]")
+    session.install("ms-swift==4.6.0", "qwen-vl-utils", ".[test]", *CONSTRAINTS)
     run_tests(session, "tests/adapters/swift")

@@ -91,4 +91,9 @@ def tokenizer_corpus() -> list[str]:
         for colour in COLOURS:
             lines.append(f"The {shape} is {colour}.")
     lines += ["USER:", "ASSISTANT:", "system", "user", "assistant", "You are a helpful assistant."]
+    # LLaMA-Factory's llava/vicuna default system prompt; without it each row costs ~100 byte tokens.
+    lines.append(
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    )
     return lines

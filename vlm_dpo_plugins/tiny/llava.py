@@ -97,10 +97,16 @@ def build_tiny_llava(directory: str | Path, *, seed: int = 0, hidden_size: int =
         vision_feature_layer=-2,
         image_seq_length=IMAGE_TOKENS_PER_IMAGE,
         pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # Frameworks compare these with the tokenizer's and rewrite the config, with a warning, when they differ.
+    generation = model.generation_config
+    generation.pad_token_id, generation.bos_token_id, generation.eos_token_id = (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+    )
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
