@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import sysconfig
 from pathlib import Path
 
 import nox

@@ -19,22 +19,6 @@ from vlm_dpo_plugins.types import RunContext
 TABLE_COLUMNS = (("step", 5), ("loss", 8), ("margin", 8), ("accuracy", 8), ("grad_norm", 9))
 
 
-def conversational_rows(count: int, seed: int) -> list[dict]:
-    from vlm_dpo_plugins.tiny import make_preference_examples
-
-    rows = []
-    for example in make_preference_examples(count, seed=seed):
-        rows.append(
-            {
-                "images": [example.image],
-                "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example.prompt}]}],
-                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": example.chosen}]}],
-                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": example.rejected}]}],
-            }
-        )
-    return rows
-
-
 def _cell(value: object, width: int) -> str:
     if isinstance(value, float):
         return f"{value:>{width}.4f}"
@@ -53,7 +37,7 @@ def run_demo(output_dir: str | Path, steps: int = 8, pairs: int = 16, seed: int 
 
     transformers_logging.disable_progress_bar()
 
-    from vlm_dpo_plugins.tiny import build_tiny_llava
+    from vlm_dpo_plugins.tiny import build_tiny_llava, make_preference_examples, trl_conversational_rows
 
     output_dir = Path(output_dir)
     manager = create_plugin_manager()
@@ -101,7 +85,7 @@ def run_demo(output_dir: str | Path, steps: int = 8, pairs: int = 16, seed: int 
     trainer = trl.DPOTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(conversational_rows(pairs, seed)),
+        train_dataset=Dataset.from_list(trl_conversational_rows(make_preference_examples(pairs, seed=seed))),
         processing_class=processor,
         callbacks=[PluginLog()],
     )

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_workers import vote_to_skip_on_rank_one
 
 from vlm_dpo_plugins.distributed import any_rank
 from vlm_dpo_plugins.errors import TrainingHalted
@@ -92,19 +91,10 @@ def test_any_rank_outside_distributed_is_the_local_flag():
     assert any_rank(True) is True and any_rank(False) is False
 
 
-def _vote(rank, world_size, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        results[rank] = (any_rank(rank == 1), any_rank(False))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_a_skip_on_one_rank_is_a_skip_on_every_rank():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_vote, args=(2, port, results), nprocs=2, join=True)
+    mp.spawn(vote_to_skip_on_rank_one, args=(2, port, results), nprocs=2, join=True)
     assert dict(results) == {0: (True, False), 1: (True, False)}

@@ -10,6 +10,7 @@ Importing this package pulls in ``transformers``; the core package never does.
 from vlm_dpo_plugins.tiny.data import (
     PreferenceExample,
     make_preference_examples,
+    trl_conversational_rows,
     write_preference_images,
 )
 from vlm_dpo_plugins.tiny.llava import build_tiny_llava
@@ -20,5 +21,6 @@ __all__ = [
     "build_tiny_llava",
     "build_tiny_qwen2_vl",
     "make_preference_examples",
+    "trl_conversational_rows",
     "write_preference_images",
 ]

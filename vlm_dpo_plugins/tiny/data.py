@@ -70,6 +70,19 @@ def make_preference_examples(count: int, seed: int = 0) -> list[PreferenceExampl
     return examples
 
 
+def trl_conversational_rows(examples: list[PreferenceExample]) -> list[dict]:
+    """The examples in TRL's conversational vision-preference format (``images`` + message lists)."""
+    return [
+        {
+            "images": [example.image],
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example.prompt}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": example.chosen}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": example.rejected}]}],
+        }
+        for example in examples
+    ]
+
+
 def write_preference_images(examples: list[PreferenceExample], directory: str | Path) -> list[Path]:
     """Save each example's image as PNG under ``directory``; returns the paths in example order."""
     directory = Path(directory)

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import pytest
 pytest.importorskip("llamafactory", reason="needs the LLaMA-Factory test environment (llamafactory==0.9.5)")
 
 import torch
+from framework_cli import console_script, isolated_env
 from safetensors.torch import load_file
 
 from vlm_dpo_plugins.tiny.data import make_preference_examples, write_preference_images
@@ -87,43 +85,6 @@ def write_llamafactory_dataset(dataset_dir: Path, num_rows: int, seed: int = 0) 
     (dataset_dir / "dataset_info.json").write_text(json.dumps(info, indent=1))
 
 
-# --- environment -------------------------------------------------------------------------
-
-
-def clean_env(tmp_path: Path) -> dict[str, str]:
-    """A minimal environment: offline, CPU, all caches and HOME inside ``tmp_path``.
-
-    LLaMA-Factory (datasets, huggingface_hub, modelscope, matplotlib, triton) writes caches under
-    HOME; nothing may land in the real one. ``DISABLE_VERSION_CHECK`` is deliberately not set: the
-    environment is within LLaMA-Factory's own version ranges, and its check guards that.
-    """
-    home = tmp_path / "home"
-    home.mkdir()
-    keep = ("PATH", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "SYSTEMROOT")
-    env = {key: value for key, value in os.environ.items() if key in keep or key.startswith("VLM_DPO_")}
-    # the console script sits next to this interpreter; make sure it is found first
-    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
-    env.update(
-        HOME=str(home),
-        XDG_CACHE_HOME=str(home / ".cache"),
-        HF_HOME=str(home / ".cache" / "huggingface"),
-        HF_DATASETS_CACHE=str(home / ".cache" / "huggingface" / "datasets"),
-        MODELSCOPE_CACHE=str(home / ".cache" / "modelscope"),
-        MPLCONFIGDIR=str(home / ".cache" / "matplotlib"),
-        TRITON_CACHE_DIR=str(home / ".cache" / "triton"),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        GRADIO_ANALYTICS_ENABLED="False",
-        CUDA_VISIBLE_DEVICES="",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="2",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
 def write_config(path: Path, model_dir: Path, dataset_dir: Path, output_dir: Path) -> None:
     import yaml
 
@@ -161,15 +122,6 @@ def write_config(path: Path, model_dir: Path, dataset_dir: Path, output_dir: Pat
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def find_cli() -> str:
-    cli = Path(sys.executable).parent / "llamafactory-cli"
-    if cli.exists():
-        return str(cli)
-    found = shutil.which("llamafactory-cli")
-    assert found, "llamafactory-cli console script not found next to the interpreter or on PATH"
-    return found
-
-
 # --- the test ----------------------------------------------------------------------------
 
 
@@ -183,10 +135,10 @@ def test_llava_dpo_two_steps_via_llamafactory_cli(tmp_path: Path) -> None:
 
     started = time.monotonic()
     proc = subprocess.run(
-        [find_cli(), "train", str(config_path)],
+        [console_script("llamafactory-cli"), "train", str(config_path)],
         check=False,
         cwd=tmp_path,
-        env=clean_env(tmp_path),
+        env=isolated_env(tmp_path, {"GRADIO_ANALYTICS_ENABLED": "False"}),
         capture_output=True,
         text=True,
         timeout=300,

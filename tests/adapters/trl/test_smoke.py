@@ -12,21 +12,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
-from vlm_dpo_plugins.tiny import build_tiny_llava, make_preference_examples  # noqa: E402
-
-
-def conversational_rows(count: int) -> list[dict]:
-    rows = []
-    for example in make_preference_examples(count, seed=1):
-        rows.append(
-            {
-                "images": [example.image],
-                "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example.prompt}]}],
-                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": example.chosen}]}],
-                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": example.rejected}]}],
-            }
-        )
-    return rows
+from vlm_dpo_plugins.tiny import build_tiny_llava, make_preference_examples, trl_conversational_rows  # noqa: E402
 
 
 def test_stock_dpo_trainer_trains_tiny_llava(tmp_path):
@@ -49,7 +35,7 @@ def test_stock_dpo_trainer_trains_tiny_llava(tmp_path):
     trainer = trl.DPOTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(conversational_rows(4)),
+        train_dataset=Dataset.from_list(trl_conversational_rows(make_preference_examples(4, seed=1))),
         processing_class=processor,
     )
     trainer.train()

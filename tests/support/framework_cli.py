@@ -1,0 +1,62 @@
+"""Running a framework's own command line from a test: an isolated environment and the console script.
+
+Importable from any test module (``pythonpath`` in pyproject.toml), because the framework
+tests run the real CLIs as subprocesses and each must not touch the real HOME or a hub.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
+
+
+def isolated_env(tmp_path: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Offline, CPU-only, HOME and every cache inside ``tmp_path``; ``VLM_DPO_*`` settings pass through.
+
+    ModelScope has no offline switch: ``USE_HF=1`` routes any hub lookup to the HF hub, which
+    ``HF_HUB_OFFLINE=1`` then refuses (local model paths never reach a hub).
+    """
+    home = tmp_path / "home"
+    cache = home / ".cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    env = {key: value for key, value in os.environ.items() if key in PASSED_THROUGH or key.startswith("VLM_DPO_")}
+    # Console scripts that re-execute ``python ...`` must find this environment's interpreter first.
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
+    env.update(
+        HOME=str(home),
+        XDG_CACHE_HOME=str(cache),
+        HF_HOME=str(cache / "huggingface"),
+        HF_DATASETS_CACHE=str(cache / "huggingface" / "datasets"),
+        MODELSCOPE_CACHE=str(cache / "modelscope"),
+        MPLCONFIGDIR=str(cache / "matplotlib"),
+        TRITON_CACHE_DIR=str(cache / "triton"),
+        TORCH_HOME=str(cache / "torch"),
+        NLTK_DATA=str(cache / "nltk"),
+        USE_HF="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TRL_EXPERIMENTAL_SILENCE="1",
+        CUDA_VISIBLE_DEVICES="",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="2",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra or {})
+    return env
+
+
+def console_script(name: str) -> str:
+    """The path of console script ``name``, preferring the one beside the running interpreter."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    assert found, f"the `{name}` console script is neither next to the interpreter nor on PATH"
+    return found
