@@ -9,6 +9,7 @@ Environment variables (read when a manager is created):
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import os
 from collections.abc import Iterable, Mapping
@@ -123,8 +124,6 @@ class VLMDPOPluginManager(pluggy.PluginManager):
         return registry
 
     def validate_loss_type(self, config: VLMDPOConfig) -> None:
-        import difflib
-
         names = sorted(self.loss_functions())
         if config.loss.type not in names:
             close = difflib.get_close_matches(config.loss.type, names, n=1, cutoff=0.5)

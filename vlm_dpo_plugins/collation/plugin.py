@@ -7,7 +7,7 @@ ln 2 = 0.6931 and nothing trains. These are errors, reported with the row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from vlm_dpo_plugins.config import CollationConfig, VLMDPOConfig
@@ -26,6 +26,13 @@ class PairChecks:
     @hookimpl
     def vlm_dpo_configure(self, config: VLMDPOConfig) -> None:
         self.config = config.collation
+
+    @hookimpl(trylast=True)
+    def vlm_dpo_collate(
+        self, examples: list[Mapping[str, Any]], collate: Callable[[list[Mapping[str, Any]]], dict[str, Any]]
+    ) -> dict[str, Any]:
+        # The framework's collator is the default; plugins change its output with wrapper implementations.
+        return collate(examples)
 
     @hookimpl
     def vlm_dpo_check_pair(
