@@ -43,18 +43,22 @@ THIRD_PARTY_PLUGIN = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def installed_plugin(tmp_path, monkeypatch):
-    """A real installed distribution: a module plus a .dist-info with an entry point, found via sys.path."""
-    (tmp_path / "vlm_dpo_doubled.py").write_text(THIRD_PARTY_PLUGIN)
-    dist_info = tmp_path / "vlm_dpo_doubled-1.2.3.dist-info"
+def install_distribution(site: Path, name: str, version: str, entry_point: str, monkeypatch) -> None:
+    """A real installed distribution: a .dist-info with a ``vlm_dpo_plugins`` entry point, found via sys.path."""
+    dist_info = site / f"{name.replace('-', '_')}-{version}.dist-info"
     dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: vlm-dpo-doubled\nVersion: 1.2.3\n")
-    (dist_info / "entry_points.txt").write_text("[vlm_dpo_plugins]\ndoubled = vlm_dpo_doubled\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (dist_info / "entry_points.txt").write_text(f"[vlm_dpo_plugins]\n{entry_point}\n")
+    monkeypatch.syspath_prepend(str(site))
     monkeypatch.delenv(LOAD_PLUGINS_ENV, raising=False)
     monkeypatch.delenv(BLOCK_PLUGINS_ENV, raising=False)
     importlib.invalidate_caches()
+
+
+@pytest.fixture
+def installed_plugin(tmp_path, monkeypatch):
+    (tmp_path / "vlm_dpo_doubled.py").write_text(THIRD_PARTY_PLUGIN)
+    install_distribution(tmp_path, "vlm-dpo-doubled", "1.2.3", "doubled = vlm_dpo_doubled", monkeypatch)
     yield "doubled"
     sys.modules.pop("vlm_dpo_doubled", None)
 
@@ -118,12 +122,7 @@ def test_misspelled_hook_fails_loudly():
 
 
 def test_broken_entry_point_names_plugin_and_the_way_out(tmp_path, monkeypatch):
-    dist_info = tmp_path / "broken-0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text("[vlm_dpo_plugins]\nbroken = no_such_module_here\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delenv(LOAD_PLUGINS_ENV, raising=False)
+    install_distribution(tmp_path, "broken", "0.1", "broken = no_such_module_here", monkeypatch)
     with pytest.raises(PluginError, match=r"plugin 'broken' from broken 0.1 .* failed to import.*VLM_DPO_LOAD_PLUGINS"):
         create_plugin_manager()
 
