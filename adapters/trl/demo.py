@@ -36,6 +36,8 @@ def run_demo(output_dir: str | Path, steps: int = 8, pairs: int = 16, seed: int 
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    # Backend fallbacks and config rewrites are logged as warnings; the step table is the output here.
+    transformers_logging.set_verbosity_error()
 
     from vlm_dpo_plugins.tiny import build_tiny_llava, make_preference_examples, trl_conversational_rows
 
