@@ -17,86 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vlm_dpo_plugins.collation.settings import CollationConfig
+from vlm_dpo_plugins.diagnostics.settings import DiagnosticsConfig
 from vlm_dpo_plugins.errors import ConfigError
-
-PARAMETER_GROUPS = ("vision", "projector", "language", "other")
-
-
-@dataclass
-class UnfreezeStage:
-    """At optimizer step ``at_step``, make ``groups`` trainable, plus the last ``vision_blocks`` vision blocks."""
-
-    at_step: int
-    groups: tuple[str, ...] = ()
-    vision_blocks: int = 0
-
-    def __post_init__(self) -> None:
-        _require(self.at_step >= 1, "at_step", self.at_step, "an optimizer step >= 1 (step 0 is the initial plan)")
-        _require(self.vision_blocks >= 0, "vision_blocks", self.vision_blocks, "a count >= 0")
-        for group in self.groups:
-            _require_choice("groups", group, PARAMETER_GROUPS)
-
-
-@dataclass
-class FreezeConfig:
-    trainable: tuple[str, ...] = ("language",)
-    learning_rates: dict[str, float] = field(default_factory=dict)
-    unfreeze: tuple[UnfreezeStage, ...] = ()
-    lora_skip_frozen: bool = True
-
-    def __post_init__(self) -> None:
-        for group in self.trainable:
-            _require_choice("trainable", group, PARAMETER_GROUPS)
-        for group, rate in self.learning_rates.items():
-            _require_choice("learning_rates", group, PARAMETER_GROUPS)
-            _require(rate > 0, f"learning_rates.{group}", rate, "a learning rate > 0")
-        steps = [stage.at_step for stage in self.unfreeze]
-        _require(steps == sorted(set(steps)), "unfreeze", steps, "stages in increasing, distinct at_step order")
-
-
-@dataclass
-class CollationConfig:
-    check_pairs: bool = True
-    min_response_tokens: int = 1
-
-    def __post_init__(self) -> None:
-        _require(self.min_response_tokens >= 1, "min_response_tokens", self.min_response_tokens, "an integer >= 1")
-
-
-@dataclass
-class LossConfig:
-    type: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    fp32_logps: bool = True
-
-    def __post_init__(self) -> None:
-        _require(self.beta > 0, "beta", self.beta, "beta > 0 (beta = 0 makes every DPO loss constant)")
-        _require(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "a value in [0, 0.5)")
-
-
-@dataclass
-class GuardsConfig:
-    max_grad_norm: float | None = 1.0
-    skip_nonfinite: bool = True
-    max_consecutive_skips: int = 8
-    non_reentrant_checkpointing: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_grad_norm is not None:
-            _require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "a norm > 0, or null to disable")
-        _require(self.max_consecutive_skips >= 1, "max_consecutive_skips", self.max_consecutive_skips, "an integer >= 1")
-
-
-@dataclass
-class DiagnosticsConfig:
-    enabled: bool = True
-    stall_steps: int = 10
-    stall_tolerance: float = 1e-3
-
-    def __post_init__(self) -> None:
-        _require(self.stall_steps >= 1, "stall_steps", self.stall_steps, "an integer >= 1")
-        _require(self.stall_tolerance > 0, "stall_tolerance", self.stall_tolerance, "a tolerance > 0")
+from vlm_dpo_plugins.freeze.settings import FreezeConfig
+from vlm_dpo_plugins.guards.settings import GuardsConfig
+from vlm_dpo_plugins.losses.settings import LossConfig
+from vlm_dpo_plugins.validation import FieldError, nearest
 
 
 @dataclass
@@ -181,7 +108,7 @@ def _build(hint: Any, value: Any, path: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
-            raise ConfigError(f"'{path}' is {value!r}; expected one of {list(choices)}{_nearest(value, choices)}")
+            raise ConfigError(f"'{path}' is {value!r}; expected one of {list(choices)}{nearest(value, choices)}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -228,27 +155,3 @@ def _scalar(hint: type, value: Any, path: str) -> Any:
         if isinstance(value, str):
             return value
     raise ConfigError(f"'{path}' must be {hint.__name__}, got {value!r}")
-
-
-def _nearest(value: Any, choices: tuple[Any, ...]) -> str:
-    close = difflib.get_close_matches(str(value), [str(choice) for choice in choices], n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-class FieldError(ConfigError):
-    """A bad value found by a section's own validation; the loader adds the section path to ``key``."""
-
-    def __init__(self, key: str, detail: str) -> None:
-        super().__init__(f"'{key}' {detail}")
-        self.key = key
-        self.detail = detail
-
-
-def _require(condition: bool, key: str, value: Any, expected: str) -> None:
-    if not condition:
-        raise FieldError(key, f"is {value!r}; expected {expected}")
-
-
-def _require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise FieldError(key, f"has {value!r}; expected one of {list(choices)}{_nearest(value, choices)}")

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from vlm_dpo_plugins.config import CollationConfig, VLMDPOConfig
+from vlm_dpo_plugins.collation.settings import CollationConfig
+from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.markers import hookimpl
 from vlm_dpo_plugins.types import Finding, Severity
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from vlm_dpo_plugins.config import DiagnosticsConfig, VLMDPOConfig
+from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.diagnostics.settings import DiagnosticsConfig
 from vlm_dpo_plugins.markers import hookimpl
 from vlm_dpo_plugins.types import Finding, PluginState, Severity
 

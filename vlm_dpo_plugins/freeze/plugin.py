@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from vlm_dpo_plugins.config import FreezeConfig, VLMDPOConfig
+from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.freeze.classify import classify, last_blocks
+from vlm_dpo_plugins.freeze.settings import FreezeConfig
 from vlm_dpo_plugins.markers import hookimpl
 from vlm_dpo_plugins.types import ParameterGroups
 

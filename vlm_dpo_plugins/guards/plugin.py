@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from vlm_dpo_plugins.config import GuardsConfig, VLMDPOConfig
+from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.errors import TrainingHalted
+from vlm_dpo_plugins.guards.settings import GuardsConfig
 from vlm_dpo_plugins.markers import hookimpl
 from vlm_dpo_plugins.types import PluginState, RunContext, StepSignals
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlm_dpo_plugins.config import LossConfig
+from vlm_dpo_plugins.losses.settings import LossConfig
 from vlm_dpo_plugins.types import LossOutput, PreferenceLogps
 
 
