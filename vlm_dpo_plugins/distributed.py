@@ -1,17 +1,46 @@
-"""Rank agreement. Any skip decision must be identical on every rank, or DDP/ZeRO ranks diverge and hang."""
+"""Rank agreement. Any skip decision must be identical on every rank, or DDP/ZeRO ranks diverge and hang.
+
+Every function is a no-op outside an initialised process group with more than one
+rank, and a collective inside one: every rank must call it, in the same order.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 
-def any_rank(flag: bool, device: torch.device | str | None = None) -> bool:
-    """True on every rank if ``flag`` is true on at least one rank (a no-op outside distributed runs)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def max_across_ranks(values: Sequence[float], device: torch.device | str | None = None) -> list[float]:
+    """The element-wise maximum of ``values`` over all ranks, in one collective."""
+    if not is_distributed():
+        return [float(value) for value in values]
     if device is None:
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    tensor = torch.tensor([float(value) for value in values], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def any_rank(flag: bool, device: torch.device | str | None = None) -> bool:
+    """True on every rank if ``flag`` is true on at least one rank."""
+    return max_across_ranks([1.0 if flag else 0.0], device)[0] > 0
+
+
+def gather_from_ranks(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -25,12 +25,15 @@ if TYPE_CHECKING:
     from vlm_dpo_plugins.config import VLMDPOConfig
     from vlm_dpo_plugins.types import (
         Finding,
+        GradNorms,
+        LossInputs,
         LossOutput,
         ParameterGroups,
         PluginState,
         PreferenceLogps,
         RunContext,
         StepSignals,
+        TokenizedPair,
     )
 
     LossFunction = Callable[[PreferenceLogps, Any], LossOutput]
@@ -85,7 +88,7 @@ def vlm_dpo_trainable_parameters(groups: ParameterGroups, step: int) -> set[str]
 def vlm_dpo_optimizer_groups(
     groups: ParameterGroups, trainable: set[str], base_learning_rate: float
 ) -> list[dict[str, Any]] | None:
-    """Return optimizer parameter groups as ``[{"names": [...], "lr": float, "group": str}]``; first answer wins."""
+    """Return ``[{"names": [...], "lr": float, "group": str}]``, names empty until a stage unfreezes; first wins."""
 
 
 @hookspec(firstresult=True)
@@ -104,15 +107,8 @@ def vlm_dpo_check_example(example: Mapping[str, Any], row: int) -> Sequence[Find
 
 
 @hookspec
-def vlm_dpo_check_pair(
-    chosen_ids: Sequence[int],
-    chosen_mask: Sequence[int],
-    rejected_ids: Sequence[int],
-    rejected_mask: Sequence[int],
-    row: int,
-    special: Mapping[str, Any],
-) -> Sequence[Finding]:
-    """Check one tokenized pair; masks are 1 on response tokens; ``special`` holds token ids such as ``image``/``pad``."""
+def vlm_dpo_check_pair(pair: TokenizedPair) -> Sequence[Finding]:
+    """Check one preference pair after tokenization (ids, response masks, image token needs) in neutral form."""
 
 
 @hookspec
@@ -138,6 +134,11 @@ def vlm_dpo_loss_functions() -> Mapping[str, LossFunction]:
 
 
 @hookspec(firstresult=True)
+def vlm_dpo_loss_inputs(loss_type: str) -> LossInputs | None:
+    """Return what variant ``loss_type`` needs (reference pass, token counts, ``extras`` keys); first answer wins."""
+
+
+@hookspec(firstresult=True)
 def vlm_dpo_compute_loss(logps: PreferenceLogps, config: VLMDPOConfig) -> LossOutput | None:
     """Compute the preference loss for a batch; the built-in dispatches on ``config.loss.type``."""
 
@@ -148,8 +149,8 @@ def vlm_dpo_compute_loss(logps: PreferenceLogps, config: VLMDPOConfig) -> LossOu
 
 
 @hookspec(firstresult=True)
-def vlm_dpo_clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
-    """Clip gradients in place and return the total norm measured before clipping; first answer wins."""
+def vlm_dpo_clip_gradients(parameters: Mapping[str, Sequence[torch.nn.Parameter]]) -> GradNorms | None:
+    """Clip gradients in place (parameters by group) and return the norms measured before clipping; first wins."""
 
 
 @hookspec
@@ -163,15 +164,25 @@ def vlm_dpo_after_optimizer_step(signals: StepSignals, skipped: bool, reasons: S
 
 
 @hookspec(firstresult=True)
+def vlm_dpo_learning_rate_scale(step: int) -> float | None:
+    """Return the factor for every optimizer group's learning rate at this step (back-off; 1.0: none); first wins."""
+
+
+@hookspec(firstresult=True)
 def vlm_dpo_gradient_checkpointing_kwargs(context: RunContext) -> dict[str, Any] | None:
     """Return the ``gradient_checkpointing_kwargs`` to use for this run; first answer wins."""
 
 
+@hookspec(firstresult=True)
+def vlm_dpo_ddp_kwargs(context: RunContext) -> dict[str, Any] | None:
+    """Return DistributedDataParallel arguments this run needs (``static_graph``, ...); empty: any; first wins."""
+
+
 @hookspec
 def vlm_dpo_deepspeed_overrides(
-    deepspeed_config: Mapping[str, Any], num_parameters: int, context: RunContext
+    deepspeed_config: Mapping[str, Any], trainable_parameters: int, hidden_size: int | None, context: RunContext
 ) -> Mapping[str, Any] | None:
-    """Return DeepSpeed config values to change (dotted keys, e.g. ``zero_optimization.reduce_bucket_size``)."""
+    """Return DeepSpeed values for keys the user left unset or "auto", as dotted keys (``zero_optimization.x``)."""
 
 
 # ---------------------------------------------------------------------------

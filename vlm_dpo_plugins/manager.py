@@ -33,6 +33,7 @@ def builtin_plugins() -> dict[str, object]:
     from vlm_dpo_plugins.collation.plugin import PairChecks
     from vlm_dpo_plugins.diagnostics.plugin import Diagnostics
     from vlm_dpo_plugins.freeze.plugin import FreezePolicy
+    from vlm_dpo_plugins.guards.deepspeed import DeepSpeedTuning
     from vlm_dpo_plugins.guards.plugin import StabilityGuards
     from vlm_dpo_plugins.losses.plugin import LossVariants
 
@@ -41,6 +42,7 @@ def builtin_plugins() -> dict[str, object]:
         "collation": PairChecks(),
         "losses": LossVariants(),
         "guards": StabilityGuards(),
+        "deepspeed": DeepSpeedTuning(),
         "diagnostics": Diagnostics(),
     }
 
@@ -158,4 +160,8 @@ def create_plugin_manager(
     if load_entry_points:
         manager.load_entry_points(allowed=_names_from_env(LOAD_PLUGINS_ENV))
     manager.check_pending()
+    collation = manager.get_plugin("collation")
+    if collation is not None:
+        # It runs the other plugins' pair checks inside the collation, so it needs the final plugin set.
+        collation.bind(manager)
     return manager

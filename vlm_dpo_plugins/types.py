@@ -45,6 +45,48 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class SpecialTokens:
+    """Token ids the pair checks look for; None where the tokenizer has no such token."""
+
+    image: int | None = None
+    bos: int | None = None
+    eos: int | None = None
+    pad: int | None = None
+    all: frozenset[int] = frozenset()
+    """Every special (control) id, so response text can be told apart from markup."""
+
+
+@dataclass(frozen=True)
+class TokenizedSequence:
+    """One side of a pair as the model sees it: real tokens only (padding removed) and which of them train."""
+
+    input_ids: list[int]
+    response_mask: list[int]
+    """1 where the token is a trained response token (completion mask, or labels != -100), else 0."""
+    text: str | None = None
+    """The response text when known (decoded without special tokens, or from the raw row)."""
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """A preference pair after tokenization, in the same form whichever framework collated it.
+
+    ``image_tokens`` lists how many image tokens each of the row's images needs
+    (fixed per image for LLaVA-style models, ``prod(grid_thw) / merge_size**2`` for
+    Qwen2-VL); None when that is unknown. ``max_length`` is the collator's
+    truncation length when known.
+    """
+
+    row: int
+    chosen: TokenizedSequence
+    rejected: TokenizedSequence
+    special: SpecialTokens = SpecialTokens()
+    num_images: int | None = None
+    image_tokens: tuple[int, ...] | None = None
+    max_length: int | None = None
+
+
+@dataclass(frozen=True)
 class RunContext:
     """What the adapter knows about the run, in framework-neutral terms."""
 
@@ -70,17 +112,29 @@ class RunContext:
 class PreferenceLogps:
     """Summed response log-probabilities, one value per pair, for the policy and the reference.
 
-    ``extras`` carries variant-specific tensors (e.g. log-probs under a corrupted
-    image for mDPO) so new loss variants need no new hook signature.
+    The reference may be None for reference-free variants (SimPO). Token counts are
+    the response tokens summed over. ``extras`` carries variant-specific tensors
+    (e.g. log-probs under a corrupted image for mDPO) so new loss variants need no
+    new hook signature. ``vlm_dpo_plugins.losses.logprobs`` builds all of these.
     """
 
     chosen: torch.Tensor
     rejected: torch.Tensor
-    ref_chosen: torch.Tensor
-    ref_rejected: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
     chosen_token_count: torch.Tensor | None = None
     rejected_token_count: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What a loss variant needs from the adapter beyond policy log-probs, so it runs only the forwards needed."""
+
+    reference: bool = True
+    token_counts: bool = False
+    extras: tuple[str, ...] = ()
+    """Keys of ``PreferenceLogps.extras`` the variant reads."""
 
 
 @dataclass
@@ -94,14 +148,23 @@ class LossOutput:
 
 
 @dataclass(frozen=True)
+class GradNorms:
+    """Gradient norms measured before clipping: over every parameter, and per parameter group."""
+
+    total: float
+    groups: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class StepSignals:
-    """What the guards look at before an optimizer step. ``grad_norm`` is the norm before clipping."""
+    """What the guards look at before an optimizer step. Gradient norms are measured before clipping."""
 
     step: int
     loss: float
     grad_norm: float | None
     learning_rate: float | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
+    group_grad_norms: Mapping[str, float] = field(default_factory=dict)
 
 
 ParameterGroups = Mapping[str, list[str]]

@@ -12,10 +12,13 @@ import os
 import warnings
 from pathlib import Path
 
+from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.freeze.apply import apply_trainable, trainable_report
 from vlm_dpo_plugins.manager import create_plugin_manager
 from vlm_dpo_plugins.types import RunContext
 
+# The demo still trains with TRL's own loss, so only the variants TRL implements under the same name.
+TRL_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "robust"})
 TABLE_COLUMNS = (("step", 5), ("loss", 8), ("margin", 8), ("accuracy", 8), ("grad_norm", 9))
 
 
@@ -45,6 +48,11 @@ def run_demo(output_dir: str | Path, steps: int = 8, pairs: int = 16, seed: int 
     manager = create_plugin_manager()
     config = manager.load_config(config_path)
     manager.hook.vlm_dpo_configure(config=config)
+    if config.loss.type not in TRL_LOSS_TYPES:
+        raise ConfigError(
+            f"'loss.type' is {config.loss.type!r}, which the demo cannot run yet: it trains with TRL's own loss "
+            f"({', '.join(sorted(TRL_LOSS_TYPES))}); pick one of those"
+        )
 
     model_dir = build_tiny_llava(output_dir / "tiny-llava", seed=seed)
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
@@ -74,6 +82,7 @@ def run_demo(output_dir: str | Path, steps: int = 8, pairs: int = 16, seed: int 
         per_device_train_batch_size=4,
         learning_rate=5e-3,
         beta=config.loss.beta,
+        label_smoothing=config.loss.label_smoothing,
         loss_type=[config.loss.type],
         max_grad_norm=config.guards.max_grad_norm or 0.0,
         gradient_checkpointing_kwargs=manager.hook.vlm_dpo_gradient_checkpointing_kwargs(context=context),

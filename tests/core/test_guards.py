@@ -1,100 +1,149 @@
-"""Stability guards: clipping, skip votes, the consecutive-skip halt, state, and rank agreement over gloo."""
+"""Stability guards plugin: skip votes, the consecutive-skip halt, metrics, state and the config section."""
 
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
-import torch
-import torch.multiprocessing as mp
-from rank_workers import vote_to_skip_on_rank_one
 
-from vlm_dpo_plugins.distributed import any_rank
-from vlm_dpo_plugins.errors import TrainingHalted
+from vlm_dpo_plugins.errors import ConfigError, TrainingHalted
 from vlm_dpo_plugins.manager import create_plugin_manager
-from vlm_dpo_plugins.types import RunContext, StepSignals
+from vlm_dpo_plugins.types import StepSignals
+
+
+def configured(guards=None):
+    manager = create_plugin_manager(load_entry_points=False)
+    manager.hook.vlm_dpo_configure(config=manager.load_config({"guards": guards or {}}))
+    return manager
 
 
 @pytest.fixture
 def manager():
-    manager = create_plugin_manager(load_entry_points=False)
-    manager.hook.vlm_dpo_configure(config=manager.load_config({"guards": {"max_consecutive_skips": 3}}))
-    return manager
+    return configured({"max_consecutive_skips": 3})
 
 
-def reasons(manager, loss, grad_norm):
-    return [r for r in manager.hook.vlm_dpo_skip_step_reason(signals=StepSignals(0, loss, grad_norm)) if r]
-
-
-def test_clip_returns_the_pre_clip_norm_and_clips_in_place(manager):
-    weight = torch.nn.Parameter(torch.zeros(2))
-    weight.grad = torch.tensor([3.0, 4.0])
-    frozen = torch.nn.Parameter(torch.zeros(1))  # no grad: ignored, not an error
-    norm = manager.hook.vlm_dpo_clip_gradients(parameters=[weight, frozen], max_norm=1.0)
-    assert norm == pytest.approx(5.0)
-    assert weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
-
-
-def test_non_finite_norm_is_reported_not_raised(manager):
-    weight = torch.nn.Parameter(torch.zeros(2))
-    weight.grad = torch.tensor([float("nan"), 1.0])
-    assert math.isnan(manager.hook.vlm_dpo_clip_gradients(parameters=[weight], max_norm=1.0))
+def reasons(manager, loss, grad_norm, group_grad_norms=None):
+    signals = StepSignals(0, loss, grad_norm, group_grad_norms=group_grad_norms or {})
+    return [reason for reason in manager.hook.vlm_dpo_skip_step_reason(signals=signals) if reason]
 
 
 @pytest.mark.parametrize(
-    "loss, grad_norm, expected",
+    "loss, grad_norm, group_grad_norms, expected",
     [
-        (0.69, 1.0, []),
-        (float("nan"), 1.0, ["non-finite loss (nan)"]),
-        (0.69, float("inf"), ["non-finite gradient norm (inf)"]),
-        (0.69, None, []),
+        (0.69, 1.0, {"language": 1.0}, []),
+        (float("nan"), 1.0, {}, ["non-finite loss (nan)"]),
+        (0.69, float("inf"), {}, ["non-finite gradient norm (inf)"]),
+        (
+            0.69,
+            float("nan"),
+            {"vision": 0.5, "projector": float("inf"), "language": float("nan")},
+            ["non-finite gradient norm (nan) in group(s) projector, language"],
+        ),
+        (0.69, None, {}, []),  # no gradients measured (e.g. ZeRO partitions): only the loss is judged
     ],
 )
-def test_skip_votes(manager, loss, grad_norm, expected):
-    assert reasons(manager, loss, grad_norm) == expected
+def test_skip_votes_name_the_cause_and_the_group(manager, loss, grad_norm, group_grad_norms, expected):
+    assert reasons(manager, loss, grad_norm, group_grad_norms) == expected
 
 
 def test_skipping_can_be_switched_off():
-    manager = create_plugin_manager(load_entry_points=False)
-    manager.hook.vlm_dpo_configure(config=manager.load_config({"guards": {"skip_nonfinite": False}}))
-    assert reasons(manager, float("nan"), 1.0) == []
+    assert reasons(configured({"skip_nonfinite": False}), float("nan"), float("nan")) == []
 
 
-def test_consecutive_skips_halt_with_cause_and_settings(manager):
-    signals = StepSignals(step=7, loss=float("nan"), grad_norm=None)
-    manager.hook.vlm_dpo_after_optimizer_step(signals=signals, skipped=True, reasons=["non-finite loss (nan)"])
-    manager.hook.vlm_dpo_after_optimizer_step(signals=signals, skipped=False, reasons=[])  # a good step resets
-    for _ in range(2):
-        manager.hook.vlm_dpo_after_optimizer_step(signals=signals, skipped=True, reasons=["non-finite loss (nan)"])
-    with pytest.raises(TrainingHalted, match=r"3 consecutive optimizer steps skipped .*step 7: non-finite loss.*guards.max_consecutive_skips"):
-        manager.hook.vlm_dpo_after_optimizer_step(signals=signals, skipped=True, reasons=["non-finite loss (nan)"])
-    assert manager.hook.vlm_dpo_metrics(step=7) == [{"vlm_dpo/skipped_steps": 4.0}]
+def guard_metrics(manager, step=0):
+    return manager.get_plugin("guards").vlm_dpo_metrics(step=step)
 
 
-def test_guard_state_survives_a_save_and_restore(manager):
-    signals = StepSignals(step=1, loss=float("nan"), grad_norm=None)
-    manager.hook.vlm_dpo_after_optimizer_step(signals=signals, skipped=True, reasons=["x"])
+def skip(manager, step=7, reason="non-finite loss (nan)"):
+    signals = StepSignals(step=step, loss=float("nan"), grad_norm=None)
+    manager.hook.vlm_dpo_after_optimizer_step(signals=signals, skipped=True, reasons=[reason])
+
+
+def take(manager, step=7, loss=0.5):
+    signals = StepSignals(step=step, loss=loss, grad_norm=1.0, group_grad_norms={"language": 1.0})
+    manager.hook.vlm_dpo_after_optimizer_step(signals=signals, skipped=False, reasons=[])
+
+
+def test_consecutive_skips_halt_naming_the_causes_and_settings(manager):
+    skip(manager)
+    take(manager)  # a step taken resets the run of skips
+    skip(manager)
+    skip(manager)
+    with pytest.raises(TrainingHalted) as halted:
+        skip(manager, step=9, reason="rank 1: non-finite gradient norm (nan) in group(s) vision")
+    message = str(halted.value)
+    assert message.startswith(
+        "3 consecutive optimizer steps skipped (last at step 9: rank 1: non-finite gradient norm (nan) in group(s) "
+        "vision). Training cannot recover by skipping. Likely causes:"
+    )
+    for setting in ("guards.max_grad_norm", "guards.group_max_grad_norm", "guards.lr_backoff_factor",
+                    "loss.fp32_logps", "guards.max_consecutive_skips", "vlm_dpo/grad_norm/<group>"):
+        assert setting in message
+    assert guard_metrics(manager)["vlm_dpo/skipped_steps"] == 4.0
+
+
+def test_a_skip_is_logged_with_its_reason_and_counts(manager, caplog):
+    skip(manager, step=4, reason="non-finite loss (inf)")
+    assert caplog.messages == [
+        "step 4: optimizer step skipped on every rank (non-finite loss (inf)); weights, optimizer state and "
+        "learning-rate schedule unchanged (1 skipped, 1 in a row, halt at 3)"
+    ]
+
+
+def test_metrics_report_the_last_pre_clip_norms_per_group(manager):
+    metrics = guard_metrics(manager)
+    assert "vlm_dpo/grad_norm" not in metrics  # nothing measured yet: no made-up zero
+    signals = StepSignals(step=1, loss=0.6, grad_norm=13.0, group_grad_norms={"vision": 5.0, "projector": 12.0})
+    manager.hook.vlm_dpo_after_optimizer_step(signals=signals, skipped=False, reasons=[])
+    assert guard_metrics(manager) == {
+        "vlm_dpo/skipped_steps": 0.0,
+        "vlm_dpo/loss_spikes": 0.0,
+        "vlm_dpo/lr_scale": 1.0,
+        "vlm_dpo/grad_norm": 13.0,
+        "vlm_dpo/grad_norm/vision": 5.0,
+        "vlm_dpo/grad_norm/projector": 12.0,
+    }
+
+
+def test_guard_state_survives_a_save_and_restore():
+    guards = {"lr_backoff_factor": 0.5, "lr_backoff_steps": 4, "spike_window": 3}
+    manager = configured(guards)
+    for loss in (1.0, 1.0, 1.0, 9.0):  # the fourth is a spike and starts a back-off
+        take(manager, loss=loss)
+    skip(manager)
     saved = dict(pair for pair in manager.hook.vlm_dpo_state_dict() if pair)
-    resumed = create_plugin_manager(load_entry_points=False)
+    assert saved["guards"] == {
+        "skipped_steps": 1,
+        "consecutive_skips": 1,
+        "spikes": {"recent": [1.0, 1.0, 9.0], "spikes": 1},
+        "backoff": {"remaining": 4},
+    }
+    resumed = configured(guards)
     resumed.hook.vlm_dpo_load_state_dict(states=saved)
-    assert resumed.hook.vlm_dpo_metrics(step=1) == [{"vlm_dpo/skipped_steps": 1.0}]
     assert dict(pair for pair in resumed.hook.vlm_dpo_state_dict() if pair) == saved
+    assert resumed.hook.vlm_dpo_learning_rate_scale(step=8) == 0.5
 
 
-def test_gradient_checkpointing_is_non_reentrant_by_default(manager):
-    context = RunContext(framework="test", world_size=2, uses_peft=True, gradient_checkpointing=True)
-    assert manager.hook.vlm_dpo_gradient_checkpointing_kwargs(context=context) == {"use_reentrant": False}
+@pytest.mark.parametrize(
+    "guards, message",
+    [
+        ({"spike_factor": 1.0}, "'guards.spike_factor' is 1.0; expected a factor > 1, or null to disable"),
+        ({"spike_window": 2}, "'guards.spike_window' is 2; expected an integer >= 3"),
+        ({"lr_backoff_factor": 1.5}, "'guards.lr_backoff_factor' is 1.5; expected a factor in (0, 1)"),
+        ({"lr_backoff_steps": 0}, "'guards.lr_backoff_steps' is 0; expected an integer >= 1"),
+        ({"lr_backoff_on": ["spikes"]}, "'guards.lr_backoff_on[0]' is 'spikes'; expected one of ['skip', 'spike']"),
+        ({"group_max_grad_norm": {"vison": 1.0}}, "'guards.group_max_grad_norm' has 'vison'; expected one of"),
+        ({"group_max_grad_norm": {"vision": 0}}, "'guards.group_max_grad_norm.vision' is 0.0; expected a norm > 0"),
+    ],
+)
+def test_bad_guard_settings_name_the_key(guards, message):
+    with pytest.raises(ConfigError) as error:
+        configured(guards)
+    assert str(error.value).startswith(message)
 
 
-def test_any_rank_outside_distributed_is_the_local_flag():
-    assert any_rank(True) is True and any_rank(False) is False
-
-
-def test_a_skip_on_one_rank_is_a_skip_on_every_rank():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(vote_to_skip_on_rank_one, args=(2, port, results), nprocs=2, join=True)
-    assert dict(results) == {0: (True, False), 1: (True, False)}
+def test_defaults_clip_skip_and_detect_spikes_but_do_not_back_off():
+    config = create_plugin_manager(load_entry_points=False).load_config({}).guards
+    assert (config.max_grad_norm, config.skip_nonfinite, config.spike_factor) == (1.0, True, 3.0)
+    assert config.lr_backoff_factor is None and config.group_max_grad_norm == {}
+    assert math.isclose(configured().hook.vlm_dpo_learning_rate_scale(step=0), 1.0)

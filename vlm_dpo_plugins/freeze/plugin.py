@@ -11,15 +11,24 @@ from typing import Any
 import torch
 
 from vlm_dpo_plugins.config import VLMDPOConfig
-from vlm_dpo_plugins.freeze.classify import classify, last_blocks
+from vlm_dpo_plugins.errors import ConfigError
+from vlm_dpo_plugins.freeze.classify import GROUPS, classify_names, last_blocks
+from vlm_dpo_plugins.freeze.lora import lora_target_modules
+from vlm_dpo_plugins.freeze.report import LOGGER, format_trainable_report, trainable_report
 from vlm_dpo_plugins.freeze.settings import FreezeConfig
 from vlm_dpo_plugins.markers import hookimpl
-from vlm_dpo_plugins.types import ParameterGroups
+from vlm_dpo_plugins.types import ParameterGroups, RunContext
+
+_SHOWN_UNMATCHED = 5
 
 
 class FreezePolicy:
     def __init__(self) -> None:
         self.config = FreezeConfig()
+        self.groups: ParameterGroups | None = None
+        self.model_type: str | None = None
+        self.reported = False
+        self.warned_unmatched: set[tuple[str | None, int]] = set()
 
     @hookimpl
     def vlm_dpo_configure(self, config: VLMDPOConfig) -> None:
@@ -27,7 +36,22 @@ class FreezePolicy:
 
     @hookimpl(trylast=True)
     def vlm_dpo_classify_parameters(self, model: torch.nn.Module, model_type: str | None) -> ParameterGroups:
-        return classify(name for name, _ in model.named_parameters())
+        model_type = model_type or getattr(getattr(model, "config", None), "model_type", None)
+        result = classify_names((name for name, _ in model.named_parameters()), model_type)
+        if result.unmatched and (model_type, len(result.unmatched)) not in self.warned_unmatched:
+            self.warned_unmatched.add((model_type, len(result.unmatched)))  # guards and adapters classify again
+            shown = ", ".join(result.unmatched[:_SHOWN_UNMATCHED])
+            LOGGER.warning(
+                "%d parameter(s) of model type %r match no module of a known layout and are grouped as 'other' "
+                "(trainable only if freeze.trainable lists 'other'): %s%s. Add the model type to "
+                "vlm_dpo_plugins.freeze.registry.LAYOUTS.",
+                len(result.unmatched),
+                model_type,
+                shown,
+                ", ..." if len(result.unmatched) > _SHOWN_UNMATCHED else "",
+            )
+        self.groups, self.model_type = result.groups, model_type
+        return result.groups
 
     @hookimpl(trylast=True)
     def vlm_dpo_trainable_parameters(self, groups: ParameterGroups, step: int) -> set[str]:
@@ -38,16 +62,19 @@ class FreezePolicy:
                 trainable_groups.update(stage.groups)
                 extra_vision_blocks = max(extra_vision_blocks, stage.vision_blocks)
         names = {name for group in trainable_groups for name in groups.get(group, ())}
-        return names | last_blocks(groups.get("vision", ()), extra_vision_blocks)
+        return names | last_blocks(groups.get("vision", ()), extra_vision_blocks, self.model_type)
 
     @hookimpl(trylast=True)
     def vlm_dpo_optimizer_groups(
         self, groups: ParameterGroups, trainable: set[str], base_learning_rate: float
     ) -> list[dict[str, Any]]:
+        # Groups that only a later stage unfreezes are listed now with no names, so that the
+        # optimizer and its LR scheduler know them from step 0.
+        later = self.config.groups_ever_trained()
         optimizer_groups = []
-        for group, names in groups.items():
-            selected = [name for name in names if name in trainable]
-            if selected:
+        for group in [*GROUPS, *(g for g in groups if g not in GROUPS)]:
+            selected = [name for name in groups.get(group, ()) if name in trainable]
+            if selected or group in later:
                 rate = self.config.learning_rates.get(group, base_learning_rate)
                 optimizer_groups.append({"group": group, "names": selected, "lr": rate})
         return optimizer_groups
@@ -55,11 +82,22 @@ class FreezePolicy:
     @hookimpl(trylast=True)
     def vlm_dpo_lora_target_modules(self, model: torch.nn.Module, groups: ParameterGroups) -> list[str]:
         targeted_groups = self.config.trainable if self.config.lora_skip_frozen else tuple(groups)
-        allowed = {name for group in targeted_groups for name in groups.get(group, ())}
-        return sorted(
-            module_name
-            for module_name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear)
-            and f"{module_name}.weight" in allowed
-            and not module_name.endswith("lm_head")
-        )
+        return lora_target_modules(model, (name for group in targeted_groups for name in groups.get(group, ())))
+
+    @hookimpl
+    def vlm_dpo_train_begin(self, model: torch.nn.Module, context: RunContext) -> None:
+        if self.config.unfreeze and (context.is_distributed or context.uses_deepspeed or context.uses_fsdp):
+            raise ConfigError(
+                "'freeze.unfreeze' stages cannot run in this setup "
+                f"(world size {context.world_size}, DeepSpeed {context.uses_deepspeed}, FSDP {context.uses_fsdp}): "
+                "DDP, DeepSpeed ZeRO and FSDP fix the set of trained parameters when they wrap the model, so "
+                "parameters unfrozen later would never be synchronised or updated. Train those groups from step 0 "
+                "with a small rate in 'freeze.learning_rates' instead, or run on one process."
+            )
+        if self.reported:
+            return
+        groups = self.groups
+        if groups is None:
+            groups = self.vlm_dpo_classify_parameters(model=model, model_type=context.model_type)
+        LOGGER.info(format_trainable_report(trainable_report(groups, model)))
+        self.reported = True

@@ -37,3 +37,26 @@ class FreezeConfig:
             require(rate > 0, f"learning_rates.{group}", rate, "a learning rate > 0")
         steps = [stage.at_step for stage in self.unfreeze]
         require(steps == sorted(set(steps)), "unfreeze", steps, "stages in increasing, distinct at_step order")
+        for index, stage in enumerate(self.unfreeze):
+            require(
+                bool(stage.groups) or stage.vision_blocks > 0,
+                f"unfreeze[{index}]",
+                {"at_step": stage.at_step},
+                "'groups' or 'vision_blocks' > 0 (a stage that unfreezes nothing is a typo)",
+            )
+        never_trained = sorted(set(self.learning_rates) - self.groups_ever_trained(), key=PARAMETER_GROUPS.index)
+        require(
+            not never_trained,
+            "learning_rates",
+            {group: self.learning_rates[group] for group in never_trained},
+            "rates only for groups that train: list them in 'trainable' or an 'unfreeze' stage",
+        )
+
+    def groups_ever_trained(self) -> set[str]:
+        """The groups that train at some step: from the start, by a stage, or in part (the last vision blocks)."""
+        groups = set(self.trainable)
+        for stage in self.unfreeze:
+            groups.update(stage.groups)
+            if stage.vision_blocks:
+                groups.add("vision")
+        return groups

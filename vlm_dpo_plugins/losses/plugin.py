@@ -5,18 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from vlm_dpo_plugins.config import VLMDPOConfig
-from vlm_dpo_plugins.losses.functions import BUILTIN_LOSSES
+from vlm_dpo_plugins.losses.registry import BUILTIN_LOSS_INPUTS, BUILTIN_LOSSES
 from vlm_dpo_plugins.markers import hookimpl
-from vlm_dpo_plugins.types import LossOutput, PreferenceLogps
+from vlm_dpo_plugins.types import LossInputs, LossOutput, PreferenceLogps
 
 
 class LossVariants:
-    def __init__(self) -> None:
-        self._registry: dict[str, Callable] | None = None
-
     @hookimpl
     def vlm_dpo_loss_functions(self) -> Mapping[str, Callable]:
         return BUILTIN_LOSSES
+
+    @hookimpl(trylast=True)
+    def vlm_dpo_loss_inputs(self, loss_type: str) -> LossInputs | None:
+        return BUILTIN_LOSS_INPUTS.get(loss_type)
 
     @hookimpl(trylast=True)
     def vlm_dpo_compute_loss(self, logps: PreferenceLogps, config: VLMDPOConfig) -> LossOutput | None:

@@ -36,3 +36,10 @@ def test_train_rejects_a_bad_plugin_config_with_the_key(tmp_path, capsys):
     config.write_text("guards:\n  max_grad_nrom: 1.0\n")
     assert main(["train", "--output-dir", str(tmp_path), "--config", str(config)]) == 2
     assert "unknown config key 'guards.max_grad_nrom'; did you mean 'guards.max_grad_norm'?" in capsys.readouterr().err
+
+
+def test_train_refuses_a_loss_variant_trl_cannot_run(tmp_path, capsys):
+    config = tmp_path / "plugins.yaml"
+    config.write_text("loss:\n  type: simpo\n")
+    assert main(["train", "--output-dir", str(tmp_path), "--config", str(config)]) == 2
+    assert "'loss.type' is 'simpo', which the demo cannot run yet" in capsys.readouterr().err

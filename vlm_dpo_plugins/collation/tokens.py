@@ -1,0 +1,94 @@
+"""What the checks need to know about a tokenizer/processor, read by duck typing so no framework is imported.
+
+``TokenFacts.from_processor`` accepts a processor or a bare tokenizer and reads
+only public attributes (``image_token_id``, ``bos_token_id``, ``all_special_ids``,
+``image_processor.merge_size``, ``decode``). The fixed image-token count of
+LLaVA-style processors is measured through the processor's own per-size token
+counter when it has one; anything it cannot learn stays None and the checks that
+need it fall back to what the token ids alone show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vlm_dpo_plugins.types import SpecialTokens
+
+# Three shapes far apart, so a processor whose count depends on the image size gives different answers.
+_PROBE_IMAGE_SIZES = [(32, 32), (336, 336), (300, 1000)]
+
+
+@dataclass(frozen=True)
+class TokenFacts:
+    special: SpecialTokens = SpecialTokens()
+    decode: Callable[[Sequence[int]], str] | None = None
+    """Turns response token ids (special ids already removed) into text."""
+    merge_size: int | None = None
+    """Qwen2-VL-style: an image needs ``prod(image_grid_thw) / merge_size**2`` tokens."""
+    tokens_per_image: int | None = None
+    """LLaVA-style: every image needs this many tokens."""
+
+    @classmethod
+    def from_processor(cls, processor: Any) -> TokenFacts:
+        tokenizer = getattr(processor, "tokenizer", None) or processor
+        image = _token_id(processor, "image_token_id")
+        if image is None:
+            image = _token_id(tokenizer, "image_token_id")
+        special = SpecialTokens(
+            image=image,
+            bos=_token_id(tokenizer, "bos_token_id"),
+            eos=_token_id(tokenizer, "eos_token_id"),
+            pad=_token_id(tokenizer, "pad_token_id"),
+            all=frozenset(_int_list(getattr(tokenizer, "all_special_ids", ())) + ([] if image is None else [image])),
+        )
+        decode = getattr(tokenizer, "decode", None)
+        merge_size = _positive_int(getattr(getattr(processor, "image_processor", None), "merge_size", None))
+        tokens_per_image = None if merge_size else _fixed_image_token_count(processor)
+        return cls(special=special, decode=decode if callable(decode) else None, merge_size=merge_size,
+                   tokens_per_image=tokens_per_image)
+
+
+def find_processor(collate: Callable[..., Any]) -> Any | None:
+    """The processor or tokenizer a framework collator carries (TRL, LLaMA-Factory and ms-swift all keep one)."""
+    owner = getattr(collate, "__self__", None) or getattr(collate, "func", None) or collate
+    for name in ("processor", "processing_class", "tokenizer"):
+        found = getattr(owner, name, None)
+        if found is not None:
+            return found
+    return None
+
+
+def collator_max_length(collate: Callable[..., Any]) -> int | None:
+    owner = getattr(collate, "__self__", None) or getattr(collate, "func", None) or collate
+    return _positive_int(getattr(owner, "max_length", None))
+
+
+def _fixed_image_token_count(processor: Any) -> int | None:
+    count_tokens = getattr(processor, "_get_num_multimodal_tokens", None)
+    if not callable(count_tokens) or getattr(processor, "image_token_id", None) is None:
+        return None
+    try:
+        counts = count_tokens(image_sizes=_PROBE_IMAGE_SIZES)
+        counts = counts["num_image_tokens"] if isinstance(counts, dict) else counts.num_image_tokens
+    except Exception:  # a processor that cannot answer simply leaves the count unknown
+        return None
+    counts = {_positive_int(count) for count in counts}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _token_id(owner: Any, name: str) -> int | None:
+    value = getattr(owner, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _int_list(values: Any) -> list[int]:
+    try:
+        return [value for value in values if isinstance(value, int)]
+    except TypeError:
+        return []
