@@ -77,7 +77,7 @@ def run_tests(session: nox.Session, *paths: str) -> None:
 def trl(session: nox.Session) -> None:
     """TRL's current release line (1.16), transformers latest, and DeepSpeed ZeRO 1-3 live on CPU."""
     link_shared_torch(session)
-    session.install("trl==1.16.0", ".[trl,test]", *CONSTRAINTS)
+    session.install("trl==1.16.0", "peft", ".[trl,test]", *CONSTRAINTS)
     # DS_BUILD_OPS=0: nothing compiled at install; the one CPU op the tests need is built on first use
     # and cached outside the environment (TORCH_EXTENSIONS_DIR, see tests/deepspeed/conftest.py).
     session.install("deepspeed==0.19.8", *CONSTRAINTS, env={"DS_BUILD_OPS": "0"})
