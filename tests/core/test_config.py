@@ -80,3 +80,17 @@ def test_plugin_declared_section_is_validated_like_a_builtin():
         VLMDPOConfig.from_dict({"spike": {"factr": 3}}, extra_sections={"spike": Spike})
     with pytest.raises(ConfigError, match="clash with built-in sections"):
         VLMDPOConfig.from_dict({}, extra_sections={"loss": Spike})
+
+
+def test_the_readme_example_config_is_valid():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from vlm_dpo_plugins.manager import create_plugin_manager
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = re.search(r"```yaml\n(.*?)```", readme, re.S).group(1)
+    config = create_plugin_manager(load_entry_points=False).load_config(yaml.safe_load(example))
+    assert config.freeze.unfreeze[0].groups == ("projector",)
