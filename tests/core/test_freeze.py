@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from tiny_vlms import load_tiny_models
 
 from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.freeze.apply import apply_trainable
@@ -20,13 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from vlm_dpo_plugins.tiny import build_tiny_llava, build_tiny_qwen2_vl
-
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "llava": transformers.AutoModelForImageTextToText.from_pretrained(build_tiny_llava(root / "llava")),
-        "qwen2_vl": transformers.AutoModelForImageTextToText.from_pretrained(build_tiny_qwen2_vl(root / "qwen")),
-    }
+    return load_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 def configured(config=None):

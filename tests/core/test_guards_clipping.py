@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tiny_vlms import load_tiny_models
 
 from vlm_dpo_plugins.guards.clipping import clip_grad_norms, measure_grad_norms, parameters_by_group
 from vlm_dpo_plugins.manager import create_plugin_manager
@@ -96,13 +97,7 @@ def test_parameters_by_group_keeps_trainable_ones_and_puts_unclassified_names_in
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from vlm_dpo_plugins.tiny import build_tiny_llava, build_tiny_qwen2_vl
-
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "llava": transformers.AutoModelForImageTextToText.from_pretrained(build_tiny_llava(root / "llava")),
-        "qwen2_vl": transformers.AutoModelForImageTextToText.from_pretrained(build_tiny_qwen2_vl(root / "qwen")),
-    }
+    return load_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 def random_gradients(by_group):
