@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 
 from vlm_dpo_plugins.errors import ConfigError
-from vlm_dpo_plugins.freeze.apply import apply_trainable, trainable_report
+from vlm_dpo_plugins.freeze.apply import apply_trainable
+from vlm_dpo_plugins.freeze.report import trainable_report
 from vlm_dpo_plugins.manager import create_plugin_manager
 from vlm_dpo_plugins.types import RunContext
 

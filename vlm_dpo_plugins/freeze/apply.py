@@ -13,9 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from vlm_dpo_plugins.freeze.report import trainable_report  # re-exported: the demo imports it from here
-
-__all__ = ["apply_trainable", "is_adapter_base", "is_adapter_parameter", "trainable_report"]
+__all__ = ["apply_trainable", "is_adapter_base", "is_adapter_parameter"]
 
 ADAPTER_PREFIXES = ("lora_", "ia3_", "oft_", "boft_", "vera_", "hra_", "adaption_")
 ADAPTER_BASE_PARTS = frozenset({"base_layer", "original_module"})
