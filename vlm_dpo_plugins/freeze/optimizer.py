@@ -28,7 +28,8 @@ def optimizer_param_groups(
 ) -> list[dict[str, Any]]:
     """Turn the ``vlm_dpo_optimizer_groups`` answer into param groups a torch optimizer accepts.
 
-    With ``weight_decay > 0`` each group splits into a decaying and a non-decaying part.
+    With ``weight_decay > 0`` each group splits into a decaying and a non-decaying part; every group
+    states its ``weight_decay``, so the optimizer's default never applies.
     """
     parameters = dict(model.named_parameters())
     order = {name: index for index, name in enumerate(parameters)}
@@ -53,7 +54,10 @@ def optimizer_param_groups(
                     }
                 )
         else:
-            param_groups.append({"params": [parameters[n] for n in names], "lr": entry["lr"], "group": entry["group"]})
+            # Explicit 0.0: left out, the optimizer's own default applies (0.01 for torch.optim.AdamW).
+            param_groups.append(
+                {"params": [parameters[n] for n in names], "lr": entry["lr"], "weight_decay": 0.0, "group": entry["group"]}
+            )
     return param_groups
 
 
