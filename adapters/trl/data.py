@@ -80,7 +80,9 @@ class ImageUse:
     resolved: Path
 
 
-def load_preference_dataset(path: str | os.PathLike, *, images_root: str | os.PathLike | None = None):
+def load_preference_dataset(
+    path: str | os.PathLike, *, images_root: str | os.PathLike | None = None
+) -> datasets.Dataset:
     """Read ``path`` (``.jsonl`` or ``.json``) into a ``datasets.Dataset`` for ``trl.DPOTrainer``.
 
     Relative image paths are resolved against ``images_root``, or against the data
@@ -248,7 +250,11 @@ def message_list(raw: dict, name: str, default_role: str, report: RowReport) -> 
     if isinstance(value, str):
         value = [{"role": default_role, "content": value}]
     elif not isinstance(value, list):
-        report.add(name, f"is {describe_value(value)}, expected a string or a list of messages", f"fix {name}")
+        report.add(
+            name,
+            f"is {describe_value(value)}, expected a string or a list of messages",
+            f'write "{name}": "<text>", or a list of {{"role", "content"}} messages',
+        )
         return None
     messages = []
     for index, message in enumerate(value):
