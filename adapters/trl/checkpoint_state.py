@@ -50,6 +50,8 @@ def read_state(checkpoint_dir: str | os.PathLike, rank: int) -> dict[str, Any] |
             return json.loads(candidate.read_text())
     logger.warning(
         "%s has no %s: it was not written by VLMDPOTrainer, so the plugins' counters (skipped steps, detectors) "
-        "start from zero", checkpoint_dir, STATE_FILE.format(rank=rank),
+        "start from zero",
+        checkpoint_dir,
+        STATE_FILE.format(rank=rank),
     )
     return None

@@ -88,15 +88,23 @@ class GuardedOptimizerStep:
         if self._deepspeed is not None:
             original(*args, **kwargs)  # DeepSpeed's wrapper: a no-op, the engine stepped in backward
             outcome = self.guard.step(
-                None, self._parameters(), loss, step,
-                save_checkpoint=self._save_checkpoint, **self._deepspeed.guard_step_arguments(),
+                None,
+                self._parameters(),
+                loss,
+                step,
+                save_checkpoint=self._save_checkpoint,
+                **self._deepspeed.guard_step_arguments(),
             )
         else:
             if self._scaler is not None:
                 self._unscale()
             outcome = self.guard.step(
-                self._torch_optimizer(), self._parameters(), loss, step,
-                step_fn=lambda: original(*args, **kwargs), save_checkpoint=self._save_checkpoint,
+                self._torch_optimizer(),
+                self._parameters(),
+                loss,
+                step,
+                step_fn=lambda: original(*args, **kwargs),
+                save_checkpoint=self._save_checkpoint,
             )
             if outcome.skipped and self._scaler is not None:
                 self._scaler.update()

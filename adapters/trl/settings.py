@@ -98,8 +98,11 @@ def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, set[str]]) 
 
     beta = _one_value("beta", args.beta, config.loss.beta, "beta" in trl_set, "beta" in loss_written)
     smoothing = _one_value(
-        "label_smoothing", args.label_smoothing, config.loss.label_smoothing,
-        "label_smoothing" in trl_set, "label_smoothing" in loss_written,
+        "label_smoothing",
+        args.label_smoothing,
+        config.loss.label_smoothing,
+        "label_smoothing" in trl_set,
+        "label_smoothing" in loss_written,
     )
     if not trl_computes_loss and loss_type == "sigmoid" and smoothing > 0 and "label_smoothing" in trl_set:
         notes.append(
@@ -111,8 +114,11 @@ def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, set[str]]) 
 
     trl_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
     max_grad_norm = _one_value(
-        "max_grad_norm", trl_norm, config.guards.max_grad_norm,
-        "max_grad_norm" in trl_set, "max_grad_norm" in written.get("guards", set()),
+        "max_grad_norm",
+        trl_norm,
+        config.guards.max_grad_norm,
+        "max_grad_norm" in trl_set,
+        "max_grad_norm" in written.get("guards", set()),
         plugin_key="guards.max_grad_norm",
     )
 
@@ -120,8 +126,11 @@ def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, set[str]]) 
     user_reentrant = (args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
     if user_reentrant is not None:
         non_reentrant = not _one_value(
-            "gradient_checkpointing_kwargs['use_reentrant']", bool(user_reentrant), not non_reentrant,
-            True, "non_reentrant_checkpointing" in written.get("guards", set()),
+            "gradient_checkpointing_kwargs['use_reentrant']",
+            bool(user_reentrant),
+            not non_reentrant,
+            True,
+            "non_reentrant_checkpointing" in written.get("guards", set()),
             plugin_key="guards.non_reentrant_checkpointing (negated)",
         )
 

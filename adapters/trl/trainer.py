@@ -17,7 +17,8 @@ dict or a YAML path) and ``plugin_manager``. Where the hooks run:
 - each step: progressive unfreezing and ``vlm_dpo_step_begin``; the loss from
   ``vlm_dpo_compute_loss``; ``optimizer.step`` replaced by the guarded step.
 - ``log``: the plugins' metrics added, then every logged dict given to the detectors.
-- ``_save_checkpoint``: the plugins' state written next to TRL's.
+- ``_save_checkpoint``: the plugins' state written next to TRL's, the weights in the
+  layout ``resume_from_checkpoint`` reads back (``checkpoint_format.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from vlm_dpo_plugins.adapters.trl.batch import (
     summed_logps,
     with_corrupted_chosen,
 )
+from vlm_dpo_plugins.adapters.trl.checkpoint_format import reload_if_keys_were_renamed, runtime_format_saves
 from vlm_dpo_plugins.adapters.trl.checkpoint_state import collect_state, read_state, write_state
 from vlm_dpo_plugins.adapters.trl.metrics import record_preference_metrics, record_token_metrics
 from vlm_dpo_plugins.adapters.trl.optimizer_step import GuardedOptimizerStep
@@ -114,6 +116,7 @@ class VLMDPOTrainer(trl.DPOTrainer):
         self._trainable_wanted: set[str] | None = None
         self._apply_freeze_policy(step=0)
         self._learning_rates: dict[str, float] = {}
+        self._optimizer_layout_from_trainer = False
         self._parameters_cache: dict[str, list[torch.nn.Parameter]] | None = None
         self._tune_deepspeed(context)
 
@@ -161,7 +164,8 @@ class VLMDPOTrainer(trl.DPOTrainer):
                 logger.warning(
                     "vlm-dpo: ddp_find_unused_parameters=%s changed to %s: with reentrant checkpointing under DDP it "
                     "raises 'Expected to mark a variable ready only once'",
-                    args.ddp_find_unused_parameters, ddp["find_unused_parameters"],
+                    args.ddp_find_unused_parameters,
+                    ddp["find_unused_parameters"],
                 )
             args.ddp_find_unused_parameters = ddp["find_unused_parameters"]
 
@@ -184,8 +188,11 @@ class VLMDPOTrainer(trl.DPOTrainer):
             return
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         merge = tune_deepspeed_config(
-            self.plugins, hf_config.config, trainable_parameters=trainable,
-            hidden_size=model_hidden_size(self.model.config), context=context,
+            self.plugins,
+            hf_config.config,
+            trainable_parameters=trainable,
+            hidden_size=model_hidden_size(self.model.config),
+            context=context,
         )
         # In place: accelerate's DeepSpeed plugin holds this same dict and builds the engine from it in train().
         hf_config.config.clear()
@@ -214,6 +221,12 @@ class VLMDPOTrainer(trl.DPOTrainer):
         deepspeed_config = getattr(self.args, "hf_deepspeed_config", None)
         if deepspeed_config is not None and "optimizer" in deepspeed_config.config:
             return super().create_optimizer(model)  # DeepSpeed builds the optimizer from its own config
+        if self._optimizer_layout_from_trainer:
+            logger.warning(
+                "vlm-dpo: resuming from a checkpoint not written by VLMDPOTrainer: the optimizer keeps the Trainer's "
+                "param groups so its saved state loads; freeze.learning_rates do not apply in this run"
+            )
+            return super().create_optimizer(model)
         trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
         optimizer_groups = self.plugins.hook.vlm_dpo_optimizer_groups(
             groups=self._groups, trainable=trainable, base_learning_rate=self.args.learning_rate
@@ -234,7 +247,8 @@ class VLMDPOTrainer(trl.DPOTrainer):
         scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
         added = unfreeze_into_optimizer(self.model, optimizer, newly, self._groups, self._learning_rates, scheduler)
         logger.warning(
-            "vlm-dpo: step %d: unfroze %s", step,
+            "vlm-dpo: step %d: unfroze %s",
+            step,
             ", ".join(f"{len(names)} {group} parameter(s)" for group, names in added.items()),
         )
 
@@ -264,6 +278,8 @@ class VLMDPOTrainer(trl.DPOTrainer):
         from transformers.trainer_callback import TrainerState
 
         states = read_state(checkpoint, self.args.process_index)
+        # A checkpoint from stock TRL holds an optimizer with the Trainer's param groups; ours must match it to load.
+        self._optimizer_layout_from_trainer = states is None
         if states is not None:
             self.plugins.hook.vlm_dpo_load_state_dict(states=states)
             self._scan_skipped_rows = states.get("adapter", {}).get("scan_skipped_rows")
@@ -277,15 +293,20 @@ class VLMDPOTrainer(trl.DPOTrainer):
         skipped = self._scan_skipped_rows
         if skipped is None:
             summary = scan_dataset(
-                self.plugins, self.train_dataset, self._framework_collator,
-                batch_size=self.args.per_device_train_batch_size, output_dir=self.args.output_dir,
+                self.plugins,
+                self.train_dataset,
+                self._framework_collator,
+                batch_size=self.args.per_device_train_batch_size,
+                output_dir=self.args.output_dir,
             )
             summary.raise_for_errors()
             skipped = sorted(set(range(len(self.train_dataset))) - set(keep_rows(len(self.train_dataset), summary)))
             if skipped:
                 logger.warning(
                     "vlm-dpo: %d of %d rows left out before training by the collation checks (listed in %s)",
-                    len(skipped), len(self.train_dataset), summary.report_path,
+                    len(skipped),
+                    len(self.train_dataset),
+                    summary.report_path,
                 )
         self._scan_skipped_rows = skipped
         if skipped:
@@ -376,9 +397,14 @@ class VLMDPOTrainer(trl.DPOTrainer):
                     logger.warning("vlm-dpo: step %d: %s", self.state.global_step, finding)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
+        with runtime_format_saves(self.model):
+            super()._save_checkpoint(model, trial)
         if trial is None:
             self._write_plugin_state(self._checkpoint_dir())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        reload_if_keys_were_renamed(model if model is not None else self.model, resume_from_checkpoint)
 
     def _checkpoint_dir(self) -> str:
         return os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

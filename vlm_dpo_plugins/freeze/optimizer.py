@@ -55,9 +55,8 @@ def optimizer_param_groups(
                 )
         else:
             # Explicit 0.0: left out, the optimizer's own default applies (0.01 for torch.optim.AdamW).
-            param_groups.append(
-                {"params": [parameters[n] for n in names], "lr": entry["lr"], "weight_decay": 0.0, "group": entry["group"]}
-            )
+            selected = [parameters[n] for n in names]
+            param_groups.append({"params": selected, "lr": entry["lr"], "weight_decay": 0.0, "group": entry["group"]})
     return param_groups
 
 

@@ -1,7 +1,7 @@
 """Gradient norms per parameter group and clipping by global norm.
 
 The norm of a group is the norm of its per-tensor norms, and the total the norm of
-the group norms, so one set of fused ``torch._foreach_norm`` calls yields both the
+all per-tensor norms, so one set of fused ``torch._foreach_norm`` calls yields both the
 per-group figures (vision / projector / language) and the global one. An exploding
 group is the first visible sign of the NaN and rising-loss failures, so the groups
 are measured even when only the global norm is clipped.
@@ -22,15 +22,29 @@ _EPSILON = 1e-6
 ParametersByGroup = Mapping[str, Sequence[torch.nn.Parameter]]
 
 
+class GroupedParameters(dict):
+    """Parameters by group that also remember the model's order.
+
+    With it the total norm is taken over the per-tensor norms in model order, as
+    ``torch.nn.utils.clip_grad_norm_`` takes it, so clipping gives bit-identical
+    gradients: in fp32 a different summation order changes the last bit, and Adam
+    amplifies that for gradients near zero until runs visibly drift apart.
+    """
+
+    model_order: list[torch.nn.Parameter]
+
+
 def parameters_by_group(
     named_parameters: Iterable[tuple[str, torch.nn.Parameter]], groups: ParameterGroups
-) -> dict[str, list[torch.nn.Parameter]]:
+) -> GroupedParameters:
     """The trainable parameters sorted into the freeze policy's groups; names it did not classify go to ``other``."""
     group_of = {name: group for group, names in groups.items() for name in names}
-    sorted_parameters: dict[str, list[torch.nn.Parameter]] = {}
+    sorted_parameters = GroupedParameters()
+    sorted_parameters.model_order = []
     for name, parameter in named_parameters:
         if parameter.requires_grad:
             sorted_parameters.setdefault(group_of.get(name, "other"), []).append(parameter)
+            sorted_parameters.model_order.append(parameter)
     return sorted_parameters
 
 
@@ -38,29 +52,45 @@ def _gradients(parameters: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
     return [parameter.grad for parameter in parameters if parameter.grad is not None]
 
 
-def _norm_of_tensors(tensors: Sequence[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
-    """The ``norm_type`` norm of all elements of ``tensors`` together, accumulated in fp32."""
-    by_device_and_dtype: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for tensor in tensors:
-        by_device_and_dtype.setdefault((tensor.device, tensor.dtype), []).append(tensor)
-    per_tensor: list[torch.Tensor] = []
-    for bucket in by_device_and_dtype.values():
+def _per_tensor_norms(tensors: Sequence[torch.Tensor], norm_type: float, device: torch.device) -> list[torch.Tensor]:
+    """Each tensor's norm, in input order, accumulated in fp32, from one fused call per device and dtype."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        buckets.setdefault((tensor.device, tensor.dtype), []).append(index)
+    norms: list[torch.Tensor | None] = [None] * len(tensors)
+    for indices in buckets.values():
         # dtype=float32: bf16 gradients are summed and returned in fp32, so a large norm does not lose its digits.
-        per_tensor.extend(norm.to(device) for norm in torch._foreach_norm(bucket, norm_type, dtype=torch.float32))
-    return torch.linalg.vector_norm(torch.stack(per_tensor), norm_type)
+        bucket_norms = torch._foreach_norm([tensors[i] for i in indices], norm_type, dtype=torch.float32)
+        for index, norm in zip(indices, bucket_norms):
+            norms[index] = norm.to(device)
+    return norms  # type: ignore[return-value]
 
 
-def measure_grad_norms(parameters: ParametersByGroup, norm_type: float = 2.0) -> GradNorms | None:
-    """Pre-clip gradient norms, total and per group (groups without gradients are left out); None without gradients."""
+def _measure(parameters: ParametersByGroup, norm_type: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
     gradients = {group: grads for group, params in parameters.items() if (grads := _gradients(params))}
     if not gradients:
         return None
     device = next(iter(gradients.values()))[0].device
-    group_norms = [_norm_of_tensors(grads, norm_type, device) for grads in gradients.values()]
-    total = torch.linalg.vector_norm(torch.stack(group_norms), norm_type)
+    model_order = getattr(parameters, "model_order", None)
+    ordered = _gradients(model_order) if model_order is not None else [g for gs in gradients.values() for g in gs]
+    norms = _per_tensor_norms(ordered, norm_type, device)
+    norm_of = {id(grad): norm for grad, norm in zip(ordered, norms)}
+    group_norms = {
+        group: torch.linalg.vector_norm(torch.stack([norm_of[id(g)] for g in grads]), norm_type)
+        for group, grads in gradients.items()
+    }
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type), group_norms
+
+
+def measure_grad_norms(parameters: ParametersByGroup, norm_type: float = 2.0) -> GradNorms | None:
+    """Pre-clip gradient norms, total and per group (groups without gradients are left out); None without gradients."""
+    measured = _measure(parameters, norm_type)
+    if measured is None:
+        return None
+    total, group_norms = measured
     # One device-to-host copy for all the numbers: the skip decision needs them on the host anyway.
-    values = torch.stack([total, *group_norms]).tolist()
-    return GradNorms(total=values[0], groups=dict(zip(gradients, values[1:])))
+    values = torch.stack([total, *group_norms.values()]).tolist()
+    return GradNorms(total=values[0], groups=dict(zip(group_norms, values[1:])))
 
 
 def _scale(gradients: list[torch.Tensor], coefficient: float) -> None:
@@ -84,8 +114,13 @@ def clip_grad_norms(
     gradients untouched: scaling by NaN would spread it to every parameter, and the
     step is about to be skipped anyway.
     """
-    norms = measure_grad_norms(parameters, norm_type)
-    if norms is None or not math.isfinite(norms.total):
+    measured = _measure(parameters, norm_type)
+    if measured is None:
+        return None
+    total_tensor, group_tensors = measured
+    values = torch.stack([total_tensor, *group_tensors.values()]).tolist()
+    norms = GradNorms(total=values[0], groups=dict(zip(group_tensors, values[1:])))
+    if not math.isfinite(norms.total):
         return norms
     group_max_norms = group_max_norms or {}
     clipped_group_norms = {}
@@ -94,9 +129,13 @@ def clip_grad_norms(
         _scale(_gradients(parameters[group]), coefficient)
         clipped_group_norms[group] = norm * coefficient
     if max_norm is not None:
-        total = norms.total
+        everything = [grad for params in parameters.values() for grad in _gradients(params)]
         if clipped_group_norms != norms.groups:
             total = float(torch.linalg.vector_norm(torch.tensor(list(clipped_group_norms.values())), norm_type))
-        everything = [grad for params in parameters.values() for grad in _gradients(params)]
-        _scale(everything, clip_coefficient(total, max_norm))
+            _scale(everything, clip_coefficient(total, max_norm))
+        else:
+            # As torch.nn.utils.clip_grad_norm_ computes it, in the gradients' dtype, so the result is identical.
+            coefficient = torch.clamp(max_norm / (total_tensor + _EPSILON), max=1.0)
+            if coefficient.item() < 1.0:
+                torch._foreach_mul_(everything, coefficient)
     return norms

@@ -1,0 +1,22 @@
+"""Tiny VLMs and synthetic image preferences for the TRL adapter's end-to-end runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    from vlm_dpo_plugins.tiny import build_tiny_llava, build_tiny_qwen2_vl
+
+    root = tmp_path_factory.mktemp("tiny-vlms")
+    return {"llava": build_tiny_llava(root / "llava"), "qwen2_vl": build_tiny_qwen2_vl(root / "qwen2_vl")}
+
+
+@pytest.fixture(scope="session")
+def preference_rows() -> list[dict]:
+    from vlm_dpo_plugins.tiny import make_preference_examples, trl_conversational_rows
+
+    return trl_conversational_rows(make_preference_examples(16, seed=3))
