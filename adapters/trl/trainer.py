@@ -99,6 +99,7 @@ class VLMDPOTrainer(trl.DPOTrainer):
         super().__init__(*bound.args[1:], **bound.kwargs)
 
         self.vlm_dpo_findings: list[Finding] = []
+        self._events_reported = 0
         loss_type = self.vlm_dpo_config.loss.type
         self._loss_inputs: LossInputs = self.plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()
         self._needs_corrupted_image = not self._trl_computes_loss and bool(self._loss_inputs.extras)
@@ -421,6 +422,17 @@ class VLMDPOTrainer(trl.DPOTrainer):
     def _install_guarded_step(self) -> None:
         engine = self.model_wrapped if self.is_deepspeed_enabled else None
         self._guarded_step.install(self.optimizer, deepspeed_engine=engine, scaler=self.accelerator.scaler)
+
+    def vlm_dpo_events(self, logged_step: int) -> list[str]:
+        """What the guards did in the optimizer steps up to ``logged_step`` not reported yet ("skipped: ...")."""
+        events = []
+        for outcome in self._guarded_step.outcomes[self._events_reported :]:
+            if outcome.step >= logged_step:  # the Trainer logs after counting the step: step k is logged as k + 1
+                break
+            self._events_reported += 1
+            if outcome.skipped:
+                events.append(f"skipped step {outcome.step + 1}: {'; '.join(outcome.reasons)}")
+        return events
 
     def vlm_dpo_context(self) -> RunContext:
         context = self._run_context(self.args, uses_peft=is_peft_model(self.model))
