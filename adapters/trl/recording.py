@@ -73,3 +73,31 @@ class StepRecorder(TrainerCallback):
             self.log.append(state.global_step, metrics, events)
         if self.on_record is not None:
             self.on_record(record)
+
+
+class ProgressBar(TrainerCallback):
+    """A tqdm bar over the optimizer steps; table rows are written above it instead of breaking it."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def write(self, text: str, out: Any) -> None:
+        if self.bar is None:
+            print(text, file=out, flush=True)
+        else:
+            self.bar.write(text, file=out)

@@ -94,6 +94,7 @@ class VLMDPOTrainer(trl.DPOTrainer):
         elif self._guard_max_grad_norm is not None:
             dpo_args.max_grad_norm = self._guard_max_grad_norm  # DeepSpeed's "gradient_clipping": "auto"
         arguments["args"] = dpo_args
+        arguments["peft_config"] = self._lora_targets_from_policy(model, peft_config)
         arguments["train_dataset"] = self._with_row_index(arguments["train_dataset"])
 
         super().__init__(*bound.args[1:], **bound.kwargs)
@@ -169,6 +170,27 @@ class VLMDPOTrainer(trl.DPOTrainer):
                     ddp["find_unused_parameters"],
                 )
             args.ddp_find_unused_parameters = ddp["find_unused_parameters"]
+
+    def _lora_targets_from_policy(self, model: Any, peft_config: Any) -> Any:
+        """LoRA on the trainable groups only, when the user left the targets to PEFT ("all-linear" or unset).
+
+        PEFT's defaults match module names such as ``q_proj`` or every linear layer, which in a VLM includes
+        the vision tower: adapters there either train the part the freeze policy keeps fixed or sit frozen.
+        """
+        if peft_config is None or isinstance(model, str) or not hasattr(peft_config, "target_modules"):
+            return peft_config
+        if peft_config.target_modules not in (None, "all-linear"):
+            return peft_config
+        groups = self.plugins.hook.vlm_dpo_classify_parameters(
+            model=model, model_type=getattr(model.config, "model_type", None)
+        )
+        targets = self.plugins.hook.vlm_dpo_lora_target_modules(model=model, groups=groups)
+        if not targets:
+            return peft_config
+        logger.info("vlm-dpo: LoRA on %d linear modules of the trainable groups", len(targets))
+        peft_config = copy.copy(peft_config)
+        peft_config.target_modules = set(targets)
+        return peft_config
 
     def _with_row_index(self, dataset: Any) -> Any:
         key = self.vlm_dpo_config.collation.row_index_key
