@@ -1,0 +1,74 @@
+"""One rank of a two-process CPU (gloo) DDP run of VLMDPOTrainer, launched by torchrun from test_ddp.py.
+
+Rank 1 alone gets a NaN in one gradient after DDP has averaged them, at optimizer step 1:
+the guards must skip that step on both ranks, or the replicas drift apart for good.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import trl
+from datasets import Dataset
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer
+
+from vlm_dpo_plugins.tiny import make_preference_examples, trl_conversational_rows
+
+
+class NanOnRankOne(TrainerCallback):
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1 and dist.get_rank() == 1:
+            parameter = next(p for p in model.parameters() if p.grad is not None)
+            parameter.grad.view(-1)[0] = math.nan
+
+
+def main(model_dir: str, output_dir: str, gradient_checkpointing: str) -> None:
+    rows = trl_conversational_rows(make_preference_examples(8, seed=2))
+    args = trl.DPOConfig(
+        output_dir=output_dir,
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        gradient_checkpointing=gradient_checkpointing == "reentrant",
+        gradient_checkpointing_kwargs={"use_reentrant": True} if gradient_checkpointing == "reentrant" else None,
+        # What users set for a frozen tower or text-only batches; with reentrant checkpointing it is the crash.
+        ddp_find_unused_parameters=True if gradient_checkpointing == "reentrant" else None,
+    )
+    trainer = VLMDPOTrainer(
+        model=AutoModelForImageTextToText.from_pretrained(model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoProcessor.from_pretrained(model_dir),
+        callbacks=[NanOnRankOne()],
+    )
+    trainer.train()
+    flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(replicas, flat)
+    result = {
+        "skipped": [outcome.skipped for outcome in trainer._guarded_step.outcomes],
+        "reasons": [list(outcome.reasons) for outcome in trainer._guarded_step.outcomes],
+        "replicas_equal": all(torch.equal(replicas[0], other) for other in replicas[1:]),
+        "finite": bool(torch.isfinite(flat).all()),
+        "static_graph": trainer.args.ddp_static_graph,
+        "find_unused": trainer.args.ddp_find_unused_parameters,
+    }
+    with open(os.path.join(output_dir, f"rank{dist.get_rank()}.json"), "w") as handle:
+        json.dump(result, handle)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
