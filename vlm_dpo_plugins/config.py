@@ -88,7 +88,7 @@ def _suggestion(key: str, valid: set[str], prefix: str = "") -> str:
 
 
 def _build(hint: Any, value: Any, path: str) -> Any:
-    """Convert ``value`` to ``hint`` (a dataclass, Literal, Optional, tuple, dict or scalar), or raise naming ``path``."""
+    """Convert ``value`` to ``hint`` (dataclass, Literal, Optional, tuple, dict or scalar), or raise naming ``path``."""
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import logging
 import os
@@ -54,7 +55,7 @@ from vlm_dpo_plugins.adapters.trl.settings import PluginSource, load_plugin_conf
 from vlm_dpo_plugins.collation.wrapper import HookedCollator, keep_rows, scan_dataset
 from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.errors import ConfigError, PluginError
-from vlm_dpo_plugins.freeze.apply import apply_trainable
+from vlm_dpo_plugins.freeze.apply import apply_trainable, is_adapter_parameter
 from vlm_dpo_plugins.freeze.optimizer import optimizer_param_groups, unfreeze_into_optimizer
 from vlm_dpo_plugins.guards.clipping import parameters_by_group
 from vlm_dpo_plugins.guards.deepspeed import tune_deepspeed_config, zero_stage
@@ -116,6 +117,11 @@ class VLMDPOTrainer(trl.DPOTrainer):
             model=self.model, model_type=getattr(self.model.config, "model_type", None)
         )
         self._trainable_wanted: set[str] | None = None
+        # PEFT decided which adapters train (TRL adds a frozen "ref" copy of a pretrained adapter); the policy
+        # may narrow that set by group, never widen it to another adapter.
+        self._adapters_peft_trains = {
+            name for name, p in self.model.named_parameters() if p.requires_grad and is_adapter_parameter(name)
+        }
         self._apply_freeze_policy(step=0)
         self._learning_rates: dict[str, float] = {}
         self._optimizer_layout_from_trainer = False
@@ -228,7 +234,11 @@ class VLMDPOTrainer(trl.DPOTrainer):
 
     def _apply_freeze_policy(self, step: int) -> set[str]:
         wanted = self.plugins.hook.vlm_dpo_trainable_parameters(groups=self._groups, step=step)
-        if wanted is None or wanted == self._trainable_wanted:
+        if wanted is None:
+            return set()
+        if self._adapters_peft_trains:
+            wanted = {n for n in wanted if not is_adapter_parameter(n) or n in self._adapters_peft_trains}
+        if wanted == self._trainable_wanted:
             return set()
         self._trainable_wanted = wanted
         self._parameters_cache = None
@@ -311,7 +321,8 @@ class VLMDPOTrainer(trl.DPOTrainer):
         self._apply_freeze_policy(step)
 
     def _prescan_dataset(self) -> None:
-        if not self.vlm_dpo_config.collation.enabled or not isinstance(self.train_dataset, Dataset):
+        collation = self.vlm_dpo_config.collation
+        if not (collation.enabled and collation.prescan) or not isinstance(self.train_dataset, Dataset):
             return
         skipped = self._scan_skipped_rows
         if skipped is None:
@@ -458,7 +469,7 @@ class VLMDPOTrainer(trl.DPOTrainer):
 
     def vlm_dpo_context(self) -> RunContext:
         context = self._run_context(self.args, uses_peft=is_peft_model(self.model))
-        return RunContext(**{**context.__dict__, "model_type": getattr(self.model.config, "model_type", None)})
+        return dataclasses.replace(context, model_type=getattr(self.model.config, "model_type", None))
 
 
 class _PluginLifecycle(TrainerCallback):
