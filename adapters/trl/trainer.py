@@ -411,7 +411,7 @@ class VLMDPOTrainer(trl.DPOTrainer):
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
             reference_model = self.model
         no_checkpointing = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
-        with torch.no_grad(), no_checkpointing, adapter:
+        with _requires_grad_kept(self.model), torch.no_grad(), no_checkpointing, adapter:
             outputs = reference_model(**kwargs, labels=labels, fused_lm_head=True)
         return summed_logps(outputs.log_probs, batch["completion_mask"])
 
@@ -494,6 +494,23 @@ class _PluginLifecycle(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.plugins.hook.vlm_dpo_train_end(context=self.trainer.vlm_dpo_context(), metrics=self.last_logs)
+
+
+@contextlib.contextmanager
+def _requires_grad_kept(model: Any):
+    """Leaves every ``requires_grad`` as it was on entry.
+
+    Re-enabling the adapter after the reference pass (PEFT's ``set_adapter``) marks every parameter of the
+    active adapter trainable, the LoRA weights the freeze policy froze in the vision tower included: they
+    would then get gradients, and checkpointed layers recompute with different metadata and raise.
+    Entered before the adapter context, so it restores after the adapter is back.
+    """
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 
 def _default_args(model: Any) -> Any:
