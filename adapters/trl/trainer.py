@@ -95,6 +95,7 @@ class VLMDPOTrainer(trl.DPOTrainer):
         elif self._guard_max_grad_norm is not None:
             dpo_args.max_grad_norm = self._guard_max_grad_norm  # DeepSpeed's "gradient_clipping": "auto"
         arguments["args"] = dpo_args
+        self._optimizer_passed_in = (arguments["optimizers"] or (None,))[0] is not None
         arguments["peft_config"] = self._lora_targets_from_policy(model, peft_config)
         arguments["train_dataset"] = self._with_row_index(arguments["train_dataset"])
 
@@ -215,7 +216,8 @@ class VLMDPOTrainer(trl.DPOTrainer):
         hf_config = getattr(self.args, "hf_deepspeed_config", None)
         if hf_config is None:
             return
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        # Under ZeRO-3 zero.Init a parameter is already partitioned: numel() is 0, ds_numel the real size.
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
         merge = tune_deepspeed_config(
             self.plugins,
             hf_config.config,
@@ -246,6 +248,8 @@ class VLMDPOTrainer(trl.DPOTrainer):
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self.optimizer is not None:
+            if not self._optimizer_passed_in:
+                return self.optimizer  # built here already (DeepSpeed's set-up asks first, the loop again)
             logger.warning(
                 "vlm-dpo: the optimizer was passed in (optimizers=...), so freeze.learning_rates and unfreeze stages "
                 "cannot add per-group learning rates; frozen parameters simply get no gradient"
