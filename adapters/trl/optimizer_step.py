@@ -20,6 +20,7 @@ Three cases:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -41,11 +42,13 @@ class GuardedOptimizerStep:
         parameters: Callable[[], ParametersByGroup],
         current_step: Callable[[], int],
         save_checkpoint: Callable[[], str | None],
+        report_grad_norm: Callable[[float], None] | None = None,
     ) -> None:
         self.guard = StepGuard(manager)
         self._parameters = parameters
         self._current_step = current_step
         self._save_checkpoint = save_checkpoint
+        self._report_grad_norm = report_grad_norm
         self._losses: list[torch.Tensor] = []
         self._accelerated: Any = None
         self._original_step: Callable[..., Any] | None = None
@@ -111,6 +114,8 @@ class GuardedOptimizerStep:
             if outcome.skipped or self._scaler is None:
                 self._accelerated._is_overflow = outcome.skipped
         self.outcomes.append(outcome)
+        if self._report_grad_norm is not None:
+            self._report_grad_norm(outcome.grad_norms.total if outcome.grad_norms is not None else math.nan)
 
     def _torch_optimizer(self) -> torch.optim.Optimizer:
         return getattr(self._accelerated, "optimizer", self._accelerated)

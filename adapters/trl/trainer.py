@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import inspect
 import logging
+import math
 import os
 from typing import Any
 
@@ -137,7 +138,9 @@ class VLMDPOTrainer(trl.DPOTrainer):
             parameters=self._trainable_by_group,
             current_step=lambda: self.state.global_step,
             save_checkpoint=self._save_checkpoint_now,
+            report_grad_norm=self._fill_logged_grad_norm,
         )
+        self._logged_grad_norm: torch.Tensor | None = None
         self.add_callback(_PluginLifecycle(self))
 
     # -- set-up ------------------------------------------------------------
@@ -288,6 +291,23 @@ class VLMDPOTrainer(trl.DPOTrainer):
             step,
             ", ".join(f"{len(names)} {group} parameter(s)" for group, names in added.items()),
         )
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        """The norm the Trainer logs, without its own pass over every gradient.
+
+        With its clipping off, the Trainer would still run ``clip_grad_norm_(..., inf)`` before the optimizer
+        step just to log a norm: a second read and write of every gradient. The guarded step measures the same
+        pre-clip total (summed as torch sums it), so the Trainer gets a tensor that step fills in; the Trainer
+        reads it only when it logs, after the step.
+        """
+        if grad_norm is not None or self.is_deepspeed_enabled:
+            return super()._get_grad_norm(model, grad_norm)
+        self._logged_grad_norm = torch.full((), math.nan)
+        return self._logged_grad_norm
+
+    def _fill_logged_grad_norm(self, total: float) -> None:
+        if self._logged_grad_norm is not None:
+            self._logged_grad_norm.fill_(total)
 
     def _trainable_by_group(self) -> dict[str, list[torch.nn.Parameter]]:
         if self._parameters_cache is None:
