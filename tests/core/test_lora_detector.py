@@ -154,6 +154,15 @@ def test_moving_rewards_reset_the_count_and_warm_up_steps_do_not_count():
     assert codes(log(manager, 6, learning_rate=3e-6)) == ["lora-inert"]
 
 
+def test_the_learning_rate_named_is_the_one_set_not_the_decayed_one():
+    model = TinyLoraModel(r=64, alpha=1)
+    model.nudge_adapters(1e-6)
+    manager = configured({"diagnostics": {"lora_inert_steps": 3}}, model)
+    log(manager, 1, learning_rate=5e-7), log(manager, 2, learning_rate=3e-7)
+    [finding] = log(manager, 3, learning_rate=1e-7)
+    assert "learning rate 5e-07 (largest logged)" in finding.message and "instead of 5e-07" in finding.fix
+
+
 def test_a_run_without_lora_gets_no_lora_finding_and_the_ln2_stall_as_before():
     manager = configured({"diagnostics": {"lora_inert_steps": 2, "stall_steps": 3}}, torch.nn.Linear(4, 4))
     assert [codes(log(manager, step)) for step in (1, 2, 3)] == [[], [], ["loss-stuck-at-ln2"]]

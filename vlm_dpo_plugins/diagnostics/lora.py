@@ -138,6 +138,7 @@ class LoraInertDetector:
         self.uses_peft = False
         self.inert_logs = 0
         self.previous_learning_rate: float | None = None
+        self.peak_learning_rate: float | None = None
         self.reported = False
 
     def watch(self, model: torch.nn.Module, uses_peft: bool) -> None:
@@ -160,6 +161,8 @@ class LoraInertDetector:
         )
         if learning_rate is not None:
             self.previous_learning_rate = learning_rate
+            # The schedule has decayed by the time of the report; the rate the user set is the largest one seen.
+            self.peak_learning_rate = max(learning_rate, self.peak_learning_rate or learning_rate)
         if warming_up:
             return None
         if all(abs(value) < self.tolerance for value in rewards if value is not None):
@@ -169,7 +172,7 @@ class LoraInertDetector:
         if self.inert_logs < self.steps:
             return None
         self.reported = True
-        return self._finding(step, learning_rate)
+        return self._finding(step, self.peak_learning_rate)
 
     def _finding(self, step: int, learning_rate: float | None) -> Finding:
         settings = describe_settings(self.layers)
@@ -182,7 +185,9 @@ class LoraInertDetector:
         )
         details = [f"LoRA {settings}" if settings else "LoRA settings unknown (no PEFT-style LoRA layers found)"]
         details.append(
-            f"learning rate {learning_rate:.3g}" if learning_rate is not None else "learning rate not logged"
+            f"learning rate {learning_rate:.3g} (largest logged)"
+            if learning_rate is not None
+            else "learning rate not logged"
         )
         if size is not None:
             details.append(
@@ -201,6 +206,7 @@ class LoraInertDetector:
         return {
             "inert_logs": self.inert_logs,
             "previous_learning_rate": self.previous_learning_rate,
+            "peak_learning_rate": self.peak_learning_rate,
             "reported": self.reported,
         }
 
@@ -208,6 +214,8 @@ class LoraInertDetector:
         self.inert_logs = int(state.get("inert_logs", 0))
         previous = state.get("previous_learning_rate")
         self.previous_learning_rate = None if previous is None else float(previous)
+        peak = state.get("peak_learning_rate")
+        self.peak_learning_rate = None if peak is None else float(peak)
         self.reported = bool(state.get("reported", False))
 
 
