@@ -428,14 +428,15 @@ class VLMDPOTrainer(trl.DPOTrainer):
             precomputed = torch.cat((batch["ref_chosen_logps"], batch["ref_rejected_logps"]))
             return SequenceLogps(precomputed, batch["completion_mask"][:, 1:].sum(dim=1))
         kwargs = {key: value for key, value in kwargs.items() if key != "output_router_logits"}
-        adapter = contextlib.nullcontext()
+        adapter = kept = contextlib.nullcontext()
         reference_model = self.ref_model
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+            kept = _requires_grad_kept(self.model)  # only switching adapters touches requires_grad
             reference_model = self.model
         no_checkpointing = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
-        with _requires_grad_kept(self.model), torch.no_grad(), no_checkpointing, adapter:
+        with kept, torch.no_grad(), no_checkpointing, adapter:
             outputs = reference_model(**kwargs, labels=labels, fused_lm_head=True)
         return summed_logps(outputs.log_probs, batch["completion_mask"])
 
