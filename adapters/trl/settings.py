@@ -17,13 +17,12 @@ weighting), leave the loss to TRL; every other hook still runs.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.config_source import PluginSource  # noqa: F401 (the type VLMDPOTrainer accepts)
 from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.validation import FieldError
 
@@ -36,8 +35,6 @@ TRL_ONLY_LOSS_OPTIONS = {
     "use_weighting": False,
 }
 
-PluginSource = VLMDPOConfig | Mapping[str, Any] | str | os.PathLike | None
-
 
 @dataclass
 class Settings:
@@ -45,22 +42,6 @@ class Settings:
     trl_computes_loss: bool
     """True when the loss is TRL's own (a TRL-only loss type or option); the loss hooks then stay out."""
     notes: list[str] = field(default_factory=list)
-
-
-def load_plugin_config(manager: Any, source: PluginSource) -> tuple[VLMDPOConfig, dict[str, set[str]]]:
-    """The validated plugin config and, per section, the keys the user wrote."""
-    if isinstance(source, VLMDPOConfig):
-        manager.validate_loss_type(source)
-        return source, _non_default_keys(source)
-    if source is None or isinstance(source, Mapping):
-        raw = dict(source or {})
-    else:
-        import yaml
-
-        raw = yaml.safe_load(Path(source).read_text()) or {}
-    config = manager.load_config(source)
-    written = {section: set(values) for section, values in raw.items() if isinstance(values, Mapping)}
-    return config, written
 
 
 def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, set[str]]) -> Settings:
@@ -171,13 +152,3 @@ def _trl_fields_set(args: Any) -> set[str]:
             defaults[entry.name] = entry.default_factory()
     watched = ("beta", "label_smoothing", "loss_type", "max_grad_norm", *TRL_ONLY_LOSS_OPTIONS)
     return {name for name in watched if name in defaults and getattr(args, name) != defaults[name]}
-
-
-def _non_default_keys(config: VLMDPOConfig) -> dict[str, set[str]]:
-    defaults = VLMDPOConfig()
-    written: dict[str, set[str]] = {}
-    for section in ("freeze", "collation", "loss", "guards", "diagnostics"):
-        ours, default = getattr(config, section), getattr(defaults, section)
-        names = (entry.name for entry in dataclasses.fields(ours))
-        written[section] = {name for name in names if getattr(ours, name) != getattr(default, name)}
-    return written

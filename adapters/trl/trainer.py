@@ -28,18 +28,15 @@ import copy
 import dataclasses
 import inspect
 import logging
-import math
-import os
 from typing import Any
 
 import torch
 import trl
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
+from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept
 from vlm_dpo_plugins.adapters.trl.batch import (
     completion_labels,
     model_inputs,
@@ -48,30 +45,24 @@ from vlm_dpo_plugins.adapters.trl.batch import (
     with_corrupted_chosen,
 )
 from vlm_dpo_plugins.adapters.trl.checkpoint_format import reload_if_keys_were_renamed, runtime_format_saves
-from vlm_dpo_plugins.adapters.trl.checkpoint_state import collect_state, read_state, write_state
 from vlm_dpo_plugins.adapters.trl.metrics import record_preference_metrics, record_token_metrics
-from vlm_dpo_plugins.adapters.trl.optimizer_step import GuardedOptimizerStep
-from vlm_dpo_plugins.adapters.trl.settings import PluginSource, load_plugin_config, reconcile
+from vlm_dpo_plugins.adapters.trl.settings import reconcile
 
-from vlm_dpo_plugins.collation.wrapper import HookedCollator, keep_rows, scan_dataset
 from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.config_source import PluginSource, load_plugin_config
 from vlm_dpo_plugins.errors import ConfigError, PluginError
-from vlm_dpo_plugins.freeze.apply import apply_trainable, is_adapter_parameter
-from vlm_dpo_plugins.freeze.optimizer import optimizer_param_groups, unfreeze_into_optimizer
-from vlm_dpo_plugins.guards.clipping import parameters_by_group
-from vlm_dpo_plugins.guards.deepspeed import tune_deepspeed_config, zero_stage
-from vlm_dpo_plugins.guards.deepspeed_buckets import model_hidden_size
+from vlm_dpo_plugins.guards.deepspeed import zero_stage
 from vlm_dpo_plugins.losses.logprobs import preference_logps
 from vlm_dpo_plugins.losses.mdpo import corrupted_image_extras
 from vlm_dpo_plugins.manager import create_plugin_manager
-from vlm_dpo_plugins.types import Finding, LossInputs, RunContext
+from vlm_dpo_plugins.types import LossInputs, RunContext
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters.trl")
 
 _TRL_SIGNATURE = inspect.signature(trl.DPOTrainer.__init__)
 
 
-class VLMDPOTrainer(trl.DPOTrainer):
+class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
     def __init__(self, *args: Any, vlm_dpo_config: PluginSource = None, plugin_manager: Any = None, **kwargs: Any):
         bound = _TRL_SIGNATURE.bind(self, *args, **kwargs)
         bound.apply_defaults()
@@ -102,8 +93,6 @@ class VLMDPOTrainer(trl.DPOTrainer):
 
         super().__init__(*bound.args[1:], **bound.kwargs)
 
-        self.vlm_dpo_findings: list[Finding] = []
-        self._events_reported = 0
         loss_type = self.vlm_dpo_config.loss.type
         self._loss_inputs: LossInputs = self.plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()
         self._needs_corrupted_image = not self._trl_computes_loss and bool(self._loss_inputs.extras)
@@ -114,34 +103,7 @@ class VLMDPOTrainer(trl.DPOTrainer):
             )
         if not self._trl_computes_loss:
             self.beta = self.vlm_dpo_config.loss.beta
-
-        self._groups = self.plugins.hook.vlm_dpo_classify_parameters(
-            model=self.model, model_type=getattr(self.model.config, "model_type", None)
-        )
-        self._trainable_wanted: set[str] | None = None
-        # PEFT decided which adapters train (TRL adds a frozen "ref" copy of a pretrained adapter); the policy
-        # may narrow that set by group, never widen it to another adapter.
-        self._adapters_peft_trains = {
-            name for name, p in self.model.named_parameters() if p.requires_grad and is_adapter_parameter(name)
-        }
-        self._apply_freeze_policy(step=0)
-        self._learning_rates: dict[str, float] = {}
-        self._optimizer_layout_from_trainer = False
-        self._parameters_cache: dict[str, list[torch.nn.Parameter]] | None = None
-        self._tune_deepspeed(context)
-
-        self._framework_collator = self.data_collator
-        self.data_collator = HookedCollator(self.plugins, self.data_collator)
-        self._scan_skipped_rows: list[int] | None = None
-        self._guarded_step = GuardedOptimizerStep(
-            self.plugins,
-            parameters=self._trainable_by_group,
-            current_step=lambda: self.state.global_step,
-            save_checkpoint=self._save_checkpoint_now,
-            report_grad_norm=self._fill_logged_grad_norm,
-        )
-        self._logged_grad_norm: torch.Tensor | None = None
-        self.add_callback(_PluginLifecycle(self))
+        self._attach_plugins()
 
     # -- set-up ------------------------------------------------------------
 
@@ -215,168 +177,11 @@ class VLMDPOTrainer(trl.DPOTrainer):
         if self._signature_columns is not None and key not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, key]
 
-    def _tune_deepspeed(self, context: RunContext) -> None:
-        hf_config = getattr(self.args, "hf_deepspeed_config", None)
-        if hf_config is None:
-            return
-        # Under ZeRO-3 zero.Init a parameter is already partitioned: numel() is 0, ds_numel the real size.
-        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
-        merge = tune_deepspeed_config(
-            self.plugins,
-            hf_config.config,
-            trainable_parameters=trainable,
-            hidden_size=model_hidden_size(self.model.config),
-            context=context,
-        )
-        # In place: accelerate's DeepSpeed plugin holds this same dict and builds the engine from it in train().
-        hf_config.config.clear()
-        hf_config.config.update(merge.config)
-        logger.info("vlm-dpo: DeepSpeed %s", merge.report())
-        for note in merge.notes:
-            logger.warning("vlm-dpo: DeepSpeed: %s", note)
-
-    # -- freeze policy -------------------------------------------------------
-
-    def _apply_freeze_policy(self, step: int) -> set[str]:
-        wanted = self.plugins.hook.vlm_dpo_trainable_parameters(groups=self._groups, step=step)
-        if wanted is None:
-            return set()
-        if self._adapters_peft_trains:
-            wanted = {n for n in wanted if not is_adapter_parameter(n) or n in self._adapters_peft_trains}
-        if wanted == self._trainable_wanted:
-            return set()
-        self._trainable_wanted = wanted
-        self._parameters_cache = None
-        return apply_trainable(self.model, wanted, self._groups)
-
-    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
-        if self.optimizer is not None:
-            if not self._optimizer_passed_in:
-                return self.optimizer  # built here already (DeepSpeed's set-up asks first, the loop again)
-            logger.warning(
-                "vlm-dpo: the optimizer was passed in (optimizers=...), so freeze.learning_rates and unfreeze stages "
-                "cannot add per-group learning rates; frozen parameters simply get no gradient"
-            )
-            return self.optimizer
-        deepspeed_config = getattr(self.args, "hf_deepspeed_config", None)
-        if deepspeed_config is not None and "optimizer" in deepspeed_config.config:
-            return super().create_optimizer(model)  # DeepSpeed builds the optimizer from its own config
-        if self._optimizer_layout_from_trainer:
-            logger.warning(
-                "vlm-dpo: resuming from a checkpoint not written by VLMDPOTrainer: the optimizer keeps the Trainer's "
-                "param groups so its saved state loads; freeze.learning_rates do not apply in this run"
-            )
-            return super().create_optimizer(model)
-        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        optimizer_groups = self.plugins.hook.vlm_dpo_optimizer_groups(
-            groups=self._groups, trainable=trainable, base_learning_rate=self.args.learning_rate
-        )
-        if optimizer_groups is None:
-            return super().create_optimizer(model)
-        self._learning_rates = {entry["group"]: entry["lr"] for entry in optimizer_groups}
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-        param_groups = optimizer_param_groups(self.model, optimizer_groups, weight_decay=self.args.weight_decay)
-        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
-        return self.optimizer
-
-    def _unfreeze_for_step(self, step: int) -> None:
-        newly = self._apply_freeze_policy(step)
-        if not newly or self.optimizer is None:
-            return
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
-        added = unfreeze_into_optimizer(self.model, optimizer, newly, self._groups, self._learning_rates, scheduler)
-        logger.warning(
-            "vlm-dpo: step %d: unfroze %s",
-            step,
-            ", ".join(f"{len(names)} {group} parameter(s)" for group, names in added.items()),
-        )
-
-    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
-        """The norm the Trainer logs, without its own pass over every gradient.
-
-        With its clipping off, the Trainer would still run ``clip_grad_norm_(..., inf)`` before the optimizer
-        step just to log a norm: a second read and write of every gradient. The guarded step measures the same
-        pre-clip total (summed as torch sums it), so the Trainer gets a tensor that step fills in; the Trainer
-        reads it only when it logs, after the step.
-        """
-        if grad_norm is not None or self.is_deepspeed_enabled:
-            return super()._get_grad_norm(model, grad_norm)
-        self._logged_grad_norm = torch.full((), math.nan)
-        return self._logged_grad_norm
-
-    def _fill_logged_grad_norm(self, total: float) -> None:
-        if self._logged_grad_norm is not None:
-            self._logged_grad_norm.fill_(total)
-
-    def _trainable_by_group(self) -> dict[str, list[torch.nn.Parameter]]:
-        if self._parameters_cache is None:
-            self._parameters_cache = parameters_by_group(self.model.named_parameters(), self._groups)
-        return self._parameters_cache
-
     # -- training ------------------------------------------------------------
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
-        if checkpoint is not None:
-            self._restore_plugin_state(checkpoint)
-        self._prescan_dataset()
-        return super().train(checkpoint, *args, **kwargs)
-
-    def _resolve_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
-        if resume_from_checkpoint is True:
-            found = get_last_checkpoint(self.args.output_dir)
-            if found is None:
-                raise ValueError(f"no valid checkpoint found in output directory ({self.args.output_dir})")
-            return found
-        return resume_from_checkpoint or None
-
-    def _restore_plugin_state(self, checkpoint: str) -> None:
-        from transformers.trainer_callback import TrainerState
-
-        states = read_state(checkpoint, self.args.process_index)
-        # A checkpoint from stock TRL holds an optimizer with the Trainer's param groups; ours must match it to load.
-        self._optimizer_layout_from_trainer = states is None
-        if states is not None:
-            self.plugins.hook.vlm_dpo_load_state_dict(states=states)
-            self._scan_skipped_rows = states.get("adapter", {}).get("scan_skipped_rows")
-        step = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).global_step
-        # Before the optimizer exists, so it is built with the stage's parameters, as the saved state expects.
-        self._apply_freeze_policy(step)
-
-    def _prescan_dataset(self) -> None:
-        collation = self.vlm_dpo_config.collation
-        if not (collation.enabled and collation.prescan) or not isinstance(self.train_dataset, Dataset):
-            return
-        skipped = self._scan_skipped_rows
-        if skipped is None:
-            summary = scan_dataset(
-                self.plugins,
-                self.train_dataset,
-                self._framework_collator,
-                batch_size=self.args.per_device_train_batch_size,
-                output_dir=self.args.output_dir,
-            )
-            summary.raise_for_errors()
-            skipped = sorted(set(range(len(self.train_dataset))) - set(keep_rows(len(self.train_dataset), summary)))
-            if skipped:
-                logger.warning(
-                    "vlm-dpo: %d of %d rows left out before training by the collation checks (listed in %s)",
-                    len(skipped),
-                    len(self.train_dataset),
-                    summary.report_path,
-                )
-        self._scan_skipped_rows = skipped
-        if skipped:
-            dropped = set(skipped)
-            self.train_dataset = self.train_dataset.select(
-                [row for row in range(len(self.train_dataset)) if row not in dropped]
-            )
 
     def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.model.training:
-            self._guarded_step.record_loss(result[0] if return_outputs else result)
+        self._record_training_loss(result[0] if return_outputs else result)
         return result
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool):
@@ -433,109 +238,26 @@ class VLMDPOTrainer(trl.DPOTrainer):
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-            kept = _requires_grad_kept(self.model)  # only switching adapters touches requires_grad
+            kept = requires_grad_kept(self.model)  # only switching adapters touches requires_grad
             reference_model = self.model
         no_checkpointing = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
         with kept, torch.no_grad(), no_checkpointing, adapter:
             outputs = reference_model(**kwargs, labels=labels, fused_lm_head=True)
         return summed_logps(outputs.log_probs, batch["completion_mask"])
 
-    # -- logging and checkpoints ------------------------------------------------
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        training_log = "loss" in logs and self.model.training
-        if training_log:
-            for extra in self.plugins.hook.vlm_dpo_metrics(step=self.state.global_step):
-                logs.update(extra)
-        super().log(logs, start_time)  # TRL adds its averaged metrics to ``logs`` in place
-        numbers = {key: float(value) for key, value in logs.items() if isinstance(value, (int, float))}
-        for findings in self.plugins.hook.vlm_dpo_on_log(step=self.state.global_step, metrics=numbers):
-            for finding in findings:
-                self.vlm_dpo_findings.append(finding)
-                if self.args.should_log:
-                    logger.warning("vlm-dpo: step %d: %s", self.state.global_step, finding)
+    # -- checkpoints ------------------------------------------------------------
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         with runtime_format_saves(self.model):
             super()._save_checkpoint(model, trial)
-        if trial is None:
-            self._write_plugin_state(self._checkpoint_dir())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         reload_if_keys_were_renamed(model if model is not None else self.model, resume_from_checkpoint)
 
-    def _checkpoint_dir(self) -> str:
-        return os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-
-    def _write_plugin_state(self, checkpoint_dir: str) -> None:
-        adapter_state = {"scan_skipped_rows": self._scan_skipped_rows, "global_step": self.state.global_step}
-        write_state(checkpoint_dir, self.args.process_index, collect_state(self.plugins, adapter_state))
-
-    def _save_checkpoint_now(self) -> str:
-        """Called by the guards before they halt training: the weights of the last step taken, kept."""
-        self._save_checkpoint(self.model_wrapped, trial=None)
-        return self._checkpoint_dir()
-
-    def _install_guarded_step(self) -> None:
-        engine = self.model_wrapped if self.is_deepspeed_enabled else None
-        self._guarded_step.install(self.optimizer, deepspeed_engine=engine, scaler=self.accelerator.scaler)
-
-    def vlm_dpo_events(self, logged_step: int) -> list[str]:
-        """What the guards did in the optimizer steps up to ``logged_step`` not reported yet ("skipped: ...")."""
-        events = []
-        for outcome in self._guarded_step.outcomes[self._events_reported :]:
-            if outcome.step >= logged_step:  # the Trainer logs after counting the step: step k is logged as k + 1
-                break
-            self._events_reported += 1
-            if outcome.skipped:
-                events.append(f"skipped step {outcome.step + 1}: {'; '.join(outcome.reasons)}")
-        return events
-
     def vlm_dpo_context(self) -> RunContext:
         context = self._run_context(self.args, uses_peft=is_peft_model(self.model))
         return dataclasses.replace(context, model_type=getattr(self.model.config, "model_type", None))
-
-
-class _PluginLifecycle(TrainerCallback):
-    """The lifecycle hooks at the Trainer's callback points; the trainer itself does the rest."""
-
-    def __init__(self, trainer: VLMDPOTrainer) -> None:
-        self.trainer = trainer
-        self.last_logs: dict[str, float] = {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        trainer._install_guarded_step()
-        trainer.plugins.hook.vlm_dpo_train_begin(model=trainer.model, context=trainer.vlm_dpo_context())
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.trainer._unfreeze_for_step(state.global_step)
-        self.trainer.plugins.hook.vlm_dpo_step_begin(step=state.global_step, model=self.trainer.model)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
-            self.last_logs = {key: float(v) for key, v in logs.items() if isinstance(v, (int, float))}
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.trainer.plugins.hook.vlm_dpo_train_end(context=self.trainer.vlm_dpo_context(), metrics=self.last_logs)
-
-
-@contextlib.contextmanager
-def _requires_grad_kept(model: Any):
-    """Leaves every ``requires_grad`` as it was on entry.
-
-    Re-enabling the adapter after the reference pass (PEFT's ``set_adapter``) marks every parameter of the
-    active adapter trainable, the LoRA weights the freeze policy froze in the vision tower included: they
-    would then get gradients, and checkpointed layers recompute with different metadata and raise.
-    Entered before the adapter context, so it restores after the adapter is back.
-    """
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    try:
-        yield
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
 
 
 def _default_args(model: Any) -> Any:

@@ -139,7 +139,7 @@ def run(model_dir, rows, output_dir, stage: int, *, model_first: bool = False, v
     )
     injector = NanAtStep(NAN_AT)
     captured = Captured()
-    adapter_logger = logging.getLogger("vlm_dpo_plugins.adapters.trl")
+    adapter_logger = logging.getLogger("vlm_dpo_plugins.adapters")
     adapter_logger.addHandler(captured)
     try:
         trainer = VLMDPOTrainer(

@@ -1,4 +1,4 @@
-"""The guarded optimizer step inside the transformers Trainer loop that TRL runs.
+"""The guarded optimizer step inside the transformers Trainer loop (TRL, LLaMA-Factory and ms-swift all run it).
 
 The Trainer calls ``self.optimizer.step()`` once per optimizer step and then steps the
 LR scheduler unless ``accelerator.optimizer_step_was_skipped``. Replacing ``step`` on

@@ -1,0 +1,93 @@
+"""Wires the adapter into LLaMA-Factory when it imports ``llamafactory.train.dpo`` (see ``_vlm_dpo_plugins_autoload``).
+
+Two functions of LLaMA-Factory are wrapped, both looked up by name when called, so the
+wrappers are what LLaMA-Factory runs:
+
+- ``llamafactory.hparams.parser._parse_args``: the ``vlm_dpo:`` section is taken out of the
+  config before ``HfArgumentParser`` sees it (``config_section.py``);
+- ``llamafactory.train.dpo.run_dpo``, bound by ``train/tuner.py`` right after this import:
+  the DPO workflow with the plugin config reconciled, LLaMA-Factory's arguments adjusted
+  before ``load_model``, and ``CustomDPOTrainer`` swapped for the plugin subclass while it
+  runs (``workflow.py``).
+
+Nothing else is imported until a DPO run starts: importing the DPO package happens for every
+stage (``tuner.py`` imports all workflows), while TRL and the trainer are needed only for DPO.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from types import ModuleType
+from typing import Any
+
+WRAPPED_MARK = "__vlm_dpo_wrapped__"
+logger = logging.getLogger("vlm_dpo_plugins.adapters.llamafactory")
+
+
+def activate(dpo_package: ModuleType | None = None) -> bool:
+    """Wrap LLaMA-Factory's parser and DPO workflow; True when active. Calling it again changes nothing."""
+    import llamafactory
+    from vlm_dpo_plugins.adapters.llamafactory.version import SUPPORTED_RANGE, is_supported
+
+    if not is_supported(llamafactory.__version__):
+        logger.warning(
+            "vlm-dpo: LLaMA-Factory %s is outside the supported range %s; the adapter stays off and "
+            "LLaMA-Factory trains as it would without it (pip install 'llamafactory%s')",
+            llamafactory.__version__,
+            SUPPORTED_RANGE,
+            SUPPORTED_RANGE,
+        )
+        return False
+    dpo_package = dpo_package or sys.modules["llamafactory.train.dpo"]
+    from llamafactory.hparams import parser
+    from vlm_dpo_plugins.adapters.llamafactory.config_section import split_section
+    from vlm_dpo_plugins.adapters.llamafactory.workflow import plugin_run_dpo
+
+    _wrap(parser, "_parse_args", _parse_args_without_section(parser, split_section))
+    _wrap(dpo_package, "run_dpo", plugin_run_dpo)
+    configure_logging()
+    return True
+
+
+def _wrap(owner: ModuleType, name: str, make_wrapper: Any) -> None:
+    current = getattr(owner, name)
+    if getattr(current, WRAPPED_MARK, False):
+        return
+    wrapper = make_wrapper(current)
+    setattr(wrapper, WRAPPED_MARK, True)
+    setattr(owner, name, wrapper)
+
+
+def _parse_args_without_section(parser: ModuleType, split_section: Any) -> Any:
+    def make(stock_parse_args: Any) -> Any:
+        @functools.wraps(stock_parse_args)
+        def _parse_args(hf_parser: Any, args: Any = None, allow_extra_keys: bool = False) -> Any:
+            return stock_parse_args(hf_parser, split_section(parser.read_args(args)), allow_extra_keys)
+
+        return _parse_args
+
+    return make
+
+
+class _FirstRankInfo(logging.Filter):
+    """Info lines from local rank 0 only, as LLaMA-Factory's own ``info_rank0``; warnings from every rank."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import os
+
+        return record.levelno >= logging.WARNING or os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def configure_logging() -> None:
+    """The adapter's lines in LLaMA-Factory's console output, unless the application configured logging."""
+    package_logger = logging.getLogger("vlm_dpo_plugins")
+    if package_logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(levelname)s|%(name)s] %(message)s"))
+    handler.addFilter(_FirstRankInfo())
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+    package_logger.propagate = False
