@@ -106,7 +106,7 @@ class PluginTrainerMixin:
         # In place: accelerate's DeepSpeed plugin holds this same dict and builds the engine from it in train().
         hf_config.config.clear()
         hf_config.config.update(merge.config)
-        logger.info("vlm-dpo: DeepSpeed %s", merge.report())
+        logger.info("vlm-dpo: %s", merge.report())
         for note in merge.notes:
             logger.warning("vlm-dpo: DeepSpeed: %s", note)
 
