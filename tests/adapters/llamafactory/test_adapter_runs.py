@@ -1,0 +1,176 @@
+"""The adapter inside the real ``llamafactory-cli train``: installed means active, and every hook shows in the output.
+
+Each test runs LLaMA-Factory 0.9.5's own CLI as a subprocess (stage ``dpo``, CPU, fp32, a few
+steps) on the tiny LLaVA or Qwen2-VL, with the package installed in the environment the way a
+user installs it, and asserts on what the run wrote: console lines, ``trainer_state.json``,
+``trainer_log.jsonl``, checkpoints, saved weights.
+
+First-step closed forms: with LoRA the reference is the policy with the adapter disabled, and
+LoRA's B matrices start at zero, so at step 0 every log-ratio is 0 and the margin h = 0:
+sigmoid -log σ(0) = ln 2, hinge max(0, 1 - h) = 1, IPO (h - 1/(2β))² = 1/(2β)² = 25 for
+β = 0.1, mDPO = 3 ln 2 (three logistic terms at 0). Full tuning starts equal too (the reference
+model is a copy).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llamafactory", reason="needs the LLaMA-Factory test environment (llamafactory==0.9.5)")
+
+import torch  # noqa: E402
+from fault_plugin import install as install_fault_plugin  # noqa: E402
+from llamafactory_runs import (  # noqa: E402
+    TINY_MODELS,
+    changed_parts,
+    dpo_config,
+    run_llamafactory,
+    write_dataset,
+)
+from safetensors.torch import load_file  # noqa: E402
+
+ACTIVE_LINE = "vlm-dpo: active in LLaMA-Factory's DPO trainer"
+DISABLED = {"VLM_DPO_LLAMAFACTORY": "0"}
+LN2 = math.log(2)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: model.build(root / name) for name, model in TINY_MODELS.items()}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("data")
+    write_dataset(directory)
+    return directory
+
+
+def train(tmp_path, models, dataset, model: str, finetuning: str, env=None, nproc=None, **overrides):
+    config = dpo_config(TINY_MODELS[model], models[model], dataset, tmp_path / "out", finetuning, **overrides)
+    return run_llamafactory(tmp_path, config, env=env, nproc=nproc)
+
+
+def lora_keys(output_dir: Path) -> list[str]:
+    return sorted(load_file(output_dir / "adapter_model.safetensors"))
+
+
+def test_qwen2_vl_lora_hinge_computes_hinge(tmp_path, models, dataset):
+    run = train(tmp_path, models, dataset, "qwen2_vl", "lora", pref_loss="hinge")
+    assert run.returncode == 0, run.log()
+    assert ACTIVE_LINE in run.output and "loss 'hinge'" in run.output, run.log()
+    assert run.losses[0] == pytest.approx(1.0, abs=1e-6), run.losses
+    # The plugins' metrics next to LLaMA-Factory's, in trainer_state.json and on trainer_log.jsonl's lines.
+    first = run.step_logs[0]
+    assert first["vlm_dpo/skipped_steps"] == 0 and first["rewards/margins"] == 0.0, first
+    assert "vlm_dpo/grad_norm/language" in first and "collation/skipped_rows" in first, first
+    step_lines = [line for line in run.trainer_log if "loss" in line]  # the last line is the run's summary
+    assert [line["vlm_dpo/skipped_steps"] for line in step_lines] == [0.0, 0.0, 0.0], run.trainer_log
+    # Frozen groups: LLaMA-Factory puts no adapter on the vision tower or the merger, and the policy agrees.
+    parts = {TINY_MODELS["qwen2_vl"].part(name) for name in lora_keys(run.output_dir)}
+    assert parts == {"language"}, lora_keys(run.output_dir)
+    assert "vision 0/" in run.output and "projector 0/" in run.output, run.log()
+
+
+def test_llava_lora_ipo_computes_ipo(tmp_path, models, dataset):
+    run = train(tmp_path, models, dataset, "llava", "lora", pref_loss="ipo")
+    assert run.returncode == 0, run.log()
+    assert run.losses[0] == pytest.approx(1 / (2 * 0.1) ** 2, rel=1e-6), run.losses
+
+
+def test_disabled_is_llamafactorys_own_training(tmp_path, models, dataset):
+    # LLaMA-Factory's own code path, bug included: hinge trains sigmoid, and no trace of the adapter.
+    run = train(tmp_path, models, dataset, "qwen2_vl", "lora", env=DISABLED, pref_loss="hinge")
+    assert run.returncode == 0, run.log()
+    assert run.losses[0] == pytest.approx(LN2, abs=1e-6), run.losses
+    assert "vlm-dpo" not in run.output and "vlm_dpo" not in run.output, run.log()
+    assert not any(key.startswith("vlm_dpo/") for key in run.step_logs[0]), run.step_logs[0]
+
+
+def test_defaults_train_like_llamafactory(tmp_path, models, dataset):
+    # No vlm_dpo section, nothing to fix: the same losses and margins as LLaMA-Factory itself, step by step, up to
+    # float rounding (the plugins sum fp32 log-probs chunk by chunk; after two updates margins of ~1e-3 differ ~1e-6).
+    ours = train(tmp_path / "ours", models, dataset, "qwen2_vl", "lora", pref_loss="sigmoid")
+    stock = train(tmp_path / "stock", models, dataset, "qwen2_vl", "lora", env=DISABLED, pref_loss="sigmoid")
+    assert ours.returncode == 0 and stock.returncode == 0, ours.log() + stock.log()
+    assert ACTIVE_LINE in ours.output and "settings from defaults" in ours.output, ours.log()
+    assert len(ours.losses) == len(stock.losses) == 3
+    for mine, theirs in zip(ours.step_logs, stock.step_logs, strict=True):
+        for key in ("loss", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), (key, mine, theirs)
+
+
+def test_llava_full_frozen_vision_with_projector_unfrozen_later(tmp_path, models, dataset):
+    section = {
+        "freeze": {"unfreeze": [{"at_step": 2, "groups": ["projector"]}], "learning_rates": {"projector": 5.0e-4}}
+    }
+    run = train(tmp_path, models, dataset, "llava", "full", freeze_vision_tower=True, max_steps=3, vlm_dpo=section)
+    assert run.returncode == 0, run.log()
+    assert run.losses[0] == pytest.approx(LN2, abs=1e-6), run.losses
+    assert "step 2: unfroze" in run.output and "projector parameter(s)" in run.output, run.log()
+    before = load_file(models["llava"] / "model.safetensors")
+    after = load_file(run.output_dir / "model.safetensors")
+    assert before.keys() == after.keys(), sorted(set(before) ^ set(after))
+    parts = changed_parts(before, after, TINY_MODELS["llava"].part)
+    assert parts["vision"]["changed"] == [], parts["vision"]["changed"]
+    assert parts["projector"]["changed"], "the projector unfrozen at step 2 did not train"
+    assert parts["language"]["changed"], "the language model did not train"
+
+
+def test_qwen2_vl_full_mdpo_keeps_the_vision_tower(tmp_path, models, dataset):
+    run = train(tmp_path, models, dataset, "qwen2_vl", "full", vlm_dpo={"loss": {"type": "mdpo"}})
+    assert run.returncode == 0, run.log()
+    assert run.losses[0] == pytest.approx(3 * LN2, abs=1e-5), run.losses
+    assert run.trainer_log[0]["mdpo/conditional_loss"] == pytest.approx(LN2, abs=1e-6), run.trainer_log[0]
+    before = load_file(models["qwen2_vl"] / "model.safetensors")
+    after = load_file(run.output_dir / "model.safetensors")
+    parts = changed_parts(before, after, TINY_MODELS["qwen2_vl"].part)
+    assert parts["vision"]["changed"] == [] and parts["projector"]["changed"] == [], parts
+    assert parts["language"]["changed"], "the language model did not train"
+
+
+def test_non_finite_gradient_is_skipped_with_optimizer_state_intact(tmp_path, models, dataset):
+    # Step 1 (0-based) gets a NaN gradient; a checkpoint after every step shows what that step did.
+    env = install_fault_plugin(tmp_path / "plugins", step=1)
+    run = train(tmp_path, models, dataset, "llava", "lora", env=env, save_strategy="steps", save_steps=1)
+    assert run.returncode == 0, run.log()
+    assert "[test_fault_injection] NaN gradient" in run.output, run.log()
+    assert "optimizer step skipped on every rank" in run.output, run.log()
+    assert [entry["vlm_dpo/skipped_steps"] for entry in run.step_logs] == [0.0, 1.0, 1.0], run.step_logs
+    checkpoints = [run.output_dir / f"checkpoint-{step}" for step in (1, 2, 3)]
+    weights = [load_file(folder / "adapter_model.safetensors") for folder in checkpoints]
+    optimizers = [torch.load(folder / "optimizer.pt", weights_only=False)["state"] for folder in checkpoints]
+    schedulers = [torch.load(folder / "scheduler.pt", weights_only=False)["last_epoch"] for folder in checkpoints]
+
+    def same(first, second) -> bool:
+        return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+    assert same(weights[0], weights[1]), "the skipped step changed the weights"
+    assert all(same(optimizers[0][i], optimizers[1][i]) for i in optimizers[0]), "the skipped step moved AdamW state"
+    assert schedulers[:2] == [1, 1], schedulers  # the LR schedule did not advance
+    assert not same(weights[1], weights[2]), "training did not continue after the skipped step"
+    assert all(math.isfinite(value) for tensor in weights[2].values() for value in tensor.flatten().tolist())
+    assert (checkpoints[1] / "vlm_dpo_plugins_state.rank0.json").exists()
+
+
+def test_conflicting_settings_stop_before_loading_the_model(tmp_path, models, dataset):
+    run = train(tmp_path, models, dataset, "llava", "lora", pref_beta=0.2, vlm_dpo={"loss": {"beta": 0.3}})
+    assert run.returncode != 0
+    assert (
+        "vlm_dpo_plugins.errors.ConfigError: LLaMA-Factory's pref_beta is 0.2 and vlm_dpo.loss.beta is 0.3: "
+        "set it in one place"
+    ) in run.stderr, run.log()
+
+
+def test_torchrun_workers_are_active_on_both_ranks(tmp_path, models, dataset):
+    # LLaMA-Factory re-executes itself under torchrun: each worker activates the adapter on its own.
+    run = train(tmp_path, models, dataset, "llava", "lora", nproc=2, max_steps=2, save_strategy="steps", save_steps=2)
+    assert run.returncode == 0, run.log()
+    assert "world size: 2" in run.output and ACTIVE_LINE in run.output, run.log()
+    state_files = sorted(path.name for path in (run.output_dir / "checkpoint-2").glob("vlm_dpo_plugins_state.*"))
+    assert state_files == ["vlm_dpo_plugins_state.rank0.json", "vlm_dpo_plugins_state.rank1.json"], state_files
+    assert run.losses[0] == pytest.approx(LN2, abs=1e-6) and all(math.isfinite(loss) for loss in run.losses)

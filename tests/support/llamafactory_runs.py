@@ -1,0 +1,248 @@
+"""Running the real ``llamafactory-cli train`` (stage ``dpo``) on tiny VLMs, and reading back what it wrote.
+
+Nothing here imports LLaMA-Factory, torch or transformers at module level, so any test
+environment can import it; the tests that use it skip without LLaMA-Factory.
+
+    model_dir = TINY_MODELS["qwen2_vl"].build(tmp_path / "model")
+    write_dataset(tmp_path / "data")
+    config = dpo_config(TINY_MODELS["qwen2_vl"], model_dir, tmp_path / "data", tmp_path / "out", "lora",
+                        pref_loss="hinge", vlm_dpo={"guards": {"spike_factor": None}})
+    run = run_llamafactory(tmp_path, config)
+    assert run.returncode == 0, run.log()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from framework_cli import console_script, isolated_env
+
+DATASET_NAME = "tiny_pref"
+# LLaMA-Factory's sharegpt image placeholder; each template's mm_plugin expands it.
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    name: str
+    template: str
+    builder: str
+    """``module:function`` in ``vlm_dpo_plugins.tiny`` that writes the model to a folder."""
+    config: Mapping[str, Any]
+    """Extra LLaMA-Factory keys this model needs on CPU."""
+    vision_keys: tuple[str, ...]
+    projector_keys: tuple[str, ...]
+    """Substrings of weight names, as LLaMA-Factory's COMPOSITE_MODELS table matches them."""
+
+    def build(self, directory: Path) -> Path:
+        import importlib
+
+        module, function = self.builder.split(":")
+        return Path(getattr(importlib.import_module(module), function)(directory))
+
+    def part(self, weight_name: str) -> str:
+        # The projector test comes first: Qwen2-VL's merger lives inside "visual".
+        if any(key in weight_name for key in self.projector_keys):
+            return "projector"
+        if any(key in weight_name for key in self.vision_keys):
+            return "vision"
+        return "language"
+
+
+TINY_MODELS = {
+    "llava": TinyModel(
+        "llava",
+        "llava",
+        "vlm_dpo_plugins.tiny.llava:build_tiny_llava",
+        {},
+        vision_keys=("vision_tower",),
+        projector_keys=("multi_modal_projector",),
+    ),
+    "qwen2_vl": TinyModel(
+        "qwen2_vl",
+        "qwen2_vl",
+        "vlm_dpo_plugins.tiny.qwen2_vl:build_tiny_qwen2_vl",
+        # A few image tokens per image: the tiny model's images are 28x28 at most after resizing.
+        {"image_max_pixels": 3136, "image_min_pixels": 784},
+        vision_keys=("visual",),
+        projector_keys=("visual.merger",),
+    ),
+}
+
+
+def write_dataset(dataset_dir: Path, rows: list[dict] | None = None, num_rows: int = 6, seed: int = 0) -> None:
+    """Sharegpt ranking rows with PNG images, and the ``dataset_info.json`` entry LLaMA-Factory reads them by."""
+    from vlm_dpo_plugins.tiny.data import make_preference_examples, write_preference_images
+
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    if rows is None:
+        examples = make_preference_examples(num_rows, seed=seed)
+        image_paths = write_preference_images(examples, dataset_dir / "images")
+        rows = [
+            {
+                "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}{example.prompt}"}],
+                "chosen": {"from": "gpt", "value": example.chosen},
+                "rejected": {"from": "gpt", "value": example.rejected},
+                "images": [Path(path).relative_to(dataset_dir).as_posix()],
+            }
+            for example, path in zip(examples, image_paths, strict=True)
+        ]
+    (dataset_dir / f"{DATASET_NAME}.json").write_text(json.dumps(rows, indent=1))
+    columns = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "images": "images"}
+    info = {
+        DATASET_NAME: {
+            "file_name": f"{DATASET_NAME}.json",
+            "formatting": "sharegpt",
+            "ranking": True,
+            "columns": columns,
+        }
+    }
+    (dataset_dir / "dataset_info.json").write_text(json.dumps(info, indent=1))
+
+
+def dpo_config(
+    model: TinyModel, model_dir: Path, dataset_dir: Path, output_dir: Path, finetuning_type: str, **overrides: Any
+) -> dict[str, Any]:
+    """A CPU, fp32, few-step DPO config; ``overrides`` win, and an override of ``None`` removes the key."""
+    config: dict[str, Any] = {
+        "model_name_or_path": str(model_dir),
+        "stage": "dpo",
+        "do_train": True,
+        "finetuning_type": finetuning_type,
+        "pref_beta": 0.1,
+        "dataset": DATASET_NAME,
+        "dataset_dir": str(dataset_dir),
+        "template": model.template,
+        "cutoff_len": 256,
+        "overwrite_cache": True,
+        "preprocessing_num_workers": 1,
+        "dataloader_num_workers": 0,
+        "output_dir": str(output_dir),
+        "overwrite_output_dir": True,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "plot_loss": False,
+        "report_to": "none",
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1.0e-3,
+        "max_steps": 3,
+        "lr_scheduler_type": "constant",
+        "bf16": False,
+        "fp16": False,
+        "use_cpu": True,
+        "seed": 0,
+        **model.config,
+    }
+    if finetuning_type == "lora":
+        config.update(lora_target="all", lora_rank=8)
+    config.update(overrides)
+    return {key: value for key, value in config.items() if value is not None}
+
+
+@dataclass
+class LlamaFactoryRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    output_dir: Path
+
+    @property
+    def log_history(self) -> list[dict]:
+        state = self.output_dir / "trainer_state.json"
+        return json.loads(state.read_text())["log_history"] if state.exists() else []
+
+    @property
+    def step_logs(self) -> list[dict]:
+        """The per-step training entries of ``trainer_state.json`` (``logging_steps: 1``)."""
+        return [entry for entry in self.log_history if "loss" in entry]
+
+    @property
+    def losses(self) -> list[float]:
+        return [entry["loss"] for entry in self.step_logs]
+
+    @property
+    def trainer_log(self) -> list[dict]:
+        path = self.output_dir / "trainer_log.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def log(self) -> str:
+        return f"rc={self.returncode}\n--- stdout ---\n{self.stdout[-5000:]}\n--- stderr ---\n{self.stderr[-5000:]}"
+
+
+def run_llamafactory(
+    tmp_path: Path,
+    config: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+    nproc: int | None = None,
+    timeout: int = 300,
+    name: str = "cfg",
+) -> LlamaFactoryRun:
+    import yaml
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config_path = tmp_path / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    extra = {"GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+    if nproc is not None:
+        extra.update(FORCE_TORCHRUN="1", NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()))
+    environment = isolated_env(tmp_path, extra)
+    if nproc is not None:
+        environment["PATH"] = os.pathsep.join([str(torchrun_beside_interpreter(tmp_path)), environment["PATH"]])
+    completed = subprocess.run(
+        [console_script("llamafactory-cli"), "train", str(config_path)],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return LlamaFactoryRun(completed.returncode, completed.stdout, completed.stderr, Path(config["output_dir"]))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun_beside_interpreter(tmp_path: Path) -> Path:
+    """A folder with a ``torchrun`` for this interpreter, for LLaMA-Factory's ``subprocess.run("torchrun ...")``.
+
+    Test-environment workaround: the test matrix shares one torch installed with ``pip --target``
+    (see noxfile.py), which leaves torch's console scripts out of each environment's ``bin``. A normal
+    torch install puts ``torchrun`` there; this does the same for the tests only.
+    """
+    folder = tmp_path / "torchrun-bin"
+    folder.mkdir(exist_ok=True)
+    script = folder / "torchrun"
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom torch.distributed.run import main\nsys.exit(main())\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return folder
+
+
+def changed_parts(
+    before: Mapping[str, Any], after: Mapping[str, Any], part_of: Callable[[str], str]
+) -> dict[str, dict[str, list[str]]]:
+    """Per model part, the weight names that changed and those that did not."""
+    import torch
+
+    parts: dict[str, dict[str, list[str]]] = {}
+    for name, tensor in before.items():
+        entry = parts.setdefault(part_of(name), {"changed": [], "unchanged": []})
+        entry["unchanged" if torch.equal(tensor, after[name]) else "changed"].append(name)
+    return parts
