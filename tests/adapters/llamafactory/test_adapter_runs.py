@@ -208,3 +208,22 @@ def test_deepspeed_zero2_buckets_tuned_and_its_own_skip_counted_once(tmp_path, m
     assert "skipped by DeepSpeed" in run.output, run.log()
     assert [entry["vlm_dpo/skipped_steps"] for entry in run.step_logs] == [0.0, 1.0, 1.0], run.step_logs
     assert all(math.isfinite(loss) for loss in run.losses), run.losses
+
+
+def test_detector_findings_reach_llamafactorys_logs(tmp_path, models):
+    # Every pair identical, kept on purpose (policy warn): the loss sits at ln 2 and the detector says why.
+    import json
+
+    data = tmp_path / "data"
+    write_dataset(data)
+    rows = json.loads((data / "tiny_pref.json").read_text())
+    for row in rows:
+        row["rejected"] = dict(row["chosen"])
+    write_dataset(data, rows=rows)
+    section = {"collation": {"policy": {"identical-pair": "warn"}}, "diagnostics": {"stall_steps": 2}}
+    run = train(tmp_path, models, data, "llava", "lora", vlm_dpo=section)
+    assert run.returncode == 0, run.log()
+    assert "identical-pair (row 0, field 'rejected')" in run.output, run.log()
+    assert "loss-stuck-at-ln2" in run.output, run.log()
+    findings = [finding for line in run.trainer_log for finding in line.get("vlm_dpo_findings", [])]
+    assert findings and all("loss-stuck-at-ln2" in finding for finding in findings), run.trainer_log
