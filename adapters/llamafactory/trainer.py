@@ -30,11 +30,10 @@ from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixi
 from vlm_dpo_plugins.adapters.llamafactory.trainer_log import extend_trainer_log
 from vlm_dpo_plugins.adapters.llamafactory.workflow import PluginRun
 
-from vlm_dpo_plugins.errors import PluginError
 from vlm_dpo_plugins.freeze.report import trainable_report
+from vlm_dpo_plugins.losses.compute import compute_preference_loss
 from vlm_dpo_plugins.losses.corrupted_image import with_corrupted_chosen
-from vlm_dpo_plugins.losses.logprobs import SequenceLogps, preference_logps, sequence_logps
-from vlm_dpo_plugins.losses.mdpo import corrupted_image_extras
+from vlm_dpo_plugins.losses.logprobs import SequenceLogps, sequence_logps
 from vlm_dpo_plugins.types import LossInputs, RunContext
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters.llamafactory")
@@ -111,18 +110,14 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
         policy = sequence_logps(logits, labels, response)
         reference = self._reference_logps(model, inputs, labels, response) if self._loss_inputs.reference else None
 
-        extras = {}
-        if self._needs_corrupted_image:
-            policy, policy_corrupted = _split_rows(policy, 2 * pairs)
-            reference, reference_corrupted = _split_rows(reference, 2 * pairs)
-            extras = corrupted_image_extras(policy_corrupted, reference_corrupted)
-        logps = preference_logps(policy, reference, extras)
-        output = self.plugins.hook.vlm_dpo_compute_loss(logps=logps, config=self.vlm_dpo_config)
-        if output is None:
-            raise PluginError(
-                f"no plugin computed loss.type {self.vlm_dpo_config.loss.type!r}: the plugin that registers it must "
-                "also implement vlm_dpo_compute_loss"
-            )
+        output, logps = compute_preference_loss(
+            self.plugins,
+            self.vlm_dpo_config,
+            policy,
+            reference,
+            pairs=pairs,
+            with_corrupted_image=self._needs_corrupted_image,
+        )
         losses = output.losses
         if self.ftx_gamma > 1e-6:  # LLaMA-Factory's pref_ftx: an SFT term on the chosen responses, length-averaged
             losses = losses + self.ftx_gamma * -(logps.chosen / logps.chosen_token_count.clamp(min=1))
@@ -151,13 +146,6 @@ def _batch_dims(inputs: dict[str, Any]) -> dict[str, int]:
     position_ids = inputs.get("position_ids")
     # Qwen2-VL's mrope positions from LLaMA-Factory's collator are [3, rows, length].
     return {"position_ids": 1} if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 3 else {}
-
-
-def _split_rows(logps: SequenceLogps, rows: int) -> tuple[SequenceLogps, SequenceLogps]:
-    return (
-        SequenceLogps(logps.logps[:rows], logps.token_counts[:rows]),
-        SequenceLogps(logps.logps[rows:], logps.token_counts[rows:]),
-    )
 
 
 def _framework_metrics(output: Any, logps: Any, logits: torch.Tensor, pairs: int, prefix: str) -> dict[str, float]:

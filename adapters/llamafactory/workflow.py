@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from vlm_dpo_plugins.adapters.hf_trainer.checkpointing import apply_ddp_plan
 from vlm_dpo_plugins.adapters.llamafactory.config_section import ParsedSection, latest
 from vlm_dpo_plugins.adapters.llamafactory.settings import reconcile
 
@@ -108,15 +109,4 @@ def _plan_checkpointing(plugins: Any, context: RunContext, model_args: Any, trai
     kwargs = plugins.hook.vlm_dpo_gradient_checkpointing_kwargs(context=context) or {}
     if "use_reentrant" in kwargs:
         model_args.use_reentrant_gc = bool(kwargs["use_reentrant"])
-    ddp = plugins.hook.vlm_dpo_ddp_kwargs(context=context) or {}
-    if "static_graph" in ddp:
-        training_args.ddp_static_graph = ddp["static_graph"]
-    if "find_unused_parameters" in ddp:
-        if training_args.ddp_find_unused_parameters not in (None, ddp["find_unused_parameters"]):
-            logger.warning(
-                "vlm-dpo: ddp_find_unused_parameters=%s changed to %s: with reentrant checkpointing under DDP it "
-                "raises 'Expected to mark a variable ready only once'",
-                training_args.ddp_find_unused_parameters,
-                ddp["find_unused_parameters"],
-            )
-        training_args.ddp_find_unused_parameters = ddp["find_unused_parameters"]
+    apply_ddp_plan(plugins, context, training_args)

@@ -35,11 +35,3 @@ def summed_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor) -
     per_token_logps = per_token_logps[:, -shifted_mask.shape[1] :]
     logps = (per_token_logps * shifted_mask).sum(dim=1)
     return SequenceLogps(logps, shifted_mask.sum(dim=1))
-
-
-def split_rows(logps: SequenceLogps, rows: int) -> tuple[SequenceLogps, SequenceLogps]:
-    """The first ``rows`` rows and the rest."""
-    return (
-        SequenceLogps(logps.logps[:rows], logps.token_counts[:rows]),
-        SequenceLogps(logps.logps[rows:], logps.token_counts[rows:]),
-    )

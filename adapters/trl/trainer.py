@@ -19,6 +19,10 @@ dict or a YAML path) and ``plugin_manager``. Where the hooks run:
 - ``log``: the plugins' metrics added, then every logged dict given to the detectors.
 - ``_save_checkpoint``: the plugins' state written next to TRL's, the weights in the
   layout ``resume_from_checkpoint`` reads back (``checkpoint_format.py``).
+
+What is the same in every Trainer-based framework (freeze policy, optimizer groups,
+guarded step, collator, logs, checkpoint state) is ``hf_trainer.PluginTrainerMixin``;
+this class adds what is TRL's: its arguments, its batch and its loss.
 """
 
 from __future__ import annotations
@@ -36,11 +40,11 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
+from vlm_dpo_plugins.adapters.hf_trainer.checkpointing import apply_ddp_plan
 from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept
 from vlm_dpo_plugins.adapters.trl.batch import (
     completion_labels,
     model_inputs,
-    split_rows,
     summed_logps,
     with_corrupted_chosen,
 )
@@ -50,10 +54,9 @@ from vlm_dpo_plugins.adapters.trl.settings import reconcile
 
 from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.config_source import PluginSource, load_plugin_config
-from vlm_dpo_plugins.errors import ConfigError, PluginError
+from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.guards.deepspeed import zero_stage
-from vlm_dpo_plugins.losses.logprobs import preference_logps
-from vlm_dpo_plugins.losses.mdpo import corrupted_image_extras
+from vlm_dpo_plugins.losses.compute import compute_preference_loss
 from vlm_dpo_plugins.manager import create_plugin_manager
 from vlm_dpo_plugins.types import LossInputs, RunContext
 
@@ -130,18 +133,7 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
             return
         kwargs = self.plugins.hook.vlm_dpo_gradient_checkpointing_kwargs(context=context) or {}
         args.gradient_checkpointing_kwargs = {**(args.gradient_checkpointing_kwargs or {}), **kwargs}
-        ddp = self.plugins.hook.vlm_dpo_ddp_kwargs(context=context) or {}
-        if "static_graph" in ddp:
-            args.ddp_static_graph = ddp["static_graph"]
-        if "find_unused_parameters" in ddp:
-            if args.ddp_find_unused_parameters not in (None, ddp["find_unused_parameters"]):
-                logger.warning(
-                    "vlm-dpo: ddp_find_unused_parameters=%s changed to %s: with reentrant checkpointing under DDP it "
-                    "raises 'Expected to mark a variable ready only once'",
-                    args.ddp_find_unused_parameters,
-                    ddp["find_unused_parameters"],
-                )
-            args.ddp_find_unused_parameters = ddp["find_unused_parameters"]
+        apply_ddp_plan(self.plugins, context, args)
 
     def _lora_targets_from_policy(self, model: Any, peft_config: Any) -> Any:
         """LoRA on the trainable groups only, when the user left the targets to PEFT ("all-linear" or unset).
@@ -197,18 +189,14 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         policy = summed_logps(outputs.log_probs, batch["completion_mask"])
         reference = self._reference_logps(batch, kwargs, labels) if self._loss_inputs.reference else None
 
-        extras = {}
-        if self._needs_corrupted_image:
-            policy, policy_corrupted = split_rows(policy, 2 * pairs)
-            reference, reference_corrupted = split_rows(reference, 2 * pairs)
-            extras = corrupted_image_extras(policy_corrupted, reference_corrupted)
-        logps = preference_logps(policy, reference, extras)
-        output = self.plugins.hook.vlm_dpo_compute_loss(logps=logps, config=self.vlm_dpo_config)
-        if output is None:
-            raise PluginError(
-                f"no plugin computed loss.type {self.vlm_dpo_config.loss.type!r}: the plugin that registers it must "
-                "also implement vlm_dpo_compute_loss"
-            )
+        output, logps = compute_preference_loss(
+            self.plugins,
+            self.vlm_dpo_config,
+            policy,
+            reference,
+            pairs=pairs,
+            with_corrupted_image=self._needs_corrupted_image,
+        )
         loss = output.losses.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
