@@ -69,6 +69,7 @@ class PluginTrainerMixin:
             if p.requires_grad and (self.framework_limits_every_parameter or is_adapter_parameter(name))
         }
         self._apply_freeze_policy(step=0)
+        self._warn_about_groups_the_framework_keeps_frozen()
         self._learning_rates: dict[str, float] = {}
         self._optimizer_layout_from_trainer = False
         self._parameters_cache: dict[str, list[torch.nn.Parameter]] | None = None
@@ -127,6 +128,23 @@ class PluginTrainerMixin:
         self._trainable_wanted = wanted
         self._parameters_cache = None
         return apply_trainable(self.model, wanted, self._groups)
+
+    def _warn_about_groups_the_framework_keeps_frozen(self) -> None:
+        """A group the policy trains at some step, of which the framework made nothing trainable, stays frozen: say so."""
+        if not self.framework_limits_every_parameter:
+            return
+        for group in sorted(self.vlm_dpo_config.freeze.groups_ever_trained()):
+            names = self._groups.get(group, [])
+            if names and not any(name in self._framework_trainable for name in names):
+                logger.warning(
+                    "vlm-dpo: the freeze policy trains the %s group, but %s: it stays frozen. %s",
+                    group,
+                    "the framework made none of its parameters trainable",
+                    self._framework_trainable_hint(group),
+                )
+
+    def _framework_trainable_hint(self, group: str) -> str:
+        return "Check the framework's own freeze and LoRA target settings."
 
     def _framework_optimizer_reason(self) -> str | None:
         """Why the framework must build the optimizer itself (per-group learning rates then do not apply)."""

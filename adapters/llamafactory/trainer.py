@@ -75,6 +75,12 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
     def vlm_dpo_context(self) -> RunContext:
         return dataclasses.replace(self._vlm_dpo_run.context, model_type=getattr(self.model.config, "model_type", None))
 
+    def _framework_trainable_hint(self, group: str) -> str:
+        if self.finetuning_args.finetuning_type == "lora" and group == "projector":
+            # LLaMA-Factory's LoRA never targets the projector; it trains it whole only as a PEFT modules_to_save.
+            return "With LoRA, LLaMA-Factory trains the projector only through additional_target (PEFT modules_to_save)"
+        return f"LLaMA-Factory's {self.finetuning_args.finetuning_type} tuning leaves the {group} group frozen"
+
     def _framework_optimizer_reason(self) -> str | None:
         args = self.finetuning_args
         for flag in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon"):
@@ -132,12 +138,12 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
         if self.ref_model is None:
             reference_model = model
             # Leaving PEFT's disable_adapter re-marks the adapters trainable, the ones the policy froze included.
-            adapter_off = contextlib.ExitStack()
-            adapter_off.enter_context(requires_grad_kept(model))
-            adapter_off.enter_context(self.accelerator.unwrap_model(model).disable_adapter())
+            contexts = [requires_grad_kept(model), self.accelerator.unwrap_model(model).disable_adapter()]
         else:
-            reference_model, adapter_off = self.ref_model, contextlib.nullcontext()
-        with torch.no_grad(), adapter_off:
+            reference_model, contexts = self.ref_model, []
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
             logits = reference_model(**inputs, return_dict=True, use_cache=False).logits
             return sequence_logps(logits, labels, response)
 

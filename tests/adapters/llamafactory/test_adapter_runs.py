@@ -227,3 +227,38 @@ def test_detector_findings_reach_llamafactorys_logs(tmp_path, models):
     assert "loss-stuck-at-ln2" in run.output, run.log()
     findings = [finding for line in run.trainer_log for finding in line.get("vlm_dpo_findings", [])]
     assert findings and all("loss-stuck-at-ln2" in finding for finding in findings), run.trainer_log
+
+
+def test_qwen2_vl_lora_vision_adapters_wait_for_their_unfreeze_stage(tmp_path, models, dataset):
+    # The stage makes LLaMA-Factory put LoRA on the vision tower from the start; the policy keeps those adapters
+    # frozen until step 2, through every reference pass (PEFT re-marks adapters trainable after disabling them).
+    section = {"freeze": {"unfreeze": [{"at_step": 2, "groups": ["vision"]}]}}
+    run = train(tmp_path, models, dataset, "qwen2_vl", "lora", vlm_dpo=section, save_strategy="steps", save_steps=1)
+    assert run.returncode == 0, run.log()
+    assert "step 2: unfroze" in run.output and "vision parameter(s)" in run.output, run.log()
+    qwen = TINY_MODELS["qwen2_vl"]
+
+    def vision_lora_b(step: int) -> list[torch.Tensor]:
+        weights = load_file(run.output_dir / f"checkpoint-{step}" / "adapter_model.safetensors")
+        return [tensor for name, tensor in weights.items() if qwen.part(name) == "vision" and "lora_B" in name]
+
+    assert vision_lora_b(2), "LLaMA-Factory put no LoRA on the vision tower although a stage unfreezes it"
+    assert all(torch.count_nonzero(tensor) == 0 for tensor in vision_lora_b(2)), "vision adapters trained early"
+    assert any(torch.count_nonzero(tensor) > 0 for tensor in vision_lora_b(3)), "vision adapters never trained"
+
+
+def test_lora_projector_request_is_not_dropped_silently(tmp_path, models, dataset):
+    run = train(
+        tmp_path,
+        models,
+        dataset,
+        "llava",
+        "lora",
+        max_steps=1,
+        vlm_dpo={"freeze": {"trainable": ["language", "projector"]}},
+    )
+    assert run.returncode == 0, run.log()
+    assert (
+        "the freeze policy trains the projector group, but the framework made none of its parameters trainable: "
+        "it stays frozen. With LoRA, LLaMA-Factory trains the projector only through additional_target"
+    ) in run.output, run.log()
