@@ -130,7 +130,7 @@ class PluginTrainerMixin:
         return apply_trainable(self.model, wanted, self._groups)
 
     def _warn_about_groups_the_framework_keeps_frozen(self) -> None:
-        """A group the policy trains at some step, of which the framework made nothing trainable, stays frozen: say so."""
+        """A group the policy trains, but of which the framework made nothing trainable, stays frozen: say so."""
         if not self.framework_limits_every_parameter:
             return
         for group in sorted(self.vlm_dpo_config.freeze.groups_ever_trained()):
