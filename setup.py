@@ -21,9 +21,19 @@ class build_py_with_pth(build_py):
     def get_outputs(self, include_bytecode=True):
         return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / PTH.name)]
 
+    def get_source_files(self):
+        # sdist lists build_py's sources: without this, a wheel built from the sdist has no .pth to copy.
+        return [*super().get_source_files(), PTH.name]
+
 
 class editable_wheel_with_pth(editable_wheel):
-    """An editable wheel holds links to the sources, not build_lib: the .pth is written into it directly."""
+    """An editable wheel holds links to the sources, not build_lib: the .pth is written into it directly.
+
+    Every editable strategy (static path, top-level finder, strict link tree) is chosen in
+    ``_select_strategy`` and writes its files through the returned object, so wrapping that object
+    adds the .pth whichever strategy setuptools picks. setuptools' own ``__editable__.*.pth`` sorts
+    before ours, so ``_vlm_dpo_plugins_autoload`` is importable when our line runs.
+    """
 
     def _select_strategy(self, name, tag, build_lib):
         return _WithPth(super()._select_strategy(name, tag, build_lib))
