@@ -53,6 +53,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_swift_plugin(args: argparse.Namespace) -> int:
+    from vlm_dpo_plugins.adapters.swift import plugin_path
+
+    print(plugin_path())
+    return 0
+
+
 def _scenario_names() -> list[str]:
     try:
         from vlm_dpo_plugins.adapters.trl.scenarios import SCENARIOS
@@ -66,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     plugins = commands.add_parser("plugins", help="list the registered plugins and the hooks each implements")
     plugins.set_defaults(run=cmd_plugins)
+    swift_plugin = commands.add_parser(
+        "swift-plugin",
+        help='print the plugin file for ms-swift: swift rlhf ... --external_plugins "$(vlm-dpo swift-plugin)"',
+    )
+    swift_plugin.set_defaults(run=cmd_swift_plugin)
     train = commands.add_parser(
         "train",
         help="DPO-train a VLM with every plugin: the embedded tiny one on synthetic data by default (CPU, seconds)",

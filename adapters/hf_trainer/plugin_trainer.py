@@ -293,13 +293,27 @@ class PluginTrainerMixin:
         if "loss" in logs and self.model.training:
             for extra in self.plugins.hook.vlm_dpo_metrics(step=self.state.global_step):
                 logs.update(extra)
+        self._detectors_ran = False
         super().log(logs, *args, **kwargs)  # the framework adds its averaged metrics to ``logs`` in place
+        if not self._detectors_ran:
+            self.run_detectors(logs)
+
+    def run_detectors(self, logs: dict[str, Any]) -> list[Finding]:
+        """Give one logged dict to the detectors; their findings are kept, printed, and returned.
+
+        ``log`` calls it after the framework's ``log``; an adapter whose framework writes the line to a file
+        inside ``on_log`` calls it earlier, from a callback, to put the findings on that same line.
+        """
+        self._detectors_ran = True
         numbers = {key: float(value) for key, value in logs.items() if isinstance(value, (int, float))}
+        found = []
         for findings in self.plugins.hook.vlm_dpo_on_log(step=self.state.global_step, metrics=numbers):
             for finding in findings:
+                found.append(finding)
                 self.vlm_dpo_findings.append(finding)
                 if self.args.should_log:
                     logger.warning("vlm-dpo: step %d: %s", self.state.global_step, finding)
+        return found
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)

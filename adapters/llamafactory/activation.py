@@ -71,23 +71,8 @@ def _parse_args_without_section(parser: ModuleType, split_section: Any) -> Any:
     return make
 
 
-class _FirstRankInfo(logging.Filter):
-    """Info lines from local rank 0 only, as LLaMA-Factory's own ``info_rank0``; warnings from every rank."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        import os
-
-        return record.levelno >= logging.WARNING or os.environ.get("LOCAL_RANK", "0") == "0"
-
-
 def configure_logging() -> None:
-    """The adapter's lines in LLaMA-Factory's console output, unless the application configured logging."""
-    package_logger = logging.getLogger("vlm_dpo_plugins")
-    if package_logger.handlers:
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("[%(levelname)s|%(name)s] %(message)s"))
-    handler.addFilter(_FirstRankInfo())
-    package_logger.addHandler(handler)
-    package_logger.setLevel(logging.INFO)
-    package_logger.propagate = False
+    """LLaMA-Factory's own line format: ``[LEVEL|logger] message``."""
+    from vlm_dpo_plugins.adapters.hf_trainer.console import configure_logging as configure
+
+    configure("[%(levelname)s|%(name)s] %(message)s")
