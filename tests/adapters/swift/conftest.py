@@ -80,7 +80,7 @@ TINY_QWEN2_VL = SwiftTinyModel(
 # --- data --------------------------------------------------------------------------------
 
 
-def to_swift_rows(examples: Iterable, image_paths: Sequence[Path]) -> list[dict]:
+def to_swift_rows(examples: Iterable, image_paths: Sequence[Path], *, identical: bool = False) -> list[dict]:
     """Preference examples as swift's standard RLHF rows.
 
     ``messages`` holds the user turn (``<image>`` tag + question) and the chosen assistant
@@ -94,14 +94,14 @@ def to_swift_rows(examples: Iterable, image_paths: Sequence[Path]) -> list[dict]
                     {"role": "user", "content": f"{SWIFT_IMAGE_TAG}{example.prompt}"},
                     {"role": "assistant", "content": example.chosen},
                 ],
-                "rejected_response": example.rejected,
+                "rejected_response": example.chosen if identical else example.rejected,
                 "images": [str(Path(image_path).resolve())],
             }
         )
     return rows
 
 
-def write_swift_dataset(path: Path, num_rows: int, seed: int = 0) -> Path:
+def write_swift_dataset(path: Path, num_rows: int, seed: int = 0, *, identical: bool = False) -> Path:
     """Write ``num_rows`` synthetic image preference rows as JSONL (images as PNG next to it)."""
     from vlm_dpo_plugins.tiny.data import make_preference_examples, write_preference_images
 
@@ -109,7 +109,7 @@ def write_swift_dataset(path: Path, num_rows: int, seed: int = 0) -> Path:
     examples = make_preference_examples(num_rows, seed=seed)
     image_paths = write_preference_images(examples, path.parent / "images")
     with path.open("w") as handle:
-        for row in to_swift_rows(examples, image_paths):
+        for row in to_swift_rows(examples, image_paths, identical=identical):
             handle.write(json.dumps(row) + "\n")
     return path
 
@@ -149,8 +149,7 @@ def dpo_args(
         "--warmup_ratio", "0",
         # no decoupled weight decay: then a weight moves only if it got a gradient
         "--weight_decay", "0",
-        "--beta", "0.1",
-        "--loss_type", "sigmoid",
+        # --beta and --loss_type stay unwritten (swift's defaults 0.1 and sigmoid): the plugin config may set them
         "--seed", "0",
         "--logging_steps", "1",
         "--save_strategy", "steps",
@@ -268,7 +267,8 @@ def swift_dpo(tmp_path: Path) -> Callable[..., SwiftRun]:
     """Factory: build ``model`` in ``tmp_path``, write data, run ``swift rlhf --rlhf_type dpo``.
 
     ``extra_args`` (e.g. ``["--external_plugins", FILE]``) and ``env_extra`` are appended to the
-    command line / environment. Returns the :class:`SwiftRun` (the caller asserts on it).
+    command line / environment; ``identical_pairs`` writes every rejected answer equal to the chosen one
+    (swift's preprocessing then drops those rows). Returns the :class:`SwiftRun` (the caller asserts on it).
     """
 
     def run(
@@ -280,9 +280,10 @@ def swift_dpo(tmp_path: Path) -> Callable[..., SwiftRun]:
         extra_args: Sequence[str] = (),
         env_extra: Mapping[str, str] | None = None,
         timeout: float = 300,
+        identical_pairs: bool = False,
     ) -> SwiftRun:
         model_dir = model.build(tmp_path / "model")
-        dataset = write_swift_dataset(tmp_path / "data" / "train.jsonl", num_rows)
+        dataset = write_swift_dataset(tmp_path / "data" / "train.jsonl", num_rows, identical=identical_pairs)
         output_dir = tmp_path / "out"
         args = dpo_args(model, model_dir, dataset, output_dir, max_steps=max_steps, batch_size=batch_size)
         result = run_swift([*args, *extra_args], tmp_path, output_dir, env_extra=env_extra, timeout=timeout)
