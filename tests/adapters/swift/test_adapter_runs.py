@@ -235,3 +235,54 @@ def test_lora_vision_adapters_wait_for_their_unfreeze_stage(tmp_path, swift_dpo,
 
     assert vision_lora_b(2) and all(not torch.count_nonzero(tensor) for tensor in vision_lora_b(2))
     assert any(torch.count_nonzero(tensor) for tensor in vision_lora_b(3)), "vision adapters never trained"
+
+
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def test_two_cpu_ranks_with_reentrant_checkpointing_and_lora_train(tmp_path, swift_dpo, qwen2_vl, plugin_file):
+    # Without the adapter this exact run fails with DDP's "Expected to mark a variable ready only once"
+    # (test_stock_ddp.py). The user asked for reentrant checkpointing, so it stays; DDP gets a static graph.
+    extra, env = with_plugins(tmp_path, plugin_file, NPROC_PER_NODE="2", MASTER_PORT=free_port())
+    run = swift_dpo(
+        qwen2_vl,
+        num_rows=8,
+        max_steps=2,
+        extra_args=[
+            "--tuner_type",
+            "lora",
+            "--use_cpu",
+            "true",
+            "--gradient_checkpointing_kwargs",
+            '{"use_reentrant": true}',
+            *extra,
+        ],  # fmt: skip
+        env_extra=env,
+    )
+    assert run.returncode == 0, run.tail()
+    assert "world_size: 2" in output(run) and ACTIVE_LINE in output(run), run.tail()
+    assert "reentrant checkpointing under DDP: static_graph" in output(run), run.tail()
+    assert "Expected to mark a variable ready only once" not in output(run)
+    assert "without --use_cpu true" not in output(run)
+    losses = [entry["loss"] for entry in steps(run)]
+    assert len(losses) == 2 and losses[0] == pytest.approx(LN2, abs=1e-6) and all(map(math.isfinite, losses))
+    state_files = sorted(path.name for path in run.last_checkpoint().glob("vlm_dpo_plugins_state.*"))
+    assert state_files == ["vlm_dpo_plugins_state.rank0.json", "vlm_dpo_plugins_state.rank1.json"], state_files
+
+
+def test_cpu_ranks_without_use_cpu_are_reported_as_unsynchronised(tmp_path, swift_dpo, qwen2_vl, plugin_file):
+    extra, env = with_plugins(tmp_path, plugin_file, NPROC_PER_NODE="2", MASTER_PORT=free_port())
+    # Both copies believe they write the output folder: no checkpoint, so they cannot race on one.
+    run = swift_dpo(
+        qwen2_vl, max_steps=1, extra_args=["--tuner_type", "lora", "--save_strategy", "no", *extra], env_extra=env
+    )
+    assert run.returncode == 0, run.tail()
+    assert (
+        "vlm-dpo: NPROC_PER_NODE=2 on a machine without a GPU and without --use_cpu true: swift starts 2 independent "
+        "copies of the run whose gradients are never averaged"
+    ) in output(run), run.tail()
