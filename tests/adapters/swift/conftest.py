@@ -250,10 +250,16 @@ def run_swift(
 SWIFT_TINY_MODELS = {model.name: model for model in (TINY_LLAVA, TINY_QWEN2_VL)}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def swift_tiny_models() -> dict[str, SwiftTinyModel]:
     """The tiny models by name, for tests that pick one (test modules cannot import this conftest)."""
     return dict(SWIFT_TINY_MODELS)
+
+
+@pytest.fixture(scope="session")
+def swift_dataset_writer() -> Callable[..., Path]:
+    """``write_swift_dataset(path, num_rows, seed=0, *, identical=False)``, for tests that need data but no run."""
+    return write_swift_dataset
 
 
 @pytest.fixture(params=list(SWIFT_TINY_MODELS.values()), ids=lambda m: m.name)
