@@ -245,25 +245,35 @@ def free_port() -> str:
         return str(sock.getsockname()[1])
 
 
-def test_two_cpu_ranks_with_reentrant_checkpointing_and_lora_train(tmp_path, swift_dpo, qwen2_vl, plugin_file):
-    # Without the adapter this exact run fails with DDP's "Expected to mark a variable ready only once"
-    # (test_stock_ddp.py). The user asked for reentrant checkpointing, so it stays; DDP gets a static graph.
-    extra, env = with_plugins(tmp_path, plugin_file, NPROC_PER_NODE="2", MASTER_PORT=free_port())
+# LoRA makes the model a PeftModel, for which transformers turns DDP's find_unused_parameters on.
+REENTRANT_LORA_DDP = [
+    "--tuner_type",
+    "lora",
+    "--use_cpu",
+    "true",
+    "--gradient_checkpointing_kwargs",
+    '{"use_reentrant": true}',
+]
+
+
+def test_stock_swift_fails_on_two_cpu_ranks_with_reentrant_checkpointing_and_lora(swift_dpo, qwen2_vl):
     run = swift_dpo(
         qwen2_vl,
         num_rows=8,
         max_steps=2,
-        extra_args=[
-            "--tuner_type",
-            "lora",
-            "--use_cpu",
-            "true",
-            "--gradient_checkpointing_kwargs",
-            '{"use_reentrant": true}',
-            *extra,
-        ],  # fmt: skip
-        env_extra=env,
+        extra_args=REENTRANT_LORA_DDP,
+        env_extra={"NPROC_PER_NODE": "2", "MASTER_PORT": free_port()},
     )
+    assert run.returncode != 0, run.tail()
+    for rank in (0, 1):
+        assert f"[rank{rank}]: RuntimeError: Expected to mark a variable ready only once" in output(run), run.tail()
+
+
+def test_two_cpu_ranks_with_reentrant_checkpointing_and_lora_train(tmp_path, swift_dpo, qwen2_vl, plugin_file):
+    # The run above, with the adapter. The user asked for reentrant checkpointing, so it stays; DDP gets a
+    # static graph (find_unused_parameters off), under which reentrant backward passes are tolerated.
+    extra, env = with_plugins(tmp_path, plugin_file, NPROC_PER_NODE="2", MASTER_PORT=free_port())
+    run = swift_dpo(qwen2_vl, num_rows=8, max_steps=2, extra_args=[*REENTRANT_LORA_DDP, *extra], env_extra=env)
     assert run.returncode == 0, run.tail()
     assert "world_size: 2" in output(run) and ACTIVE_LINE in output(run), run.tail()
     assert "reentrant checkpointing under DDP: static_graph" in output(run), run.tail()
