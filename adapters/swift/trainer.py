@@ -93,6 +93,10 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
         return None
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        reason = self._framework_optimizer_reason()
+        if reason is not None:
+            logger.warning("vlm-dpo: %s builds the optimizer; freeze.learning_rates do not apply in this run", reason)
+            return super().create_optimizer_and_scheduler(num_training_steps)
         # Swift's version asks its optimizer callback, which calls transformers' create_optimizer directly.
         self.create_optimizer()
         self.create_scheduler(num_training_steps, self.optimizer)
