@@ -53,7 +53,7 @@ def ensure_shared_torch(session: nox.Session) -> None:
             return
         staging = SHARED_TORCH.with_name(SHARED_TORCH.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        session.run("python", "-m", "pip", "install", "--quiet", "--target", str(staging), *TORCH_REQUIREMENTS)
+        session.run_install("python", "-m", "pip", "install", "--quiet", "--target", str(staging), *TORCH_REQUIREMENTS)
         shutil.rmtree(SHARED_TORCH, ignore_errors=True)
         staging.rename(SHARED_TORCH)
         marker.touch()
@@ -61,7 +61,7 @@ def ensure_shared_torch(session: nox.Session) -> None:
 
 def link_shared_torch(session: nox.Session) -> None:
     ensure_shared_torch(session)
-    site_packages = session.run(
+    site_packages = session.run_install(
         "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True
     ).strip()
     # Appended after the venv's own site-packages, so a package the environment pins itself wins.

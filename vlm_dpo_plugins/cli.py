@@ -53,6 +53,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from vlm_dpo_plugins.doctor.command import run_doctor
+
+    return run_doctor(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vlm_dpo_plugins.runlog.report_command import run_report
+
+    return run_report(args)
+
+
 def cmd_swift_plugin(args: argparse.Namespace) -> int:
     from vlm_dpo_plugins.adapters.swift import plugin_path
 
@@ -73,6 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     plugins = commands.add_parser("plugins", help="list the registered plugins and the hooks each implements")
     plugins.set_defaults(run=cmd_plugins)
+    doctor = commands.add_parser(
+        "doctor",
+        help="check a preference dataset and/or a training config before training; exit 1 on an error finding",
+        description="Preflight, no training: --data runs every row through the pair checks (identical, empty, "
+        "whitespace-only differences, image placeholders, missing or unreadable images; with --model and a max "
+        "length, truncation); --config lints the training setup against the known causes of failed VLM DPO runs.",
+    )
+    from vlm_dpo_plugins.doctor.command import add_arguments as add_doctor_arguments
+
+    add_doctor_arguments(doctor)
+    doctor.set_defaults(run=cmd_doctor)
+    report = commands.add_parser(
+        "report",
+        help="write an HTML page with plots and findings from a run's logs (TRL, LLaMA-Factory, ms-swift)",
+    )
+    report.add_argument("run_dir", type=Path, help="the run's output folder")
+    report.add_argument(
+        "--output", type=Path, help="folder for report.html and the PNGs (default: RUN_DIR/vlm-dpo-report)"
+    )
+    report.set_defaults(run=cmd_report)
     swift_plugin = commands.add_parser(
         "swift-plugin",
         help='print the plugin file for ms-swift: swift rlhf ... --external_plugins "$(vlm-dpo swift-plugin)"',

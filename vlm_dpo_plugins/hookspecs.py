@@ -113,7 +113,7 @@ def vlm_dpo_check_pair(pair: TokenizedPair) -> Sequence[Finding]:
 
 @hookspec
 def vlm_dpo_check_batch(batch: Mapping[str, torch.Tensor], step: int) -> Sequence[Finding]:
-    """Check a collated batch of 2B rows (chosen rows first, then rejected) just before the forward pass."""
+    """Look at each training batch of 2B rows (chosen rows first, then rejected) before its forward pass."""
 
 
 @hookspec(firstresult=True)

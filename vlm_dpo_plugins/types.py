@@ -32,6 +32,8 @@ class Finding:
     row: int | None = None
     field: str | None = None
     source: str = ""
+    step: int | None = None
+    """The optimizer step a detector saw the symptom at; None for data findings."""
 
     def __str__(self) -> str:
         where = []
@@ -39,6 +41,8 @@ class Finding:
             where.append(f"row {self.row}")
         if self.field is not None:
             where.append(f"field '{self.field}'")
+        if self.step is not None:
+            where.append(f"step {self.step}")
         prefix = f"[{self.severity.value}] {self.code}" + (f" ({', '.join(where)})" if where else "")
         suffix = f" Fix: {self.fix}" if self.fix else ""
         return f"{prefix}: {self.message}{suffix}"

@@ -13,7 +13,8 @@ Trainer's own loop:
   the collator wrapped so every batch goes through ``vlm_dpo_collate``;
 - ``create_optimizer``: one param group per freeze group with its learning rate;
 - ``train``: the plugins' state restored from the checkpoint, the dataset pre-scanned;
-- each step: progressive unfreezing and ``vlm_dpo_step_begin``; ``optimizer.step`` replaced by
+- each step: progressive unfreezing and ``vlm_dpo_step_begin``; each batch to ``vlm_dpo_check_batch``;
+  ``optimizer.step`` replaced by
   the guarded step (clip, non-finite skip voted across ranks, LR schedule held);
 - ``log``: the plugins' metrics added, then every logged dict given to the detectors;
 - ``_save_checkpoint``: the plugins' state written next to the Trainer's.
@@ -40,6 +41,7 @@ from vlm_dpo_plugins.freeze.optimizer import optimizer_param_groups, unfreeze_in
 from vlm_dpo_plugins.guards.clipping import parameters_by_group
 from vlm_dpo_plugins.guards.deepspeed import tune_deepspeed_config
 from vlm_dpo_plugins.guards.deepspeed_buckets import model_hidden_size
+from vlm_dpo_plugins.runlog.findings import append_finding
 from vlm_dpo_plugins.types import Finding, RunContext
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters")
@@ -283,6 +285,12 @@ class PluginTrainerMixin:
                 [row for row in range(len(self.train_dataset)) if row not in dropped]
             )
 
+    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        # The detectors keep a reference to the batch and look into it only to explain a stall.
+        for findings in self.plugins.hook.vlm_dpo_check_batch(batch=inputs, step=self.state.global_step):
+            self._keep_findings(findings)
+        return super().training_step(model, inputs, *args, **kwargs)
+
     def _record_training_loss(self, loss: torch.Tensor) -> None:
         if self.model.training:
             self._guarded_step.record_loss(loss)
@@ -308,12 +316,16 @@ class PluginTrainerMixin:
         numbers = {key: float(value) for key, value in logs.items() if isinstance(value, (int, float))}
         found = []
         for findings in self.plugins.hook.vlm_dpo_on_log(step=self.state.global_step, metrics=numbers):
-            for finding in findings:
-                found.append(finding)
-                self.vlm_dpo_findings.append(finding)
-                if self.args.should_log:
-                    logger.warning("vlm-dpo: step %d: %s", self.state.global_step, finding)
+            found += self._keep_findings(findings)
         return found
+
+    def _keep_findings(self, findings: list[Finding]) -> list[Finding]:
+        for finding in findings:
+            self.vlm_dpo_findings.append(finding)
+            if self.args.should_log:
+                logger.warning("vlm-dpo: step %d: %s", self.state.global_step, finding)
+                append_finding(self.args.output_dir, finding, self.state.global_step)
+        return list(findings)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)

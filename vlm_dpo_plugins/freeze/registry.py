@@ -248,6 +248,10 @@ LAYOUTS: Mapping[str, ArchitectureLayout] = {
     ),
     "chameleon": ArchitectureLayout(vision=("vqmodel",), language=_BARE_DECODER),
     "emu3": ArchitectureLayout(vision=("vqmodel",), language=("text_model", "lm_head")),
+    # Discrete image and audio tokenizers (VQ encoders) feed the language model ids, like Emu3's vqmodel.
+    "apertus1p5": ArchitectureLayout(
+        vision=("vision_tokenizer",), language=("language_model", "lm_head"), other=("audio_tokenizer",)
+    ),
     "evolla": ArchitectureLayout(language=_BARE_DECODER, other=("protein_encoder",)),
     "pi0": ArchitectureLayout(
         vision=("vision_tower",),
