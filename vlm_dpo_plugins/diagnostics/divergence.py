@@ -16,17 +16,21 @@ from vlm_dpo_plugins.diagnostics.series import all_finite, correlation, differen
 from vlm_dpo_plugins.types import Finding, PluginState, Severity
 
 CODE = "loss-rising-accuracy-chance"
-KEYS = ("loss", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
+KEYS = ("loss", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "rewards/margins")
+MIN_DRIFT = 0.05
+"""Rewards this close to 0 are an adapter or a beta that changes nothing (the stall and LoRA detectors' case)."""
+VISUAL_PARTS = (("vision", "vision tower"), ("projector", "projector"))
 HIGH_FULL_LR = 1e-5
 HIGH_LORA_LR = 5e-4
 
 
 class RisingLossDetector:
-    def __init__(self, window: int, rise: float, accuracy_band: float, comovement: float) -> None:
+    def __init__(self, window: int, rise: float, accuracy_band: float, comovement: float, drift_ratio: float) -> None:
         self.window = window
         self.rise = rise
         self.accuracy_band = accuracy_band
         self.comovement = comovement
+        self.drift_ratio = drift_ratio
         self.recent: deque[tuple[float, ...]] = deque(maxlen=window)
         self.peak_learning_rate: float | None = None
         self.reported = False
@@ -44,16 +48,22 @@ class RisingLossDetector:
         self.recent.append(tuple(float(metrics.get(key, float("nan"))) for key in KEYS))
         if len(self.recent) < self.window:
             return None
-        losses, accuracies, chosen, rejected = (list(column) for column in zip(*self.recent))
+        losses, accuracies, chosen, rejected, margins = (list(column) for column in zip(*self.recent))
         if not all_finite(losses + accuracies):
             return None  # the non-finite detector speaks for such a window
         half = self.window // 2
         self.last_slope = slope(losses)
         rise = mean(losses[half:]) - mean(losses[:half])
-        self.last_comovement = (
-            correlation(differences(chosen), differences(rejected)) if all_finite(chosen + rejected) else None
+        rewards_known = all_finite(chosen + rejected + margins)
+        self.last_comovement = correlation(differences(chosen), differences(rejected)) if rewards_known else None
+        # Both rewards drifting far more than their difference: the shared (image) context moved, not the preference.
+        drift = mean([(abs(c) + abs(r)) / 2 for c, r in zip(chosen, rejected)]) if rewards_known else None
+        margin = mean([abs(m) for m in margins]) if rewards_known else None
+        together = rewards_known and (
+            self.last_comovement is not None
+            and self.last_comovement >= self.comovement
+            and drift >= max(MIN_DRIFT, self.drift_ratio * margin)
         )
-        together = self.last_comovement is None or self.last_comovement >= self.comovement
         at_chance = abs(mean(accuracies) - 0.5) <= self.accuracy_band
         if self.reported or not (self.last_slope > 0 and rise > self.rise and at_chance and together):
             return None
@@ -61,14 +71,12 @@ class RisingLossDetector:
         cause, fix = self._explain(trainable, uses_lora)
         moved = (
             f"; chosen and rejected rewards move together (correlation of their step changes "
-            f"{self.last_comovement:.2f})"
-            if self.last_comovement is not None
-            else ""
+            f"{self.last_comovement:.2f}; mean |reward| {drift:.3f} against a mean |margin| of {margin:.4f})"
         )
         return Finding(
             code=CODE,
             severity=Severity.WARNING,
-            message=f"over the last {self.window} logged steps (to step {step}) the loss rose by {rise:.3f} "
+            message=f"over the last {self.window} logged steps (to step {step}) the loss rose by {rise:.4f} "
             f"({losses[0]:.4f} -> {losses[-1]:.4f}) while reward accuracy stayed near chance (mean "
             f"{mean(accuracies):.2f}){moved}: the policy is not learning the preference. {cause}",
             fix=fix,
@@ -79,7 +87,7 @@ class RisingLossDetector:
     def _explain(self, trainable: set[str] | None, uses_lora: bool) -> tuple[str, str]:
         rate = self.peak_learning_rate
         shown_rate = f"{rate:.3g}" if rate is not None else "unknown"
-        visual = sorted((trainable or set()) & {"vision", "projector"})
+        visual = [name for group, name in VISUAL_PARTS if group in (trainable or set())]
         if visual:
             return (
                 f"Likely cause: the {' and '.join(visual)} {'is' if len(visual) == 1 else 'are'} trainable: each "

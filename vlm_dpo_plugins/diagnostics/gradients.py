@@ -97,8 +97,9 @@ class NonFiniteDetector:
             return
         self.count += 1
         if not self.reported and self.pending is None:
+            # signals.step counts from 0; the Trainer logs that step as step + 1, as the finding must.
             self.pending = non_finite_finding(
-                signals.step, signals.loss, signals.grad_norm, signals.group_grad_norms, applied=not skipped
+                signals.step + 1, signals.loss, signals.grad_norm, signals.group_grad_norms, applied=not skipped
             )
 
     def observe_log(self, step: int, metrics: Mapping[str, float]) -> Finding | None:

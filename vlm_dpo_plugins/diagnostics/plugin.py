@@ -41,7 +41,11 @@ class Diagnostics:
         self.gradients = GradientWatch(config.no_gradient_steps)
         self.non_finite = NonFiniteDetector()
         self.rising = RisingLossDetector(
-            config.trend_steps, config.trend_rise, config.accuracy_band, config.reward_comovement
+            config.trend_steps,
+            config.trend_rise,
+            config.accuracy_band,
+            config.reward_comovement,
+            config.reward_drift_ratio,
         )
         self.oscillation = MarginOscillationDetector(config.oscillation_steps, config.oscillation_min_amplitude)
 

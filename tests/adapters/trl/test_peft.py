@@ -18,8 +18,8 @@ peft = pytest.importorskip("peft")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback  # noqa: E402
-from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer  # noqa: E402
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_state import read_state  # noqa: E402
+from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer  # noqa: E402
 
 # q_proj and v_proj exist in the CLIP vision tower too: PEFT wraps both towers with these names.
 NAMED_TARGETS = ["q_proj", "v_proj"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -10,55 +9,19 @@ import pytest
 trl = pytest.importorskip("trl")
 
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback  # noqa: E402
-from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer  # noqa: E402
+from transformers import AutoModelForImageTextToText, TrainerCallback  # noqa: E402
+from trl_runs import (  # noqa: E402
+    EVERYTHING_TRAINS,
+    InjectNonFiniteGradient,
+    changed,
+    identical_pair_rows,
+    make_trainer,
+    snapshot,
+    training_logs,
+)
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_state import read_state  # noqa: E402
 
 from vlm_dpo_plugins.errors import ConfigError, TrainingHalted  # noqa: E402
-
-EVERYTHING_TRAINS = {"freeze": {"trainable": ["vision", "projector", "language"]}}
-
-
-def make_trainer(model_dir, rows, output_dir, *, trainer_class=VLMDPOTrainer, callbacks=(), **overrides):
-    plugin_config = overrides.pop("vlm_dpo_config", None)
-    torch.manual_seed(0)
-    options = dict(
-        output_dir=str(output_dir),
-        max_steps=4,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    options.update(overrides)
-    kwargs = dict(
-        model=AutoModelForImageTextToText.from_pretrained(model_dir),
-        args=trl.DPOConfig(**options),
-        train_dataset=Dataset.from_list(rows),
-        processing_class=AutoProcessor.from_pretrained(model_dir),
-        callbacks=list(callbacks),
-    )
-    if trainer_class is VLMDPOTrainer:
-        kwargs["vlm_dpo_config"] = plugin_config
-    return trainer_class(**kwargs)
-
-
-def training_logs(trainer) -> list[dict]:
-    return [entry for entry in trainer.state.log_history if "loss" in entry]
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def changed(model, before) -> set[str]:
-    return {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
-
 
 # -- the plugin must not change correct training ------------------------------------------
 
@@ -144,33 +107,6 @@ def test_progressive_unfreezing_adds_the_projector_at_its_stage(tiny_model_dirs,
 
 
 # -- stability guards ----------------------------------------------------------------------
-
-
-class InjectNonFiniteGradient(TrainerCallback):
-    """Puts NaN into one gradient just before the optimizer step of ``at_steps``, and records what the step did."""
-
-    def __init__(self, at_steps, parameter="model.language_model.layers.0.mlp.up_proj.weight"):
-        self.at_steps = set(at_steps)
-        self.parameter = parameter
-        self.records = {}
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        if state.global_step in self.at_steps:
-            dict(model.named_parameters())[self.parameter].grad.view(-1)[0] = math.nan
-            self.records[state.global_step] = {
-                "parameters": snapshot(model),
-                "optimizer": copy.deepcopy(optimizer.state_dict()),
-                "schedule": lr_scheduler.last_epoch,
-            }
-
-    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        step = state.global_step - 1
-        if step in self.records:
-            self.records[step].update(
-                after_parameters=snapshot(model),
-                after_optimizer=copy.deepcopy(optimizer.state_dict()),
-                after_schedule=lr_scheduler.last_epoch,
-            )
 
 
 def assert_state_dicts_equal(expected, actual):
@@ -372,13 +308,6 @@ def test_dpo_config_values_set_only_there_are_used(tiny_model_dirs, preference_r
 
 
 # -- collation, diagnostics, checkpointing ------------------------------------------------------
-
-
-def identical_pair_rows(rows, indices):
-    broken = copy.deepcopy(rows)
-    for index in indices:
-        broken[index]["rejected"] = copy.deepcopy(broken[index]["chosen"])
-    return broken
 
 
 def test_identical_pairs_stop_training_before_step_0_naming_the_rows(tiny_model_dirs, preference_rows, tmp_path):

@@ -1,0 +1,88 @@
+"""Shared pieces of the TRL adapter's end-to-end tests: a trainer on a tiny VLM, snapshots, a gradient fault."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import trl
+from datasets import Dataset
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer
+
+EVERYTHING_TRAINS = {"freeze": {"trainable": ["vision", "projector", "language"]}}
+
+
+def make_trainer(model_dir, rows, output_dir, *, trainer_class=VLMDPOTrainer, callbacks=(), **overrides):
+    plugin_config = overrides.pop("vlm_dpo_config", None)
+    torch.manual_seed(0)
+    options = dict(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    options.update(overrides)
+    kwargs = dict(
+        model=AutoModelForImageTextToText.from_pretrained(model_dir),
+        args=trl.DPOConfig(**options),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoProcessor.from_pretrained(model_dir),
+        callbacks=list(callbacks),
+    )
+    if trainer_class is VLMDPOTrainer:
+        kwargs["vlm_dpo_config"] = plugin_config
+    return trainer_class(**kwargs)
+
+
+def training_logs(trainer) -> list[dict]:
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def changed(model, before) -> set[str]:
+    return {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+
+
+class InjectNonFiniteGradient(TrainerCallback):
+    """Puts NaN into one gradient just before the optimizer step of ``at_steps``, and records what the step did."""
+
+    def __init__(self, at_steps, parameter="model.language_model.layers.0.mlp.up_proj.weight"):
+        self.at_steps = set(at_steps)
+        self.parameter = parameter
+        self.records = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if state.global_step in self.at_steps:
+            dict(model.named_parameters())[self.parameter].grad.view(-1)[0] = math.nan
+            self.records[state.global_step] = {
+                "parameters": snapshot(model),
+                "optimizer": copy.deepcopy(optimizer.state_dict()),
+                "schedule": lr_scheduler.last_epoch,
+            }
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        step = state.global_step - 1
+        if step in self.records:
+            self.records[step].update(
+                after_parameters=snapshot(model),
+                after_optimizer=copy.deepcopy(optimizer.state_dict()),
+                after_schedule=lr_scheduler.last_epoch,
+            )
+
+
+def identical_pair_rows(rows, indices):
+    broken = copy.deepcopy(rows)
+    for index in indices:
+        broken[index]["rejected"] = copy.deepcopy(broken[index]["chosen"])
+    return broken
