@@ -8,7 +8,7 @@ import pytest
 
 from vlm_dpo_plugins.errors import ConfigError, TrainingHalted
 from vlm_dpo_plugins.manager import create_plugin_manager
-from vlm_dpo_plugins.types import StepSignals
+from vlm_dpo_plugins.types import GradNorms, StepSignals
 
 
 def configured(guards=None):
@@ -100,9 +100,21 @@ def test_metrics_report_the_last_pre_clip_norms_per_group(manager):
         "vlm_dpo/loss_spikes": 0.0,
         "vlm_dpo/lr_scale": 1.0,
         "vlm_dpo/grad_norm": 13.0,
+        "vlm_dpo/grad_norm_clipped": 1.0,  # the default max_grad_norm
         "vlm_dpo/grad_norm/vision": 5.0,
         "vlm_dpo/grad_norm/projector": 12.0,
     }
+
+
+def test_the_post_clip_norm_follows_group_clipping_then_the_total():
+    from vlm_dpo_plugins.guards.clipping import norm_after_clipping
+
+    norms = GradNorms(total=13.0, groups={"vision": 5.0, "projector": 12.0})
+    assert norm_after_clipping(norms, None) == 13.0
+    assert norm_after_clipping(norms, 20.0, {"projector": 1e-9}) == pytest.approx(5.0)
+    # vision 5 -> 3 by its own cap; sqrt(3**2 + 4**2) = 5 once projector is capped at 4; then the total cap of 4.5.
+    assert norm_after_clipping(norms, None, {"vision": 3.0, "projector": 4.0}) == pytest.approx(5.0, rel=1e-5)
+    assert norm_after_clipping(norms, 4.5, {"vision": 3.0, "projector": 4.0}) == 4.5
 
 
 def test_guard_state_survives_a_save_and_restore():

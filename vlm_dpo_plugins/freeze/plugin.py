@@ -6,6 +6,7 @@ loss rises while reward accuracy sits at 0.5; freezing them is the default fix.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -101,3 +102,10 @@ class FreezePolicy:
             groups = self.vlm_dpo_classify_parameters(model=model, model_type=context.model_type)
         LOGGER.info(format_trainable_report(trainable_report(groups, model)))
         self.reported = True
+
+    @hookimpl
+    def vlm_dpo_metrics(self, step: int) -> Mapping[str, float]:
+        if not self.config.unfreeze:
+            return {}
+        # Logged as a count so a plot can mark where it rises: an unfreeze event.
+        return {"vlm_dpo/unfreeze_stage": float(sum(stage.at_step <= step for stage in self.config.unfreeze))}

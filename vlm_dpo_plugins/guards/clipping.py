@@ -139,3 +139,19 @@ def clip_grad_norms(
             if coefficient.item() < 1.0:
                 torch._foreach_mul_(everything, coefficient)
     return norms
+
+
+def norm_after_clipping(
+    norms: GradNorms, max_norm: float | None, group_max_norms: Mapping[str, float] | None = None, norm_type: float = 2.0
+) -> float:
+    """The total norm :func:`clip_grad_norms` leaves: groups clipped to their own norms first, then the total."""
+    group_max_norms = group_max_norms or {}
+    if not group_max_norms or not norms.groups:
+        total = norms.total
+    else:
+        clipped = [
+            norm * clip_coefficient(norm, group_max_norms[g]) if g in group_max_norms else norm
+            for g, norm in norms.groups.items()
+        ]
+        total = sum(norm**norm_type for norm in clipped) ** (1 / norm_type)
+    return total if max_norm is None or not math.isfinite(total) else min(total, max_norm)

@@ -22,7 +22,7 @@ from vlm_dpo_plugins.distributed import rank
 from vlm_dpo_plugins.errors import TrainingHalted
 from vlm_dpo_plugins.guards.backoff import LearningRateBackoff
 from vlm_dpo_plugins.guards.checkpointing import CheckpointingPlan, checkpointing_plan
-from vlm_dpo_plugins.guards.clipping import clip_grad_norms
+from vlm_dpo_plugins.guards.clipping import clip_grad_norms, norm_after_clipping
 from vlm_dpo_plugins.guards.settings import GuardsConfig
 from vlm_dpo_plugins.guards.spikes import LossSpikeDetector
 from vlm_dpo_plugins.markers import hookimpl
@@ -137,6 +137,9 @@ class StabilityGuards:
         }
         if not math.isnan(self.last_norms.total):
             metrics["vlm_dpo/grad_norm"] = self.last_norms.total
+            metrics["vlm_dpo/grad_norm_clipped"] = norm_after_clipping(
+                self.last_norms, self.config.max_grad_norm, self.config.group_max_grad_norm
+            )
         metrics.update({f"vlm_dpo/grad_norm/{group}": norm for group, norm in self.last_norms.groups.items()})
         return metrics
 
