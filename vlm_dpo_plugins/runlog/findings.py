@@ -40,15 +40,22 @@ def append_finding(output_dir: str | Path | None, finding: Finding, step: int | 
 
 
 def read_findings(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a findings file; a last line cut off by a killed run is ignored."""
+    """The records of a findings file. A last line cut off by a killed run is ignored; any other bad line raises."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")
     records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "code" in record:
-            records.append(record)
+            if number == len(lines):  # no newline after it: the write was interrupted
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON finding") from None
+        if not isinstance(record, dict) or "code" not in record:
+            raise ValueError(f"{path}: line {number} is not a finding (expected a JSON object with a 'code')")
+        records.append(record)
     return records
 
 

@@ -32,6 +32,10 @@ from llamafactory_runs import (  # noqa: E402
 )
 from safetensors.torch import load_file  # noqa: E402
 
+from vlm_dpo_plugins.diagnostics.replay import replay_detectors  # noqa: E402
+from vlm_dpo_plugins.runlog.findings import FINDINGS_FILE, read_findings  # noqa: E402
+from vlm_dpo_plugins.runlog.report import write_report  # noqa: E402
+
 ACTIVE_LINE = "vlm-dpo: active in LLaMA-Factory's DPO trainer"
 DISABLED = {"VLM_DPO_LLAMAFACTORY": "0"}
 LN2 = math.log(2)
@@ -155,6 +159,14 @@ def test_non_finite_gradient_is_skipped_with_optimizer_state_intact(tmp_path, mo
     assert not same(weights[1], weights[2]), "training did not continue after the skipped step"
     assert all(math.isfinite(value) for tensor in weights[2].values() for value in tensor.flatten().tolist())
     assert (checkpoints[1] / "vlm_dpo_plugins_state.rank0.json").exists()
+    # The detectors name it once, at the Trainer's step 2, in trainer_log.jsonl and in the findings file ...
+    logged = [finding for entry in run.trainer_log for finding in entry.get("vlm_dpo_findings", [])]
+    assert len(logged) == 1 and logged[0].startswith("[warning] non-finite (step 2)"), logged
+    assert [(f["code"], f["step"]) for f in read_findings(run.output_dir / FINDINGS_FILE)] == [("non-finite", 2)]
+    # ... and vlm-dpo report reads LLaMA-Factory's logs: its trainer_state.json steps, the finding on the page.
+    report = write_report(run.output_dir, extra_findings=replay_detectors)
+    assert report.run.framework == "llamafactory" and [r["step"] for r in report.run.records] == [1, 2, 3]
+    assert [f["code"] for f in report.findings] == ["non-finite"]
 
 
 def test_conflicting_settings_stop_before_loading_the_model(tmp_path, models, dataset):

@@ -31,6 +31,10 @@ import yaml  # noqa: E402
 from fault_plugin import install as install_fault_plugin  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from vlm_dpo_plugins.diagnostics.replay import replay_detectors  # noqa: E402
+from vlm_dpo_plugins.runlog.findings import FINDINGS_FILE, read_findings  # noqa: E402
+from vlm_dpo_plugins.runlog.report import write_report  # noqa: E402
+
 ACTIVE_LINE = "vlm-dpo: active in swift's DPO trainer"
 LN2 = math.log(2)
 
@@ -217,6 +221,12 @@ def test_findings_reach_the_console_and_logging_jsonl(tmp_path, swift_dpo, qwen2
     assert "loss-stuck-at-ln2" in output(run), run.tail()
     logged = [finding for entry in steps(run) for finding in entry.get("vlm_dpo_findings", [])]
     assert logged and all("loss-stuck-at-ln2" in finding for finding in logged), steps(run)
+    assert [(f["code"], f["step"]) for f in read_findings(run.output_dir / FINDINGS_FILE)] == [("loss-stuck-at-ln2", 2)]
+    # vlm-dpo report reads swift's own logging.jsonl: the three steps and the finding, on the page.
+    report = write_report(run.output_dir, extra_findings=replay_detectors)
+    assert report.run.framework == "swift" and [r["step"] for r in report.run.records] == [1, 2, 3]
+    assert [f["code"] for f in report.findings] == ["loss-stuck-at-ln2"]
+    assert "loss-stuck-at-ln2" in report.html_path.read_text()
 
 
 def test_lora_vision_adapters_wait_for_their_unfreeze_stage(tmp_path, swift_dpo, qwen2_vl, plugin_file):
