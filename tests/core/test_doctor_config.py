@@ -148,3 +148,25 @@ def test_json_output_for_a_config(tmp_path, capsys):
     document = json.loads(capsys.readouterr().out)
     assert document["errors"] == 1 and document["config"]["framework"] == "llamafactory"
     assert document["config"]["findings"][0]["code"] == "beta-zero"
+
+
+@pytest.mark.parametrize(
+    "config_name, text, key",
+    [
+        ("dpo.yaml", "stage: dpo\nmodel_name_or_path: {adapter}\n", "model_name_or_path"),
+        ("args.json", '{{"rlhf_type": "dpo", "model": "{adapter}"}}', "--model"),
+    ],
+)
+def test_an_adapter_folder_given_as_the_model_is_an_error_naming_the_base(tmp_path, config_name, text, key):
+    adapter = tmp_path / "checkpoint-100"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "Qwen/Qwen2-VL-2B-Instruct"}))
+    found = lint(read_setup(write(tmp_path / config_name, text.format(adapter=adapter))))
+    [finding] = [f for f in found if f.code == "adapter-not-applied"]
+    assert finding.severity.value == "error" and finding.field == key
+    assert "is a LoRA adapter" in finding.message and "Qwen/Qwen2-VL-2B-Instruct" in finding.fix
+
+
+def test_llamafactory_ignores_an_adapter_without_lora_tuning(tmp_path):
+    text = "stage: dpo\nfinetuning_type: full\nadapter_name_or_path: saves/lora\nlearning_rate: 1.0e-6\n"
+    assert codes(lint(read_setup(write(tmp_path / "a.yaml", text)))) == {"adapter-not-applied": "adapter_name_or_path"}

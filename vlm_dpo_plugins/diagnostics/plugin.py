@@ -113,6 +113,7 @@ class Diagnostics:
         return {
             "vlm_dpo/diag/ln2_streak": float(self.nothing_trains.stalled_logs),
             "vlm_dpo/diag/non_finite_steps": float(self.non_finite.count),
+            **({"vlm_dpo/diag/lora_inert_streak": float(self.lora.inert_logs)} if self.lora.active else {}),
             **self.rising.metrics(),
             **self.oscillation.metrics(),
         }

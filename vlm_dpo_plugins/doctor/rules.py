@@ -311,6 +311,40 @@ def loss_rule(setup: TrainingSetup, _: int | None) -> list[Finding]:
     return []
 
 
+def adapter_rule(setup: TrainingSetup, _: int | None) -> list[Finding]:
+    """A LoRA adapter folder given where a full model is read, or an adapter the framework will not apply."""
+    findings = []
+    model_key = {"llamafactory": "model_name_or_path", "swift": "--model", "trl": "model_name_or_path"}[setup.framework]
+    folder = Path(str(setup.model)) if setup.model else None
+    if folder is not None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        where = {"llamafactory": "adapter_name_or_path", "swift": "--adapters", "trl": "a PeftModel on the base model"}
+        findings.append(
+            _finding(
+                setup,
+                "adapter-not-applied",
+                Severity.ERROR,
+                f"{model_key} {folder} is a LoRA adapter (adapter_config.json, no config.json), not a model",
+                f"set {model_key} to the base model ({base or 'see adapter_config.json'}) and load the adapter with "
+                f"{where[setup.framework]}, or merge it first (llamafactory-cli export, swift export --merge_lora)",
+                model_key,
+            )
+        )
+    adapters = setup.raw.get("adapter_name_or_path")
+    if setup.framework == "llamafactory" and adapters and not setup.lora:
+        findings.append(
+            _finding(
+                setup,
+                "adapter-not-applied",
+                Severity.WARNING,
+                f"adapter_name_or_path is set but finetuning_type is not lora: LLaMA-Factory will not apply {adapters}",
+                "set finetuning_type: lora to load (or keep training) the adapter",
+                "adapter_name_or_path",
+            )
+        )
+    return findings
+
+
 RULES: tuple[Callable[[TrainingSetup, int | None], list[Finding]], ...] = (
     beta_rule,
     vision_rule,
@@ -321,6 +355,7 @@ RULES: tuple[Callable[[TrainingSetup, int | None], list[Finding]], ...] = (
     clipping_rule,
     deepspeed_rule,
     loss_rule,
+    adapter_rule,
 )
 
 
