@@ -14,6 +14,9 @@ from typing import Any
 
 from vlm_dpo_plugins.collation.pairs import BatchLayoutError, pairs_from_batch
 
+BATCH_KEYS = ("input_ids", "attention_mask", "completion_mask", "labels")
+"""What a pair's tokens and response masks are read from; the rest of a batch (pixel values) is never kept."""
+
 
 @dataclass(frozen=True)
 class BatchFacts:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from vlm_dpo_plugins.config import VLMDPOConfig
-from vlm_dpo_plugins.diagnostics.batch import BatchFacts, batch_facts
+from vlm_dpo_plugins.diagnostics.batch import BATCH_KEYS, BatchFacts, batch_facts
 from vlm_dpo_plugins.diagnostics.divergence import RisingLossDetector
 from vlm_dpo_plugins.diagnostics.gradients import GradientWatch, NonFiniteDetector, trainable_groups
 from vlm_dpo_plugins.diagnostics.lora import LoraInertDetector
@@ -78,7 +78,8 @@ class Diagnostics:
 
     @hookimpl
     def vlm_dpo_check_batch(self, batch: Mapping[str, torch.Tensor], step: int) -> Sequence[Finding]:
-        self.last_batch = (batch, step)  # only looked into when a stall is reported
+        # Only the token tensors, so pixel_values are not held past their step; looked into only to explain a stall.
+        self.last_batch = ({key: batch[key] for key in BATCH_KEYS if key in batch}, step)
         return []
 
     def _look_at_last_batch(self) -> BatchFacts | None:
