@@ -37,11 +37,7 @@ def batch_facts(batch: Mapping[str, Any], step: int) -> BatchFacts | None:
     input_ids = batch.get("input_ids")
     if input_ids is None or not hasattr(input_ids, "shape") or input_ids.dim() != 2 or input_ids.shape[0] % 2:
         return None
-    view = {
-        key: _on_host(batch[key])
-        for key in ("input_ids", "attention_mask", "completion_mask", "labels")
-        if key in batch
-    }
+    view = {key: _on_host(batch[key]) for key in BATCH_KEYS if key in batch}
     try:
         pairs = pairs_from_batch(view, rows=list(range(input_ids.shape[0] // 2)))
     except BatchLayoutError:
