@@ -29,7 +29,7 @@ class Diagnostics:
     def __init__(self) -> None:
         self.beta: float | None = None
         self.model_type: str | None = None
-        self.uses_lora = False
+        self.unfreeze_steps: frozenset[int] = frozenset()
         self.trainable: set[str] | None = None
         self.last_batch: tuple[Mapping[str, Any], int] | None = None
         self.set_up(DiagnosticsConfig())
@@ -57,6 +57,7 @@ class Diagnostics:
     def vlm_dpo_configure(self, config: VLMDPOConfig) -> None:
         self.set_up(config.diagnostics)
         self.beta = config.loss.beta
+        self.unfreeze_steps = frozenset(stage.at_step for stage in config.freeze.unfreeze)
 
     @hookimpl
     def vlm_dpo_train_begin(self, model: torch.nn.Module, context: RunContext) -> None:
@@ -64,13 +65,13 @@ class Diagnostics:
             return
         self.model_type = context.model_type
         self.lora.watch(model, uses_peft=context.uses_peft)
-        self.uses_lora = self.lora.active
         self._watch_trainable(model)
 
     @hookimpl
     def vlm_dpo_step_begin(self, step: int, model: torch.nn.Module) -> None:
-        if self.config.enabled:
-            self._watch_trainable(model)  # progressive unfreezing changes the set
+        # Only a progressive-unfreeze stage changes which groups train; classifying every name each step would not.
+        if self.config.enabled and step in self.unfreeze_steps:
+            self._watch_trainable(model)
 
     def _watch_trainable(self, model: torch.nn.Module) -> None:
         self.trainable = trainable_groups(model, self.model_type)
@@ -103,7 +104,7 @@ class Diagnostics:
                 self.nothing_trains.observe(step, metrics, self.gradients, self._look_at_last_batch, self.beta)
             )
         if "loss" in metrics:
-            findings.append(self.rising.observe(step, metrics, self.trainable, self.uses_lora))
+            findings.append(self.rising.observe(step, metrics, self.trainable, self.lora.active))
             findings.append(self.oscillation.observe(step, metrics))
         return [finding for finding in findings if finding is not None]
 

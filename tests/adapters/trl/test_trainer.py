@@ -104,6 +104,8 @@ def test_progressive_unfreezing_adds_the_projector_at_its_stage(tiny_model_dirs,
     assert changed(trainer.model, at_stage.parameters) & projector == projector, "trained from step 2"
     groups = {group["group"]: len(group["params"]) for group in trainer.optimizer.param_groups}
     assert groups["projector"] == len(projector)
+    # The detectors watch the projector's gradients from its stage on.
+    assert trainer.plugins.get_plugin("diagnostics").trainable == {"projector", "language"}
 
 
 # -- stability guards ----------------------------------------------------------------------
