@@ -23,6 +23,7 @@ from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.freeze.settings import FreezeConfig
 from vlm_dpo_plugins.guards.settings import GuardsConfig
 from vlm_dpo_plugins.losses.settings import LossConfig
+from vlm_dpo_plugins.sharing.settings import SharingConfig
 from vlm_dpo_plugins.validation import FieldError, nearest
 
 
@@ -33,6 +34,7 @@ class VLMDPOConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
     extra: dict[str, Any] = field(default_factory=dict)
     """Sections declared by third-party plugins through ``vlm_dpo_config_sections``, already validated."""
 

@@ -18,7 +18,7 @@ from typing import Any
 from vlm_dpo_plugins.config import VLMDPOConfig
 
 PluginSource = VLMDPOConfig | Mapping[str, Any] | str | os.PathLike | None
-SECTIONS = ("freeze", "collation", "loss", "guards", "diagnostics")
+SECTIONS = ("freeze", "collation", "loss", "guards", "diagnostics", "sharing")
 
 
 def load_plugin_config(manager: Any, source: PluginSource) -> tuple[VLMDPOConfig, dict[str, set[str]]]:

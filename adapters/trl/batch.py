@@ -6,6 +6,7 @@ rejected rows: the layout ``vlm_dpo_plugins.losses.corrupted_image`` extends for
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +14,10 @@ import torch
 
 from vlm_dpo_plugins.losses.corrupted_image import with_corrupted_chosen  # noqa: F401 (the TRL batch layout)
 from vlm_dpo_plugins.losses.logprobs import SequenceLogps
+from vlm_dpo_plugins.sharing.forward import PreparedBatch
+
+PER_TOKEN_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+"""The fused LM head's per-token fields (position t scores token t + 1)."""
 
 NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
 
@@ -35,3 +40,16 @@ def summed_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor) -
     per_token_logps = per_token_logps[:, -shifted_mask.shape[1] :]
     logps = (per_token_logps * shifted_mask).sum(dim=1)
     return SequenceLogps(logps, shifted_mask.sum(dim=1))
+
+
+def collated_outputs(outputs: Any, prepared: PreparedBatch) -> Any:
+    """The fused head's output with its per-token fields in the collated 2B-row layout, however the rows ran."""
+    if prepared.packed is None:
+        return outputs
+    fields = {name: getattr(outputs, name, None) for name in PER_TOKEN_OUTPUTS}
+    mapped = {name: prepared.to_collated(value) for name, value in fields.items() if value is not None}
+    if dataclasses.is_dataclass(outputs):
+        return dataclasses.replace(outputs, **mapped)
+    for name, value in mapped.items():
+        outputs[name] = value
+    return outputs

@@ -12,10 +12,16 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer
 
 EVERYTHING_TRAINS = {"freeze": {"trainable": ["vision", "projector", "language"]}}
+UNSHARED = {"sharing": {"prompt": False, "vision_features": False}}
+"""Two rows per pair, as stock TRL runs them: for comparisons with TRL to 1e-5 over several AdamW steps, which
+the packed rows' different rounding (1e-7 per step, test_sharing.py) would exceed once AdamW divides tiny
+gradients by their own size."""
 
 
 def make_trainer(model_dir, rows, output_dir, *, trainer_class=VLMDPOTrainer, callbacks=(), **overrides):
     plugin_config = overrides.pop("vlm_dpo_config", None)
+    model_kwargs = overrides.pop("model_kwargs", {})
+    peft_config = overrides.pop("peft_config", None)
     torch.manual_seed(0)
     options = dict(
         output_dir=str(output_dir),
@@ -31,12 +37,14 @@ def make_trainer(model_dir, rows, output_dir, *, trainer_class=VLMDPOTrainer, ca
     )
     options.update(overrides)
     kwargs = dict(
-        model=AutoModelForImageTextToText.from_pretrained(model_dir),
+        model=AutoModelForImageTextToText.from_pretrained(model_dir, **model_kwargs),
         args=trl.DPOConfig(**options),
         train_dataset=Dataset.from_list(rows),
         processing_class=AutoProcessor.from_pretrained(model_dir),
         callbacks=list(callbacks),
     )
+    if peft_config is not None:
+        kwargs["peft_config"] = peft_config
     if trainer_class is VLMDPOTrainer:
         kwargs["vlm_dpo_config"] = plugin_config
     return trainer_class(**kwargs)

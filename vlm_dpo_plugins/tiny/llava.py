@@ -42,8 +42,12 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_llava(directory: str | Path, *, seed: int = 0, hidden_size: int = 32) -> Path:
+def build_tiny_llava(
+    directory: str | Path, *, seed: int = 0, hidden_size: int = 32, image_size: int = IMAGE_SIZE, layers: int = 2
+) -> Path:
     """Save a random-weight tiny LLaVA with its processor to ``directory`` and return the path.
+
+    ``image_size`` 224 gives LLaVA-1.5's shape of prompt, (224 / 14)^2 = 256 image tokens per image.
 
     The saved folder loads with ``from_pretrained`` like a hub checkpoint, which is
     what the frameworks need: TRL >= 0.29 builds its reference model from the path.
@@ -61,8 +65,8 @@ def build_tiny_llava(directory: str | Path, *, seed: int = 0, hidden_size: int =
     )
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(
-            size={"shortest_edge": IMAGE_SIZE},
-            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
         ),
         tokenizer=tokenizer,
         patch_size=PATCH_SIZE,
@@ -74,20 +78,20 @@ def build_tiny_llava(directory: str | Path, *, seed: int = 0, hidden_size: int =
         vision_config=CLIPVisionConfig(
             hidden_size=hidden_size,
             intermediate_size=hidden_size * 2,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=2,
-            image_size=IMAGE_SIZE,
+            image_size=image_size,
             patch_size=PATCH_SIZE,
             projection_dim=hidden_size,
         ),
         text_config=LlamaConfig(
             hidden_size=hidden_size,
             intermediate_size=hidden_size * 2,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=2,
             num_key_value_heads=2,
             vocab_size=len(tokenizer),
-            max_position_embeddings=512,
+            max_position_embeddings=max(512, 2 * (image_size // PATCH_SIZE) ** 2),
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -95,7 +99,7 @@ def build_tiny_llava(directory: str | Path, *, seed: int = 0, hidden_size: int =
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
-        image_seq_length=IMAGE_TOKENS_PER_IMAGE,
+        image_seq_length=(image_size // PATCH_SIZE) ** 2,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

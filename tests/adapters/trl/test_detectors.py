@@ -15,6 +15,7 @@ trl = pytest.importorskip("trl")
 import torch  # noqa: E402
 from trl_runs import (  # noqa: E402
     EVERYTHING_TRAINS,
+    UNSHARED,
     InjectNonFiniteGradient,
     identical_pair_rows,
     make_trainer,
@@ -48,7 +49,11 @@ def test_a_healthy_30_step_run_raises_no_finding_and_no_warning(tiny_model_dirs,
 
 def test_trainable_vision_gives_a_rising_loss_at_chance_accuracy_named_as_the_vision_tower(tiny_model_dirs, tmp_path):
     trainer = make_trainer(
-        tiny_model_dirs["llava"], image_grounded_rows(8, 0), tmp_path, vlm_dpo_config=EVERYTHING_TRAINS, **GROUNDED
+        tiny_model_dirs["llava"],
+        image_grounded_rows(8, 0),
+        tmp_path,
+        vlm_dpo_config=EVERYTHING_TRAINS | UNSHARED,  # the trajectory this scenario was tuned on
+        **GROUNDED,
     )
     trainer.train()
 

@@ -12,6 +12,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForImageTextToText, TrainerCallback  # noqa: E402
 from trl_runs import (  # noqa: E402
     EVERYTHING_TRAINS,
+    UNSHARED,
     InjectNonFiniteGradient,
     changed,
     identical_pair_rows,
@@ -33,7 +34,7 @@ def test_losses_equal_stock_dpo_trainer_when_nothing_needs_fixing(
     model_dir = tiny_model_dirs[architecture]
     stock = make_trainer(model_dir, preference_rows, tmp_path / "stock", trainer_class=trl.DPOTrainer)
     stock.train()
-    ours = make_trainer(model_dir, preference_rows, tmp_path / "ours", vlm_dpo_config=EVERYTHING_TRAINS)
+    ours = make_trainer(model_dir, preference_rows, tmp_path / "ours", vlm_dpo_config=EVERYTHING_TRAINS | UNSHARED)
     ours.train()
 
     stock_logs, our_logs = training_logs(stock), training_logs(ours)
@@ -262,7 +263,7 @@ def test_shared_loss_types_match_trl_own_implementation(variant, tiny_model_dirs
         preference_rows,
         tmp_path / "ours",
         loss_type=[variant],
-        vlm_dpo_config=EVERYTHING_TRAINS,
+        vlm_dpo_config=EVERYTHING_TRAINS | UNSHARED,
     )
     ours.train()
     assert ours.vlm_dpo_config.loss.type == variant

@@ -1,0 +1,215 @@
+"""Stock TRL DPO against VLMDPOTrainer with prompt and image sharing, on image-heavy VLM preference data.
+
+    python benchmarks/pair_sharing.py                          # tiny LLaVA-1.5 shape on CPU: 256 image tokens
+    python benchmarks/pair_sharing.py --steps 12 --repeats 3
+    python benchmarks/pair_sharing.py --device cuda --hidden-size 1024 --layers 8 --bf16
+
+What is compared, on the same model weights, data, seed and trainable parameters (the language model;
+the vision tower and projector are frozen in every arm, by hand for stock TRL, by the freeze policy
+for the plugins, so the backward does the same work):
+
+- ``stock``: ``trl.DPOTrainer``: two rows per pair, policy and reference each encode every image twice.
+- ``plugins, no sharing``: ``VLMDPOTrainer`` with ``sharing.prompt`` and ``sharing.vision_features`` off:
+  what the plugins cost without sharing.
+- ``plugins``: ``VLMDPOTrainer`` with the defaults (one packed row per pair, one vision encode per pair).
+
+Runs alternate stock, sharing-off, plugins, plugins, sharing-off, stock, ... so a drift in the
+machine's speed costs every arm the same; the first ``--warmup`` steps of each run are dropped.
+
+Printed per arm: median step time (``on_step_begin`` to ``on_step_end``: forwards, backward,
+optimizer) and its ratio to stock; peak memory and its ratio (CUDA: ``max_memory_allocated`` over
+the step; CPU, which keeps no allocator statistics: the bytes of tensors saved for backward during
+the step, the activation memory that dominates a training step's peak); images through the vision
+tower per pair per step; tokens the language model reads per pair in the policy pass (padding
+included); and the largest difference of the logged loss from stock's over the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLM_DPO_LOAD_PLUGINS", "none")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import trl  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor, PrinterCallback, TrainerCallback  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer  # noqa: E402
+
+from vlm_dpo_plugins.tiny import make_preference_examples, trl_conversational_rows  # noqa: E402
+from vlm_dpo_plugins.tiny.llava import build_tiny_llava  # noqa: E402
+
+ARMS = ("stock", "plugins, no sharing", "plugins")
+
+
+def preference_rows(count: int, response_words: int) -> list[dict]:
+    """Image pairs whose responses run to ``response_words`` words (~32-64 tokens with the tiny tokenizer)."""
+    rows = trl_conversational_rows(make_preference_examples(count, seed=5))
+    for index, row in enumerate(rows):
+        for side, extra in (("chosen", index % 3), ("rejected", (index + 1) % 3)):
+            text = row[side][0]["content"][0]["text"]
+            words = (text + " ") * (response_words // len(text.split()) + extra)
+            row[side][0]["content"][0]["text"] = " ".join(words.split()[: response_words + 4 * extra])
+    return rows
+
+
+class StepProbe(TrainerCallback):
+    """Step times, peak memory, vision-tower images and language-model tokens, per optimizer step."""
+
+    def __init__(self, model, reference_model, device: str, pairs: int):
+        self.device, self.pairs = device, pairs
+        self.times, self.memory, self.images, self.tokens = [], [], [], []
+        self._images = self._tokens = self._saved = 0
+        for each in (model, reference_model):
+            if each is not None:
+                each.model.vision_tower.register_forward_pre_hook(self._count_images)
+        model.model.language_model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
+
+    def _count_images(self, module, args):
+        self._images += int(args[0].shape[0])
+
+    def _count_tokens(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if torch.is_grad_enabled():  # the policy pass; the reference pass runs under no_grad
+            self._tokens += int(embeds.shape[0] * embeds.shape[1])
+
+    def _pack(self, tensor):
+        self._saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._images = self._tokens = self._saved = 0
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+        self._hooks.__exit__(None, None, None)
+        peak = torch.cuda.max_memory_allocated() if self.device == "cuda" else self._saved
+        self.memory.append(peak)
+        self.images.append(self._images / self.pairs)
+        self.tokens.append(self._tokens / self.pairs)
+
+
+def run_arm(arm: str, model_dir: Path, rows: list[dict], args, output_dir: str):
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(args.device)
+    config = trl.DPOConfig(
+        output_dir=output_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=1e-5,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=args.device == "cpu",
+        bf16=args.bf16,
+        seed=0,
+        disable_tqdm=True,
+        max_length=None,
+    )
+    kwargs = dict(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoProcessor.from_pretrained(model_dir),
+    )
+    if arm == "stock":
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(".language_model." in f".{name}" or name.startswith("lm_head"))
+        trainer = trl.DPOTrainer(**kwargs)
+    else:
+        sharing = {"prompt": False, "vision_features": False} if arm == "plugins, no sharing" else {}
+        trainer = VLMDPOTrainer(**kwargs, vlm_dpo_config={"sharing": sharing, "diagnostics": {"enabled": False}})
+    trainer.remove_callback(PrinterCallback)
+    probe = StepProbe(trainer.model, trainer.ref_model, args.device, args.batch_size)
+    trainer.add_callback(probe)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    warm = slice(args.warmup, None)
+    return {
+        "times": probe.times[warm],
+        "memory": probe.memory[warm],
+        "images": probe.images[warm],
+        "tokens": probe.tokens[warm],
+        "losses": losses,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=224, help="224: 256 image tokens per image")
+    parser.add_argument("--response-words", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+    hf_logging.set_verbosity_error()
+
+    results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    with tempfile.TemporaryDirectory() as root:
+        model_dir = build_tiny_llava(
+            Path(root) / "llava", hidden_size=args.hidden_size, image_size=args.image_size, layers=args.layers
+        )
+        rows = preference_rows(args.batch_size * args.steps, args.response_words)
+        for repeat in range(args.repeats):
+            order = ARMS if repeat % 2 == 0 else tuple(reversed(ARMS))
+            for arm in order:
+                results[arm].append(run_arm(arm, model_dir, rows, args, os.path.join(root, "out")))
+    report(results, args)
+
+
+def report(results: dict[str, list[dict]], args) -> None:
+    def pooled(arm: str, key: str) -> list[float]:
+        return [value for run in results[arm] for value in run[key]]
+
+    stock_time = statistics.median(pooled("stock", "times"))
+    stock_memory = statistics.median(pooled("stock", "memory"))
+    stock_losses = results["stock"][0]["losses"]
+    memory_kind = "peak allocated" if args.device == "cuda" else "saved for backward"
+    print(
+        f"\nLLaVA-1.5 shape, hidden {args.hidden_size}, {args.layers} layers, {(args.image_size // 14) ** 2} image "
+        f"tokens, batch {args.batch_size} pairs, {args.device}{' bf16' if args.bf16 else ' fp32'}, "
+        f"{args.repeats} runs x {args.steps - args.warmup} timed steps per arm\n"
+    )
+    header = (
+        "| arm | step time (median) | × stock | memory, " + memory_kind + " | × stock | vision images / pair / step "
+        "| LM tokens / pair (policy pass) | max abs loss diff vs stock |"
+    )
+    print(header)
+    print("|" + " --- |" * 8)
+    for arm in ARMS:
+        step = statistics.median(pooled(arm, "times"))
+        memory = statistics.median(pooled(arm, "memory"))
+        images = statistics.median(pooled(arm, "images"))
+        tokens = statistics.median(pooled(arm, "tokens"))
+        loss_diff = max(abs(a - b) for a, b in zip(results[arm][0]["losses"], stock_losses))
+        print(
+            f"| {arm} | {step * 1000:.0f} ms | {step / stock_time:.2f} | {memory / 2**20:.1f} MiB "
+            f"| {memory / stock_memory:.2f} | {images:g} | {tokens:g} | {loss_diff:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

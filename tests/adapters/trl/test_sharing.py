@@ -1,0 +1,161 @@
+"""Prompt and image sharing inside VLMDPOTrainer: the same loss, rewards and gradients, with fewer vision encodes.
+
+Each check runs the plugins' loss on one batch twice, ``sharing`` on and off, in fp32 (no autocast: TRL
+prepares the reference model with autocast at construction but the policy only in ``train()``, so a
+single ``compute_loss`` outside ``train()`` would compare bf16 with fp32).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+
+trl = pytest.importorskip("trl")
+
+import torch  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from trl_runs import EVERYTHING_TRAINS, make_trainer, snapshot, training_logs  # noqa: E402
+
+NO_SHARING = {"prompt": False, "vision_features": False}
+FROZEN = {}
+
+
+@pytest.fixture(scope="module")
+def uneven_rows(preference_rows):
+    """Pairs whose prompts and responses differ in length, so packed rows and collated rows both pad."""
+    rows = copy.deepcopy(preference_rows[:4])
+    rows[1]["rejected"][0]["content"][0]["text"] += " I am quite sure, it is that colour and no other."
+    rows[2]["chosen"][0]["content"][0]["text"] += " Yes."
+    rows[3]["prompt"][0]["content"][1]["text"] += " Answer in one short sentence, please."
+    return rows
+
+
+class VisionCalls:
+    """Images through each model's vision tower, by the tower's forward pre-hook."""
+
+    def __init__(self, trainer):
+        self.images = {"policy": 0, "reference": 0}
+        models = {"policy": trainer.model, "reference": trainer.ref_model}
+        for role, model in models.items():
+            if model is not None:
+                tower = _vision_tower(model)
+                tower.register_forward_pre_hook(self._counter(role), with_kwargs=True)
+
+    def _counter(self, role):
+        def count(module, args, kwargs):
+            grid = kwargs.get("grid_thw")
+            self.images[role] += int(grid.shape[0] if grid is not None else args[0].shape[0])
+
+        return count
+
+
+def _vision_tower(model):
+    inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    return getattr(inner, "vision_tower", None) or inner.visual
+
+
+def one_step(model_dir, rows, tmp_path, sharing, freeze, **overrides):
+    config = {**freeze, "sharing": sharing}
+    trainer = make_trainer(
+        model_dir, rows, tmp_path, vlm_dpo_config=config, per_device_train_batch_size=4, bf16=False, **overrides
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    calls = VisionCalls(trainer)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    gradients = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    metrics = {name: values[-1] for name, values in trainer._metrics["train"].items() if values}
+    return loss.detach(), gradients, metrics, calls.images
+
+
+def assert_same_step(shared, unshared, tolerance=1e-5):
+    loss, gradients, metrics, _ = shared
+    loss_ref, gradients_ref, metrics_ref, _ = unshared
+    assert torch.allclose(loss, loss_ref, atol=tolerance, rtol=0)
+    assert gradients.keys() == gradients_ref.keys() and gradients
+    for name, gradient in gradients.items():
+        assert torch.allclose(gradient, gradients_ref[name], atol=tolerance, rtol=0), name
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert metrics[name] == pytest.approx(metrics_ref[name], abs=tolerance), name
+    for name in ("logps/chosen", "logps/rejected"):
+        # Sums of ~50 token log-probs near -170: equal to fp32 rounding, relative.
+        assert metrics[name] == pytest.approx(metrics_ref[name], rel=1e-6), name
+    assert metrics["rewards/accuracies"] == metrics_ref["rewards/accuracies"]
+
+
+@pytest.mark.parametrize("model", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize(
+    ("freeze", "encodes_per_pair"), [(FROZEN, 1), (EVERYTHING_TRAINS, 2)], ids=["frozen", "trained"]
+)
+def test_shared_step_equals_the_unshared_one(tiny_model_dirs, uneven_rows, tmp_path, model, freeze, encodes_per_pair):
+    shared = one_step(tiny_model_dirs[model], uneven_rows, tmp_path / "on", {}, freeze)
+    unshared = one_step(tiny_model_dirs[model], uneven_rows, tmp_path / "off", NO_SHARING, freeze)
+    assert_same_step(shared, unshared)
+    pairs = 4
+    assert unshared[3] == {"policy": 2 * pairs, "reference": 2 * pairs}
+    # Frozen: the reference takes the policy's features; trained: it encodes its own, once per pair.
+    assert shared[3] == {"policy": pairs, "reference": pairs * (encodes_per_pair - 1)}
+    assert shared[2]["num_tokens"] == unshared[2]["num_tokens"]
+
+
+def test_lora_reference_reuses_the_features_of_the_same_model(tiny_model_dirs, uneven_rows, tmp_path):
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    shared = one_step(tiny_model_dirs["llava"], uneven_rows, tmp_path / "on", {}, FROZEN, peft_config=lora)
+    unshared = one_step(tiny_model_dirs["llava"], uneven_rows, tmp_path / "off", NO_SHARING, FROZEN, peft_config=lora)
+    assert_same_step(shared, unshared)
+    assert shared[3] == {"policy": 4, "reference": 0}
+
+
+def test_eager_attention_takes_the_additive_mask(tiny_model_dirs, uneven_rows, tmp_path):
+    eager = {"attn_implementation": "eager"}
+    shared = one_step(tiny_model_dirs["qwen2_vl"], uneven_rows, tmp_path / "on", {}, FROZEN, model_kwargs=eager)
+    unshared = one_step(
+        tiny_model_dirs["qwen2_vl"], uneven_rows, tmp_path / "off", NO_SHARING, FROZEN, model_kwargs=eager
+    )
+    assert_same_step(shared, unshared)
+
+
+def test_an_attention_that_cannot_take_the_mask_runs_two_rows_and_says_so_once(
+    tiny_model_dirs, uneven_rows, tmp_path, monkeypatch, caplog
+):
+    from vlm_dpo_plugins.sharing import forward
+
+    monkeypatch.setattr(forward, "MASKABLE_ATTENTION", {"eager": "float"})
+    with caplog.at_level(logging.WARNING, logger="vlm_dpo_plugins.sharing"):
+        shared = one_step(tiny_model_dirs["llava"], uneven_rows, tmp_path / "on", {}, FROZEN)
+    unshared = one_step(tiny_model_dirs["llava"], uneven_rows, tmp_path / "off", NO_SHARING, FROZEN)
+    assert_same_step(shared, unshared)
+    notices = [r.getMessage() for r in caplog.records if "sharing.prompt" in r.getMessage()]
+    assert notices == [
+        "vlm-dpo: sharing.prompt: attention implementation 'sdpa' cannot take the mask that keeps a pair's two "
+        "responses apart; chosen and rejected run as two rows each (eager or sdpa can share the prompt)"
+    ]
+    # Still one encode per pair: the rejected rows' repeated images are not encoded again.
+    assert shared[3] == {"policy": 4, "reference": 0}
+
+
+def test_training_with_sharing_follows_the_unshared_run(tiny_model_dirs, uneven_rows, tmp_path):
+    runs = {}
+    for name, sharing in (("on", {}), ("off", NO_SHARING)):
+        # SGD: AdamW's m / sqrt(v) turns a 1e-9 gradient's rounding into a step of the full learning rate.
+        trainer = make_trainer(
+            tiny_model_dirs["llava"],
+            uneven_rows * 2,
+            tmp_path / name,
+            vlm_dpo_config={"sharing": sharing},
+            bf16=False,
+            optim="sgd",
+            learning_rate=0.5,
+        )
+        trainer.train()
+        runs[name] = (training_logs(trainer), snapshot(trainer.model))
+    (logs, parameters), (logs_ref, parameters_ref) = runs["on"], runs["off"]
+    assert len(logs) == len(logs_ref) == 4
+    for entry, entry_ref in zip(logs, logs_ref):
+        for key in ("loss", "rewards/margins", "grad_norm"):
+            assert entry[key] == pytest.approx(entry_ref[key], abs=1e-5), key
+    for name, value in parameters.items():
+        assert torch.allclose(value, parameters_ref[name], atol=1e-5, rtol=0), name

@@ -1,0 +1,195 @@
+"""Packing a preference batch into one row per pair, and lending image features between passes (torch only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlm_dpo_plugins.sharing.features import ImageFeatureSharing, ReferenceFeatureReuse
+from vlm_dpo_plugins.sharing.images import chosen_half_of_images
+from vlm_dpo_plugins.sharing.packing import CHOSEN, IGNORE_INDEX, REJECTED, SHARED, PackingUnavailable, pack_pairs
+
+PAD = 0
+
+
+def collated(pairs):
+    """2B right-padded rows from (prompt, chosen, rejected) token lists, as the frameworks collate them."""
+    rows = [prompt + chosen for prompt, chosen, _ in pairs] + [prompt + rejected for prompt, _, rejected in pairs]
+    prompt_lengths = [len(prompt) for prompt, _, _ in pairs] * 2
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([row + [PAD] * (width - len(row)) for row in rows])
+    attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    response_mask = torch.zeros_like(attention_mask)
+    for index, (row, start) in enumerate(zip(rows, prompt_lengths)):
+        response_mask[index, start : len(row)] = 1
+    return input_ids, attention_mask, response_mask
+
+
+PAIRS = [
+    ([11, 12, 13], [21, 22], [31, 32, 33, 34]),
+    ([14, 15, 16, 17, 18], [23], [35, 36]),
+]
+
+
+def test_packed_rows_hold_the_prompt_once_then_both_responses():
+    input_ids, attention_mask, response_mask = collated(PAIRS)
+    packed = pack_pairs(input_ids, attention_mask, response_mask)
+    ids = packed.gather(input_ids)
+
+    # The rejected branch opens with a copy of the last prompt token at that token's position.
+    assert ids[0].tolist() == [11, 12, 13, 21, 22, 13, 31, 32, 33, 34]
+    assert ids[1].tolist() == [14, 15, 16, 17, 18, 23, 18, 35, 36, PAD]
+    assert packed.positions[0].tolist() == [0, 1, 2, 3, 4, 2, 3, 4, 5, 6]
+    assert packed.positions[1].tolist()[:9] == [0, 1, 2, 3, 4, 5, 4, 5, 6]
+    S, C, R = SHARED, CHOSEN, REJECTED
+    assert packed.side[0].tolist() == [S, S, C, C, C, R, R, R, R, R]
+    assert packed.side[1].tolist() == [S, S, S, S, C, C, R, R, R, -1]
+    labels = packed.labels(input_ids)
+    assert labels[0].tolist() == [IGNORE_INDEX] * 3 + [21, 22, IGNORE_INDEX, 31, 32, 33, 34]
+    assert labels[1].tolist() == [IGNORE_INDEX] * 5 + [23, IGNORE_INDEX, 35, 36, IGNORE_INDEX]
+
+
+def test_each_branch_sees_the_shared_prompt_and_itself_never_the_other():
+    input_ids, attention_mask, response_mask = collated(PAIRS)
+    packed = pack_pairs(input_ids, attention_mask, response_mask)
+    visible = packed.visible()[:, 0]
+    side = packed.side
+    for pair in range(2):
+        for query in range(packed.length):
+            for key in range(packed.length):
+                if side[pair, query] < 0:
+                    expected = key == query
+                else:
+                    same_side = side[pair, key] in (SHARED, side[pair, query])
+                    expected = key <= query and side[pair, key] >= 0 and same_side
+                assert bool(visible[pair, query, key]) == expected, (pair, query, key)
+    bias = packed.attention_bias(torch.float32)
+    assert torch.equal(bias == 0, packed.visible())
+    assert bias.min() == torch.finfo(torch.float32).min
+
+
+def test_unpack_puts_each_scored_token_back_where_the_collated_rows_score_it():
+    input_ids, attention_mask, response_mask = collated(PAIRS)
+    packed = pack_pairs(input_ids, attention_mask, response_mask)
+    # A per-token output that names the token each position predicts: position t scores token t + 1.
+    packed_ids = packed.labels(input_ids)
+    per_token = packed_ids[:, 1:].float()
+    collated_view = packed.unpack(per_token)
+    expected = torch.where(response_mask[:, 1:].bool(), input_ids[:, 1:], 0).float()
+    assert torch.equal(collated_view, expected)
+
+
+def test_left_padded_rows_pack_from_their_attended_tokens():
+    input_ids, attention_mask, response_mask = collated(PAIRS)
+    # Shift every row right by two pad columns: only the attended tokens matter.
+    pad = torch.zeros(input_ids.shape[0], 2, dtype=torch.long)
+    left = pack_pairs(
+        torch.cat((pad, input_ids), 1), torch.cat((pad, attention_mask), 1), torch.cat((pad, response_mask), 1)
+    )
+    right = pack_pairs(input_ids, attention_mask, response_mask)
+    assert torch.equal(left.gather(torch.cat((pad, input_ids), 1)), right.gather(input_ids))
+    assert torch.equal(left.side, right.side)
+
+
+def test_a_pair_whose_rows_start_differently_is_not_packed():
+    input_ids, attention_mask, response_mask = collated(PAIRS)
+    input_ids[3, 1] = 99  # the rejected row of pair 1 carries another prompt
+    with pytest.raises(PackingUnavailable, match=r"pair 1: the chosen row \(1\) and the rejected row \(3\)"):
+        pack_pairs(input_ids, attention_mask, response_mask)
+
+
+def test_a_row_without_response_tokens_is_not_packed():
+    input_ids, attention_mask, response_mask = collated(PAIRS)
+    response_mask[2] = 0
+    with pytest.raises(PackingUnavailable, match="row 2 has no response token"):
+        pack_pairs(input_ids, attention_mask, response_mask)
+
+
+def test_images_are_halved_only_when_the_rejected_rows_repeat_them():
+    pixels = torch.randn(2, 3, 4, 4)
+    batch = {
+        "input_ids": torch.ones(4, 5),
+        "pixel_values": torch.cat((pixels, pixels)),
+        "image_sizes": torch.ones(4, 2),
+    }
+    halves = chosen_half_of_images(batch)
+    assert torch.equal(halves["pixel_values"], pixels) and halves["image_sizes"].shape == (2, 2)
+    batch["pixel_values"] = torch.cat((pixels, pixels + 1))
+    with pytest.raises(PackingUnavailable, match=r"batch\['pixel_values'\] is not the chosen rows' images repeated"):
+        chosen_half_of_images(batch)
+
+
+class Encoder(torch.nn.Module):
+    """Stands in for a VLM: ``forward`` calls its own ``get_image_features``, as transformers' models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.vision = torch.nn.Linear(3, 2)
+        self.calls = []
+
+    def get_image_features(self, pixel_values, image_grid_thw=None):
+        self.calls.append(pixel_values.shape[0])
+        return list(self.vision(pixel_values))
+
+    def forward(self, pixel_values, image_grid_thw=None):
+        return torch.stack(self.get_image_features(pixel_values, image_grid_thw=image_grid_thw))
+
+
+class Wrapper(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = Encoder()
+
+    def get_image_features(self, pixel_values):
+        return self.model.get_image_features(pixel_values)
+
+    def forward(self, pixel_values, image_grid_thw=None):
+        return self.model(pixel_values, image_grid_thw=image_grid_thw)
+
+
+def test_duplicated_images_are_encoded_once_and_their_features_repeated():
+    model = Wrapper()
+    pixels = torch.randn(2, 3)
+    duplicated = torch.cat((pixels, pixels))
+    sharing = ImageFeatureSharing(model)
+    assert sharing.modules == [model.model]  # the innermost, whose forward calls it
+    with sharing.encode_chosen_half():
+        out = model(duplicated, image_grid_thw=torch.ones(4, 3))
+    assert model.model.calls == [2]
+    assert torch.equal(out, model(duplicated))
+    assert "get_image_features" not in model.model.__dict__
+
+
+def test_recorded_features_are_replayed_without_encoding_even_when_wraps_nest():
+    policy, reference = Wrapper(), Wrapper()
+    reference.load_state_dict(policy.state_dict())
+    pixels = torch.randn(2, 3)
+    duplicated = torch.cat((pixels, pixels))
+    sharing = ImageFeatureSharing(policy)
+    with sharing.encode_chosen_half(), sharing.record():
+        expected = policy(duplicated)
+    with sharing.replay(reference):
+        got = reference(duplicated)
+    assert torch.equal(got, expected)
+    assert policy.model.calls == [2] and reference.model.calls == []
+    assert "get_image_features" not in policy.model.__dict__ and "get_image_features" not in reference.model.__dict__
+    with pytest.raises(RuntimeError, match="more image features than the policy pass computed"), sharing.replay():
+        policy(duplicated)
+
+
+def test_the_reference_reuses_features_only_while_its_vision_weights_are_the_policys_and_frozen():
+    groups = {"vision": ["model.vision.weight", "model.vision.bias"], "language": []}
+    policy, reference = Wrapper(), Wrapper()
+    for parameter in policy.parameters():
+        parameter.requires_grad_(False)
+    assert not ReferenceFeatureReuse(policy, reference, groups).allowed()  # different random weights
+    reference.load_state_dict(policy.state_dict())
+    assert ReferenceFeatureReuse(policy, reference, groups).allowed()
+    reuse = ReferenceFeatureReuse(policy, None, groups)
+    assert reuse.allowed()
+    policy.model.vision.weight.requires_grad_(True)
+    assert not reuse.allowed()
+    policy.model.vision.weight.requires_grad_(False)
+    assert not reuse.allowed()  # once the vision side trained, never again
+    lora_groups = {"vision": [*groups["vision"], "model.vision.lora_A.default.weight"]}
+    assert not ReferenceFeatureReuse(policy, None, lora_groups).allowed()

@@ -1,0 +1,153 @@
+"""Run a preference batch through a model with the prompt and the images shared, or say why not and run it as collated.
+
+The adapters keep calling the model their framework's way (TRL's fused LM head, LLaMA-Factory's and
+ms-swift's logits); ``PairSharing`` only changes what goes in and maps what comes out back::
+
+    prepared = sharing.prepare(model_kwargs, labels, response_mask)
+    with sharing.policy_pass(prepared):
+        out = model(**prepared.kwargs, labels=prepared.labels)
+    per_token = prepared.to_collated(out.log_probs)        # [2B, T - 1], as without sharing
+    with sharing.reference_pass(prepared, reuse_features=...):
+        ...
+
+Prompt sharing packs each pair into one row (``packing.py``) with its own attention mask and
+positions; image sharing encodes each pair's images once in the policy pass and, while the vision
+tower and projector are frozen, lends the features to the reference pass (``features.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlm_dpo_plugins.sharing.features import ImageFeatureSharing
+from vlm_dpo_plugins.sharing.images import PER_TOKEN_KEYS, chosen_half_of_images, images_repeated
+from vlm_dpo_plugins.sharing.packing import PackedPairs, PackingUnavailable, pack_pairs, packed_per_token_inputs
+from vlm_dpo_plugins.sharing.positions import packed_position_ids
+from vlm_dpo_plugins.sharing.settings import SharingConfig
+
+logger = logging.getLogger("vlm_dpo_plugins.sharing")
+
+MASKABLE_ATTENTION = {"eager": "float", "sdpa": "bool"}
+"""Attention implementations that take an arbitrary 4D mask, and the mask each expects."""
+
+
+@dataclass
+class PreparedBatch:
+    kwargs: dict[str, Any]
+    """The model's keyword arguments: packed rows, or the collated batch unchanged."""
+    labels: torch.Tensor | None
+    packed: PackedPairs | None
+    encode_chosen_half: bool
+    """Unpacked rows whose images repeat per pair: the vision tower encodes the first half only."""
+
+    def to_collated(self, per_token_shifted: torch.Tensor) -> torch.Tensor:
+        """Per-token outputs (position t scores token t + 1) in the collated ``[2B, T - 1]`` layout."""
+        return per_token_shifted if self.packed is None else self.packed.unpack(per_token_shifted)
+
+    @property
+    def rows_through_language_model(self) -> int:
+        return int(self.kwargs["input_ids"].shape[0])
+
+
+class PairSharing:
+    def __init__(self, model: torch.nn.Module, config: SharingConfig):
+        self.config = config
+        self.features = ImageFeatureSharing(model)
+        self._model = model
+        self._noticed: set[str] = set()
+        self._mask_kind = self._attention_mask_kind(model) if config.prompt else None
+
+    def _attention_mask_kind(self, model: torch.nn.Module) -> str | None:
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        implementation = getattr(text_config, "_attn_implementation", None) or "eager"
+        kind = MASKABLE_ATTENTION.get(implementation)
+        if kind is None:
+            self._notice(
+                f"sharing.prompt: attention implementation {implementation!r} cannot take the mask that keeps a pair's "
+                "two responses apart; chosen and rejected run as two rows each (eager or sdpa can share the prompt)"
+            )
+        return kind
+
+    def _notice(self, message: str) -> None:
+        if message not in self._noticed:
+            self._noticed.add(message)
+            logger.warning("vlm-dpo: %s", message)
+
+    def prepare(
+        self,
+        model_kwargs: Mapping[str, Any],
+        labels: torch.Tensor | None,
+        response_mask: torch.Tensor,
+        per_token_keys: frozenset[str] = PER_TOKEN_KEYS,
+    ) -> PreparedBatch:
+        """The model inputs for this batch; ``labels`` (collated layout, or None) are packed alongside."""
+        if self._mask_kind is not None:
+            try:
+                return self._packed(model_kwargs, labels, response_mask, per_token_keys)
+            except PackingUnavailable as reason:
+                self._notice(f"sharing.prompt: this batch runs unpacked: {reason}")
+        repeated = (
+            self.config.vision_features and self.features.available and images_repeated(model_kwargs, per_token_keys)
+        )
+        return PreparedBatch(dict(model_kwargs), labels, packed=None, encode_chosen_half=repeated)
+
+    def _packed(
+        self,
+        model_kwargs: Mapping[str, Any],
+        labels: torch.Tensor | None,
+        response_mask: torch.Tensor,
+        per_token_keys: frozenset[str],
+    ) -> PreparedBatch:
+        input_ids, attention_mask = model_kwargs["input_ids"], model_kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.ndim != 2:
+            raise PackingUnavailable("the batch already carries a 4D attention mask")
+        images = chosen_half_of_images(model_kwargs, per_token_keys)
+        packed = pack_pairs(input_ids, attention_mask, response_mask)
+        per_token = packed_per_token_inputs(packed, model_kwargs, per_token_keys)
+        kwargs = {key: value for key, value in model_kwargs.items() if key not in per_token_keys and key not in images}
+        kwargs.update(per_token)
+        kwargs.update(images)
+        kwargs["position_ids"] = packed_position_ids(self._model, packed, per_token, images)
+        kwargs["attention_mask"] = self._mask(packed)
+        packed_labels = packed.labels(labels if labels is not None else input_ids) if labels is not None else None
+        return PreparedBatch(kwargs, packed_labels, packed=packed, encode_chosen_half=False)
+
+    def _mask(self, packed: PackedPairs) -> torch.Tensor:
+        # fp32 for eager: added to bf16 scores it promotes them, and the softmax runs in fp32 there anyway.
+        return packed.visible() if self._mask_kind == "bool" else packed.attention_bias(torch.float32)
+
+    @contextlib.contextmanager
+    def policy_pass(self, prepared: PreparedBatch, *, keep_features: bool = False) -> Iterator[None]:
+        """The policy's forward; ``keep_features``: keep its image features for a reference pass to reuse."""
+        self.features.forget()
+        with contextlib.ExitStack() as stack:
+            if prepared.encode_chosen_half:
+                stack.enter_context(self.features.encode_chosen_half())
+            if keep_features and self.config.vision_features:
+                stack.enter_context(self.features.record())
+            yield
+
+    @contextlib.contextmanager
+    def reference_pass(
+        self, prepared: PreparedBatch, *, reference_model: torch.nn.Module | None = None
+    ) -> Iterator[None]:
+        """The reference's forward (``reference_model``: a separate model; None: the policy with its adapter off).
+
+        It gets the features the policy pass kept, if it kept them, else encodes its own, once per pair.
+        """
+        with contextlib.ExitStack() as stack:
+            if self.features.recorded:
+                stack.enter_context(self.features.replay(reference_model))
+            elif prepared.encode_chosen_half:
+                sharing = self.features if reference_model is None else ImageFeatureSharing(reference_model)
+                stack.enter_context(sharing.encode_chosen_half())
+            yield
