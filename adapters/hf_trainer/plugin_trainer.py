@@ -42,6 +42,8 @@ from vlm_dpo_plugins.guards.clipping import parameters_by_group
 from vlm_dpo_plugins.guards.deepspeed import tune_deepspeed_config
 from vlm_dpo_plugins.guards.deepspeed_buckets import model_hidden_size
 from vlm_dpo_plugins.runlog.findings import append_finding
+from vlm_dpo_plugins.sharing.features import ReferenceFeatureReuse
+from vlm_dpo_plugins.sharing.forward import PairSharing, PreparedBatch
 from vlm_dpo_plugins.types import Finding, RunContext
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters")
@@ -203,6 +205,47 @@ class PluginTrainerMixin:
         if self._parameters_cache is None:
             self._parameters_cache = parameters_by_group(self.model.named_parameters(), self._groups)
         return self._parameters_cache
+
+    # -- prompt and image sharing ----------------------------------------------------
+
+    def _set_up_sharing(self, *, usable: bool, reference_model: Any, reference_pass: bool) -> None:
+        """Prompt and image sharing for the plugins' loss path (``usable``: not for mDPO's three row blocks).
+
+        ``reference_model``: the framework's separate reference, or None when the reference is the policy with its
+        adapter off; ``reference_pass``: whether a reference forward runs each step (not with precomputed ones).
+        """
+        sharing = self.vlm_dpo_config.sharing
+        self._pair_sharing: PairSharing | None = None
+        self._feature_reuse: ReferenceFeatureReuse | None = None
+        if not usable or not (sharing.prompt or sharing.vision_features):
+            return
+        self._pair_sharing = PairSharing(self.model, sharing)
+        if reference_pass and sharing.vision_features:
+            reference = None if reference_model is None else self.accelerator.unwrap_model(reference_model)
+            self._feature_reuse = ReferenceFeatureReuse(self.model, reference, self._groups)
+
+    def _prepare_pairs(
+        self, kwargs: dict[str, Any], labels: torch.Tensor, response_mask: torch.Tensor
+    ) -> PreparedBatch:
+        if self._pair_sharing is None:
+            return PreparedBatch(dict(kwargs), labels, packed=None, encode_chosen_half=False)
+        return self._pair_sharing.prepare(kwargs, labels, response_mask)
+
+    @contextlib.contextmanager
+    def _policy_pass(self, prepared: PreparedBatch):
+        if self._pair_sharing is None:
+            yield
+            return
+        keep = self._feature_reuse is not None and self._feature_reuse.allowed()
+        with self._pair_sharing.policy_pass(prepared, keep_features=keep):
+            yield
+
+    def _reference_pass(self, prepared: PreparedBatch, reference_model: Any) -> Any:
+        """Context for the reference forward; ``reference_model`` is the model it runs (the policy or another)."""
+        if self._pair_sharing is None:
+            return contextlib.nullcontext()
+        separate = None if reference_model is self.model else self.accelerator.unwrap_model(reference_model)
+        return self._pair_sharing.reference_pass(prepared, reference_model=separate)
 
     # -- gradient norm -------------------------------------------------------------
 

@@ -33,7 +33,9 @@ from vlm_dpo_plugins.adapters.llamafactory.workflow import PluginRun
 from vlm_dpo_plugins.freeze.report import trainable_report
 from vlm_dpo_plugins.losses.compute import compute_preference_loss
 from vlm_dpo_plugins.losses.corrupted_image import with_corrupted_chosen
-from vlm_dpo_plugins.losses.logprobs import SequenceLogps, sequence_logps
+from vlm_dpo_plugins.losses.logprobs import SequenceLogps
+from vlm_dpo_plugins.sharing.forward import PreparedBatch
+from vlm_dpo_plugins.sharing.logits import collated_sequence_logps, row_logit_means
 from vlm_dpo_plugins.types import LossInputs, RunContext
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters.llamafactory")
@@ -54,6 +56,11 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
         self._loss_inputs: LossInputs = self.plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()
         self._needs_corrupted_image = not vlm_dpo_run.framework_computes_loss and bool(self._loss_inputs.extras)
         self._attach_plugins()
+        self._set_up_sharing(
+            usable=not (vlm_dpo_run.framework_computes_loss or self._needs_corrupted_image),
+            reference_model=self.ref_model,
+            reference_pass=self._loss_inputs.reference,
+        )
         extend_trainer_log(self)
         self._announce()
 
@@ -111,10 +118,11 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
             extended = with_corrupted_chosen({**inputs, "labels": labels}, batch_dims=_batch_dims(inputs))
             labels = extended.pop("labels")
             inputs = extended
-        logits = model(**inputs, return_dict=True, use_cache=False).logits
-        response = labels != IGNORE_INDEX
-        policy = sequence_logps(logits, labels, response)
-        reference = self._reference_logps(model, inputs, labels, response) if self._loss_inputs.reference else None
+        prepared = self._prepare_pairs(inputs, labels, labels != IGNORE_INDEX)
+        with self._policy_pass(prepared):
+            logits = model(**prepared.kwargs, return_dict=True, use_cache=False).logits
+        policy = collated_sequence_logps(logits, prepared.labels, prepared, IGNORE_INDEX)
+        reference = self._reference_logps(model, prepared) if self._loss_inputs.reference else None
 
         output, logps = compute_preference_loss(
             self.plugins,
@@ -127,25 +135,23 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
         losses = output.losses
         if self.ftx_gamma > 1e-6:  # LLaMA-Factory's pref_ftx: an SFT term on the chosen responses, length-averaged
             losses = losses + self.ftx_gamma * -(logps.chosen / logps.chosen_token_count.clamp(min=1))
-        metrics = _framework_metrics(
-            output, logps, logits[: 2 * pairs], pairs, prefix="eval_" if train_eval == "eval" else ""
-        )
+        logit_means = row_logit_means(logits, prepared, pairs)
+        metrics = _framework_metrics(output, logps, logit_means, prefix="eval_" if train_eval == "eval" else "")
         return losses.mean(), metrics
 
-    def _reference_logps(
-        self, model: Any, inputs: dict[str, Any], labels: torch.Tensor, response: torch.Tensor
-    ) -> SequenceLogps:
+    def _reference_logps(self, model: Any, prepared: PreparedBatch) -> SequenceLogps:
         if self.ref_model is None:
             reference_model = model
             # Leaving PEFT's disable_adapter re-marks the adapters trainable, the ones the policy froze included.
             contexts = [requires_grad_kept(model), self.accelerator.unwrap_model(model).disable_adapter()]
         else:
             reference_model, contexts = self.ref_model, []
+        contexts.append(self._reference_pass(prepared, reference_model))
         with torch.no_grad(), contextlib.ExitStack() as stack:
             for context in contexts:
                 stack.enter_context(context)
-            logits = reference_model(**inputs, return_dict=True, use_cache=False).logits
-            return sequence_logps(logits, labels, response)
+            logits = reference_model(**prepared.kwargs, return_dict=True, use_cache=False).logits
+            return collated_sequence_logps(logits, prepared.labels, prepared, IGNORE_INDEX)
 
 
 def _batch_dims(inputs: dict[str, Any]) -> dict[str, int]:
@@ -154,7 +160,9 @@ def _batch_dims(inputs: dict[str, Any]) -> dict[str, int]:
     return {"position_ids": 1} if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 3 else {}
 
 
-def _framework_metrics(output: Any, logps: Any, logits: torch.Tensor, pairs: int, prefix: str) -> dict[str, float]:
+def _framework_metrics(
+    output: Any, logps: Any, logit_means: tuple[torch.Tensor, torch.Tensor], prefix: str
+) -> dict[str, float]:
     """LLaMA-Factory's metric names and meanings (per-rank means; its ``log`` averages over ranks)."""
     chosen, rejected = output.chosen_rewards.detach().float(), output.rejected_rewards.detach().float()
     metrics = {
@@ -164,8 +172,8 @@ def _framework_metrics(output: Any, logps: Any, logits: torch.Tensor, pairs: int
         f"{prefix}rewards/margins": (chosen - rejected).mean().item(),
         f"{prefix}logps/chosen": logps.chosen.detach().float().mean().item(),
         f"{prefix}logps/rejected": logps.rejected.detach().float().mean().item(),
-        f"{prefix}logits/chosen": logits[:pairs].detach().mean(dtype=torch.float32).item(),
-        f"{prefix}logits/rejected": logits[pairs:].detach().mean(dtype=torch.float32).item(),
+        f"{prefix}logits/chosen": logit_means[0].item(),
+        f"{prefix}logits/rejected": logit_means[1].item(),
     }
     for name, value in output.metrics.items():
         if not name.startswith("rewards/"):

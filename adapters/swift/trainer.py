@@ -34,7 +34,9 @@ from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.freeze.report import trainable_report
 from vlm_dpo_plugins.losses.compute import compute_preference_loss
 from vlm_dpo_plugins.losses.corrupted_image import with_corrupted_chosen
-from vlm_dpo_plugins.losses.logprobs import SequenceLogps, sequence_logps
+from vlm_dpo_plugins.losses.logprobs import SequenceLogps
+from vlm_dpo_plugins.sharing.forward import PreparedBatch
+from vlm_dpo_plugins.sharing.logits import collated_sequence_logps, response_logit_means
 from vlm_dpo_plugins.types import LossInputs, RunContext
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters.swift")
@@ -63,6 +65,11 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
         self._loss_inputs: LossInputs = self.plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()
         self._needs_corrupted_image = not run.framework_computes_loss and bool(self._loss_inputs.extras)
         self._attach_plugins()
+        self._set_up_sharing(
+            usable=not (run.framework_computes_loss or self._needs_corrupted_image),
+            reference_model=self.ref_model,
+            reference_pass=self._loss_inputs.reference,
+        )
         # First in line, so the findings are on the dict before swift's callbacks write it to logging.jsonl.
         self.callback_handler.callbacks.insert(0, FindingsOnLogLine(self))
         self._announce()
@@ -145,10 +152,11 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
             extended = with_corrupted_chosen({**inputs, "labels": labels}, batch_dims=_batch_dims(inputs))
             labels = extended.pop("labels")
             inputs = extended
-        logits = _response_aligned(model(**inputs, use_cache=False).logits, labels)
-        response = labels != self.label_pad_token_id
-        policy = sequence_logps(logits, labels, response)
-        reference = self._reference_logps(model, inputs, labels, response) if self._loss_inputs.reference else None
+        prepared = self._prepare_pairs(inputs, labels, labels != self.label_pad_token_id)
+        with self._policy_pass(prepared):
+            logits = _response_aligned(model(**prepared.kwargs, use_cache=False).logits, prepared.labels)
+        policy = collated_sequence_logps(logits, prepared.labels, prepared, self.label_pad_token_id)
+        reference = self._reference_logps(model, prepared) if self._loss_inputs.reference else None
         output, logps = compute_preference_loss(
             self.plugins,
             self.vlm_dpo_config,
@@ -157,28 +165,27 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
             pairs=pairs,
             with_corrupted_image=self._needs_corrupted_image,
         )
-        metrics = self._swift_metrics(output, logps, logits[: 2 * pairs], response[: 2 * pairs], pairs, train_eval)
+        logit_means = response_logit_means(logits, prepared.labels, prepared, pairs, self.label_pad_token_id)
+        metrics = self._swift_metrics(output, logps, logit_means, train_eval)
         return output.losses.mean(), metrics
 
-    def _reference_logps(
-        self, model: Any, inputs: dict[str, Any], labels: torch.Tensor, response: torch.Tensor
-    ) -> SequenceLogps:
+    def _reference_logps(self, model: Any, prepared: PreparedBatch) -> SequenceLogps:
         reference_model, context = (
             (model, self.null_ref_context()) if self.ref_model is None else (self.ref_model, None)
         )
-        with torch.no_grad(), context or contextlib.nullcontext():
-            logits = _response_aligned(reference_model(**inputs, use_cache=False).logits, labels)
-            return sequence_logps(logits, labels, response)
+        shared = self._reference_pass(prepared, reference_model)
+        with torch.no_grad(), context or contextlib.nullcontext(), shared:
+            logits = _response_aligned(reference_model(**prepared.kwargs, use_cache=False).logits, prepared.labels)
+            return collated_sequence_logps(logits, prepared.labels, prepared, self.label_pad_token_id)
 
     def _swift_metrics(
-        self, output: Any, logps: Any, logits: torch.Tensor, response: torch.Tensor, pairs: int, train_eval: str
+        self, output: Any, logps: Any, logit_means: tuple[torch.Tensor, torch.Tensor], train_eval: str
     ) -> dict[str, float]:
         """Swift's metric names, gathered over ranks as swift gathers its own."""
         prefix = "eval_" if train_eval == "eval" else ""
         gather = self.accelerator.gather_for_metrics
         chosen, rejected = output.chosen_rewards.detach().float(), output.rejected_rewards.detach().float()
         # Swift's logits/* are the mean over response tokens of each token's mean logit.
-        mean_logits = logits.detach().float().mean(-1)
         metrics = {
             f"{prefix}rewards/chosen": gather(chosen).mean().item(),
             f"{prefix}rewards/rejected": gather(rejected).mean().item(),
@@ -186,8 +193,8 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
             f"{prefix}rewards/margins": gather(chosen - rejected).mean().item(),
             f"{prefix}logps/chosen": gather(logps.chosen.detach().float()).mean().item(),
             f"{prefix}logps/rejected": gather(logps.rejected.detach().float()).mean().item(),
-            f"{prefix}logits/chosen": gather(mean_logits[:pairs][response[:pairs]].mean()).mean().item(),
-            f"{prefix}logits/rejected": gather(mean_logits[pairs:][response[pairs:]].mean()).mean().item(),
+            f"{prefix}logits/chosen": gather(logit_means[0]).mean().item(),
+            f"{prefix}logits/rejected": gather(logit_means[1]).mean().item(),
         }
         for name, value in output.metrics.items():
             if not name.startswith("rewards/"):

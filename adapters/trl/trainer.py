@@ -59,8 +59,7 @@ from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.guards.deepspeed import zero_stage
 from vlm_dpo_plugins.losses.compute import compute_preference_loss
 from vlm_dpo_plugins.manager import create_plugin_manager
-from vlm_dpo_plugins.sharing.features import ReferenceFeatureReuse
-from vlm_dpo_plugins.sharing.forward import PairSharing, PreparedBatch
+from vlm_dpo_plugins.sharing.forward import PreparedBatch
 from vlm_dpo_plugins.types import LossInputs, RunContext
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters.trl")
@@ -110,7 +109,12 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         if not self._trl_computes_loss:
             self.beta = self.vlm_dpo_config.loss.beta
         self._attach_plugins()
-        self._set_up_sharing()
+        # TRL's own loss runs its own forwards; mDPO's third block of rows repeats the chosen ones with other images.
+        self._set_up_sharing(
+            usable=not (self._trl_computes_loss or self._needs_corrupted_image),
+            reference_model=self.ref_model,
+            reference_pass=self._loss_inputs.reference and not self.precompute_ref_logps,
+        )
 
     # -- set-up ------------------------------------------------------------
 
@@ -173,32 +177,6 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         if self._signature_columns is not None and key not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, key]
 
-    def _set_up_sharing(self) -> None:
-        """Prompt and image sharing for the plugins' loss path (TRL's own loss runs its own forwards)."""
-        sharing = self.vlm_dpo_config.sharing
-        self._pair_sharing: PairSharing | None = None
-        self._feature_reuse: ReferenceFeatureReuse | None = None
-        if self._trl_computes_loss or self._needs_corrupted_image or not (sharing.prompt or sharing.vision_features):
-            return  # mDPO's third block of rows repeats the chosen responses with other images: nothing to share
-        self._pair_sharing = PairSharing(self.model, sharing)
-        if self._loss_inputs.reference and not self.precompute_ref_logps and sharing.vision_features:
-            reference = None if self.ref_model is None else self.accelerator.unwrap_model(self.ref_model)
-            self._feature_reuse = ReferenceFeatureReuse(self.model, reference, self._groups)
-
-    def _prepare(self, kwargs: dict[str, Any], labels: torch.Tensor, batch: dict[str, Any]) -> PreparedBatch:
-        if self._pair_sharing is None:
-            return PreparedBatch(kwargs, labels, packed=None, encode_chosen_half=False)
-        return self._pair_sharing.prepare(kwargs, labels, batch["completion_mask"])
-
-    @contextlib.contextmanager
-    def _policy_pass(self, prepared: PreparedBatch):
-        if self._pair_sharing is None:
-            yield
-            return
-        keep = self._feature_reuse is not None and self._feature_reuse.allowed()
-        with self._pair_sharing.policy_pass(prepared, keep_features=keep):
-            yield
-
     # -- training ------------------------------------------------------------
 
     def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None):
@@ -212,7 +190,7 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         mode = "train" if self.model.training else "eval"
         pairs = inputs["input_ids"].shape[0] // 2
         batch = with_corrupted_chosen(inputs) if self._needs_corrupted_image else inputs
-        prepared = self._prepare(model_inputs(batch), completion_labels(batch), batch)
+        prepared = self._prepare_pairs(model_inputs(batch), completion_labels(batch), batch["completion_mask"])
         kwargs = dict(prepared.kwargs)
         if self.aux_loss_enabled:
             kwargs["output_router_logits"] = True
@@ -253,16 +231,14 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         if self.precompute_ref_logps:
             precomputed = torch.cat((batch["ref_chosen_logps"], batch["ref_rejected_logps"]))
             return SequenceLogps(precomputed, batch["completion_mask"][:, 1:].sum(dim=1))
-        adapter = kept = shared = contextlib.nullcontext()
+        adapter = kept = contextlib.nullcontext()
         reference_model = self.ref_model
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
             kept = requires_grad_kept(self.model)  # only switching adapters touches requires_grad
             reference_model = self.model
-        if self._pair_sharing is not None:
-            separate = None if reference_model is self.model else self.accelerator.unwrap_model(reference_model)
-            shared = self._pair_sharing.reference_pass(prepared, reference_model=separate)
+        shared = self._reference_pass(prepared, reference_model)
         no_checkpointing = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
         with kept, torch.no_grad(), no_checkpointing, adapter, shared:
             outputs = reference_model(**prepared.kwargs, labels=prepared.labels, fused_lm_head=True)

@@ -45,11 +45,22 @@ def sequence_logps(
     logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, *, chunk_tokens: int | None = None
 ) -> SequenceLogps:
     """Summed fp32 log-probs of the response tokens from ``[rows, T, V]`` logits in any float dtype."""
+    counts = response_mask[:, 1:].to(device=input_ids.device).bool().sum(dim=-1)
+    return SequenceLogps(token_logps(logits, input_ids, response_mask, chunk_tokens=chunk_tokens).sum(dim=-1), counts)
+
+
+def token_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, *, chunk_tokens: int | None = None
+) -> torch.Tensor:
+    """``[rows, T]`` fp32: at ``t - 1`` the log-prob of response token ``t`` (as the logits score it), 0 elsewhere.
+
+    For callers that sum the tokens of one row into several sequences (packed preference pairs).
+    """
     rows, length, vocab_size = logits.shape
-    positions, targets, counts = _scored_tokens(input_ids, response_mask, vocab_size, logits.shape[:2])
+    positions, targets, _ = _scored_tokens(input_ids, response_mask, vocab_size, logits.shape[:2])
     chunk = chunk_tokens or default_chunk_tokens(vocab_size)
-    token_logps = _TargetLogpsFromLogits.apply(logits.flatten(0, 1), positions, targets, chunk)
-    return SequenceLogps(_sum_per_row(token_logps, positions, rows, length), counts)
+    scored = _TargetLogpsFromLogits.apply(logits.flatten(0, 1), positions, targets, chunk)
+    return _dense(scored, positions, rows, length)
 
 
 def sequence_logps_from_hidden(
@@ -129,10 +140,13 @@ def _scored_tokens(
 
 
 def _sum_per_row(token_logps: torch.Tensor, positions: torch.Tensor, rows: int, length: int) -> torch.Tensor:
-    # Scatter into a dense [rows, T] grid and sum: each position is written once, so unlike index_add
-    # (atomics on CUDA) the per-row sum has the same order, and value, on every run.
-    dense = token_logps.new_zeros(rows * length).index_put((positions,), token_logps)
-    return dense.view(rows, length).sum(dim=-1)
+    return _dense(token_logps, positions, rows, length).sum(dim=-1)
+
+
+def _dense(token_logps: torch.Tensor, positions: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    # A dense [rows, T] grid: each position is written once, so unlike index_add (atomics on CUDA) a per-row
+    # sum over it has the same order, and value, on every run.
+    return token_logps.new_zeros(rows * length).index_put((positions,), token_logps).view(rows, length)
 
 
 def _exp_shifted_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from vlm_dpo_plugins.sharing.features import ImageFeatureSharing
-from vlm_dpo_plugins.sharing.images import PER_TOKEN_KEYS, chosen_half_of_images, images_repeated
+from vlm_dpo_plugins.sharing.images import PER_ROW_KEYS, PER_TOKEN_KEYS, chosen_half_of_images, images_repeated
 from vlm_dpo_plugins.sharing.packing import PackedPairs, PackingUnavailable, pack_pairs, packed_per_token_inputs
 from vlm_dpo_plugins.sharing.positions import packed_position_ids
 from vlm_dpo_plugins.sharing.settings import SharingConfig
@@ -61,6 +61,7 @@ class PairSharing:
         self.features = ImageFeatureSharing(model)
         self._model = model
         self._noticed: set[str] = set()
+        self._packing_announced = False
         self._mask_kind = self._attention_mask_kind(model) if config.prompt else None
 
     def _attention_mask_kind(self, model: torch.nn.Module) -> str | None:
@@ -75,6 +76,20 @@ class PairSharing:
             )
         return kind
 
+    def _announce_packing(self, rows_and_length: tuple[int, ...], prepared: PreparedBatch) -> None:
+        if not self._packing_announced:
+            self._packing_announced = True
+            rows, length = rows_and_length
+            packed = prepared.packed
+            logger.info(
+                "vlm-dpo: sharing.prompt: each pair runs as one row [prompt, chosen, rejected] (first batch: %d x %d "
+                "tokens as %d x %d)",
+                rows,
+                length,
+                packed.pairs,
+                packed.length,
+            )
+
     def _notice(self, message: str) -> None:
         if message not in self._noticed:
             self._noticed.add(message)
@@ -88,9 +103,18 @@ class PairSharing:
         per_token_keys: frozenset[str] = PER_TOKEN_KEYS,
     ) -> PreparedBatch:
         """The model inputs for this batch; ``labels`` (collated layout, or None) are packed alongside."""
+        rows_and_length = tuple(model_kwargs["input_ids"].shape)
+        # A framework's own per-token extras (ms-swift's loss_scale, ...) pack like the token ids.
+        per_token_keys = per_token_keys | {
+            key
+            for key, value in model_kwargs.items()
+            if isinstance(value, torch.Tensor) and value.ndim == 2 and tuple(value.shape) == rows_and_length
+        }
         if self._mask_kind is not None:
             try:
-                return self._packed(model_kwargs, labels, response_mask, per_token_keys)
+                prepared = self._packed(model_kwargs, labels, response_mask, per_token_keys)
+                self._announce_packing(rows_and_length, prepared)
+                return prepared
             except PackingUnavailable as reason:
                 self._notice(f"sharing.prompt: this batch runs unpacked: {reason}")
         repeated = (
@@ -116,7 +140,10 @@ class PairSharing:
         kwargs = {key: value for key, value in model_kwargs.items() if key not in per_token_keys and key not in images}
         kwargs.update(per_token)
         kwargs.update(images)
-        kwargs["position_ids"] = packed_position_ids(self._model, packed, per_token, images)
+        for key in PER_ROW_KEYS & kwargs.keys():
+            kwargs[key] = kwargs[key][: packed.pairs]
+        if "position_ids" not in per_token:  # positions the collator computed are gathered, exact as they are
+            kwargs["position_ids"] = packed_position_ids(self._model, packed, per_token, images)
         kwargs["attention_mask"] = self._mask(packed)
         packed_labels = packed.labels(labels if labels is not None else input_ids) if labels is not None else None
         return PreparedBatch(kwargs, packed_labels, packed=packed, encode_chosen_half=False)

@@ -14,6 +14,9 @@ PER_TOKEN_KEYS = frozenset(
 )
 """Batch keys with one value per token of each row; every other tensor of a model's inputs is per image."""
 
+PER_ROW_KEYS = frozenset({"rope_deltas"})
+"""Batch keys with one value per row that packing reduces to the chosen rows' (only generation reads them)."""
+
 
 def chosen_half_of_images(batch: Mapping[str, Any], per_token_keys: frozenset[str] = PER_TOKEN_KEYS) -> dict[str, Any]:
     """The per-image tensors of ``batch`` cut to the chosen rows' images, after checking the rejected half repeats them.
@@ -23,7 +26,7 @@ def chosen_half_of_images(batch: Mapping[str, Any], per_token_keys: frozenset[st
     """
     halves = {}
     for key, value in batch.items():
-        if key in per_token_keys or not isinstance(value, torch.Tensor) or value.ndim == 0:
+        if key in per_token_keys or key in PER_ROW_KEYS or not isinstance(value, torch.Tensor) or value.ndim == 0:
             continue
         count = value.shape[0]
         first, second = value[: count // 2], value[count // 2 :]

@@ -72,7 +72,14 @@ class PackedPairs:
         return self.side >= 0
 
     def gather(self, per_token: torch.Tensor, fill: int | float = 0) -> torch.Tensor:
-        """A collated ``[2B, T]`` per-token tensor in packed layout, ``fill`` on padding."""
+        """A collated ``[2B, T]`` per-token tensor in packed layout, ``fill`` on padding.
+
+        ``[K, 2B, T]`` (Qwen2-VL's mrope ``position_ids`` as LLaMA-Factory and ms-swift collate them) packs
+        along its last two dimensions.
+        """
+        if per_token.ndim == 3 and per_token.shape[1:] == self.collated_shape:
+            packed = per_token[:, self.source_row, self.source_column]
+            return packed.masked_fill(~self.token_mask[None], fill)
         packed = per_token[self.source_row, self.source_column]
         return packed.masked_fill(~self.token_mask, fill)
 

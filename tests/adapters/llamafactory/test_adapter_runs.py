@@ -274,3 +274,25 @@ def test_lora_projector_request_is_not_dropped_silently(tmp_path, models, datase
         "the freeze policy trains the projector group, but the framework made none of its parameters trainable: "
         "it stays frozen. With LoRA, LLaMA-Factory trains the projector only through additional_target"
     ) in run.output, run.log()
+
+
+PACKED_LINE = "vlm-dpo: sharing.prompt: each pair runs as one row [prompt, chosen, rejected]"
+UNSHARED = {"sharing": {"prompt": False, "vision_features": False}}
+
+
+@pytest.mark.parametrize(("model", "finetuning"), [("llava", "full"), ("qwen2_vl", "lora")])
+def test_shared_pairs_train_like_two_rows_per_pair(tmp_path, models, dataset, model, finetuning):
+    # Full tuning: a separate reference model lends nothing but takes the policy's image features (vision frozen);
+    # LoRA: the reference is the policy with its adapter off. Qwen2-VL's mrope positions come from LLaMA-Factory's
+    # collator and are packed as they are.
+    shared = train(tmp_path / "shared", models, dataset, model, finetuning)
+    unshared = train(tmp_path / "unshared", models, dataset, model, finetuning, vlm_dpo=UNSHARED)
+    assert shared.returncode == 0 and unshared.returncode == 0, shared.log() + unshared.log()
+    assert PACKED_LINE in shared.output and "runs unpacked" not in shared.output, shared.log()
+    assert PACKED_LINE not in unshared.output
+    assert len(shared.step_logs) == len(unshared.step_logs) == 3
+    for mine, theirs in zip(shared.step_logs, unshared.step_logs, strict=True):
+        for key in ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "grad_norm"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
+        for key in ("logps/chosen", "logps/rejected"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-6), (key, mine, theirs)

@@ -306,3 +306,31 @@ def test_cpu_ranks_without_use_cpu_are_reported_as_unsynchronised(tmp_path, swif
         "vlm-dpo: NPROC_PER_NODE=2 on a machine without a GPU and without --use_cpu true: swift starts 2 independent "
         "copies of the run whose gradients are never averaged"
     ) in output(run), run.tail()
+
+
+PACKED_LINE = "vlm-dpo: sharing.prompt: each pair runs as one row [prompt, chosen, rejected]"
+
+
+@pytest.mark.parametrize("tuner", ["full", "lora"])
+def test_shared_pairs_train_like_two_rows_per_pair(tmp_path, swift_dpo, qwen2_vl, plugin_file, tuner):
+    # The plugins' loss (swift's own runs its own forwards): packed pairs, Qwen2-VL's mrope positions from swift's
+    # template packed as they are; full tuning lends the policy's image features to swift's separate reference.
+    logs, steps_of = {}, {}
+    for name, sharing in (("shared", {}), ("unshared", {"prompt": False, "vision_features": False})):
+        (tmp_path / name).mkdir()
+        extra, env = with_plugins(tmp_path / name, plugin_file, {"loss": {"type": "sigmoid"}, "sharing": sharing})
+        # SGD: AdamW turns fp32 rounding in a near-zero gradient into a step of the full learning rate.
+        options = ["--tuner_type", tuner, "--optim", "sgd", "--learning_rate", "0.1", *extra]
+        run = swift_dpo(qwen2_vl, max_steps=3, extra_args=options, env_extra=env)
+        assert run.returncode == 0, run.tail()
+        logs[name], steps_of[name] = output(run), steps(run)
+        shutil.rmtree(run.output_dir)  # the factory writes every run to the same folder
+    assert PACKED_LINE in logs["shared"] and "runs unpacked" not in logs["shared"], logs["shared"][-3000:]
+    assert PACKED_LINE not in logs["unshared"]
+    shared, unshared = steps_of["shared"], steps_of["unshared"]
+    assert len(shared) == len(unshared) == 3
+    for mine, theirs in zip(shared, unshared, strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
+        for key in ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (key, mine, theirs)

@@ -1,0 +1,1 @@
+"""Prompt and image sharing: each preference pair packed into one row, its images encoded once per step."""
