@@ -193,3 +193,66 @@ def test_the_reference_reuses_features_only_while_its_vision_weights_are_the_pol
     assert not reuse.allowed()  # once the vision side trained, never again
     lora_groups = {"vision": [*groups["vision"], "model.vision.lora_A.default.weight"]}
     assert not ReferenceFeatureReuse(policy, None, lora_groups).allowed()
+
+
+def test_collator_positions_pack_as_they_are_and_per_row_values_keep_the_chosen_rows():
+    from vlm_dpo_plugins.sharing.forward import PairSharing
+    from vlm_dpo_plugins.sharing.settings import SharingConfig
+
+    input_ids, attention_mask, response_mask = collated(PAIRS)
+    rows, length = input_ids.shape
+    # mrope positions as LLaMA-Factory and ms-swift collate them: [3, rows, length], a distinct value per cell.
+    position_ids = torch.arange(3 * rows * length).view(3, rows, length)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "rope_deltas": torch.arange(rows)[:, None],
+        "loss_scale": torch.ones(rows, length),  # a framework's own per-token extra
+    }
+    sharing = PairSharing(torch.nn.Linear(1, 1), SharingConfig())
+    prepared = sharing.prepare(batch, None, response_mask)
+    packed = prepared.packed
+    assert packed is not None
+    expected = position_ids[:, packed.source_row, packed.source_column].masked_fill(~packed.token_mask[None], 0)
+    assert torch.equal(prepared.kwargs["position_ids"], expected)
+    assert prepared.kwargs["rope_deltas"].tolist() == [[0], [1]]
+    assert prepared.kwargs["loss_scale"].shape == packed.side.shape
+    assert prepared.kwargs["attention_mask"].dtype == torch.float32  # eager (no config): the additive form
+
+
+def test_log_probs_and_logit_means_per_collated_row_from_packed_logits():
+    from vlm_dpo_plugins.losses.logprobs import sequence_logps
+    from vlm_dpo_plugins.sharing.forward import PreparedBatch
+    from vlm_dpo_plugins.sharing.logits import collated_sequence_logps, response_logit_means, row_logit_means
+
+    input_ids, attention_mask, response_mask = collated(PAIRS)
+    labels = input_ids.masked_fill(response_mask == 0, IGNORE_INDEX)
+    packed = pack_pairs(input_ids, attention_mask, response_mask)
+    # Logits that depend only on the token at a position: the same in both layouts (a real model's depend on what
+    # the mask lets it see, which the end-to-end tests cover).
+    vocab = 40
+    table = torch.randn(vocab, vocab)
+
+    def logits_of(ids):
+        return table[ids]
+
+    prepared = PreparedBatch({}, packed.labels(labels), packed=packed, encode_chosen_half=False)
+    got = collated_sequence_logps(logits_of(packed.gather(input_ids)), prepared.labels, prepared)
+    expected = sequence_logps(logits_of(input_ids), labels, labels != IGNORE_INDEX)
+    torch.testing.assert_close(got.logps, expected.logps, rtol=0, atol=1e-5)
+    assert torch.equal(got.token_counts, expected.token_counts)
+
+    packed_logits, collated_logits = logits_of(packed.gather(input_ids)), logits_of(input_ids)
+    unpacked = PreparedBatch({}, labels, packed=None, encode_chosen_half=False)
+    for mine, theirs in zip(
+        response_logit_means(packed_logits, prepared.labels, prepared, 2),
+        response_logit_means(collated_logits, labels, unpacked, 2),
+    ):
+        torch.testing.assert_close(mine, theirs)
+    # Row means cover each row's own tokens; padding is left out.
+    chosen, rejected = row_logit_means(packed_logits, prepared, 2)
+    chosen_rows = collated_logits[:2][attention_mask[:2].bool()]
+    torch.testing.assert_close(chosen, chosen_rows.mean())
+    rejected_rows = collated_logits[2:][attention_mask[2:].bool()]
+    torch.testing.assert_close(rejected, rejected_rows.mean())
