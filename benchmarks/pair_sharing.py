@@ -1,6 +1,8 @@
 """Stock TRL DPO against VLMDPOTrainer with prompt and image sharing, on image-heavy VLM preference data.
 
-    python benchmarks/pair_sharing.py                          # tiny LLaVA-1.5 shape on CPU: 256 image tokens
+    python benchmarks/pair_sharing.py                          # tiny LLaVA-1.5 shape on CPU: 576 image tokens
+    python benchmarks/pair_sharing.py --image-size 224         # 256 image tokens
+    python benchmarks/pair_sharing.py --model qwen2_vl         # 448 x 448 images: 256 merged image tokens
     python benchmarks/pair_sharing.py --steps 12 --repeats 3
     python benchmarks/pair_sharing.py --device cuda --hidden-size 1024 --layers 8 --bf16
 
@@ -47,6 +49,7 @@ from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer  # noqa: E402
 
 from vlm_dpo_plugins.tiny import make_preference_examples, trl_conversational_rows  # noqa: E402
 from vlm_dpo_plugins.tiny.llava import build_tiny_llava  # noqa: E402
+from vlm_dpo_plugins.tiny.qwen2_vl import build_tiny_qwen2_vl  # noqa: E402
 
 ARMS = ("stock", "plugins, no sharing", "plugins")
 
@@ -71,11 +74,13 @@ class StepProbe(TrainerCallback):
         self._images = self._tokens = self._saved = 0
         for each in (model, reference_model):
             if each is not None:
-                each.model.vision_tower.register_forward_pre_hook(self._count_images)
+                tower = getattr(each.model, "vision_tower", None) or each.model.visual
+                tower.register_forward_pre_hook(self._count_images, with_kwargs=True)
         model.model.language_model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
 
-    def _count_images(self, module, args):
-        self._images += int(args[0].shape[0])
+    def _count_images(self, module, args, kwargs):
+        grid = kwargs.get("grid_thw")  # Qwen2-VL: one row per image; LLaVA: one pixel tensor per image
+        self._images += int(grid.shape[0] if grid is not None else args[0].shape[0])
 
     def _count_tokens(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
@@ -154,10 +159,13 @@ def run_arm(arm: str, model_dir: Path, rows: list[dict], args, output_dir: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("llava", "qwen2_vl"), default="llava")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--image-size", type=int, default=224, help="224: 256 image tokens per image")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="pixels a side; LLaVA 336: 576 image tokens, Qwen2-VL 448: 256"
+    )
     parser.add_argument("--response-words", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
@@ -169,9 +177,21 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     with tempfile.TemporaryDirectory() as root:
-        model_dir = build_tiny_llava(
-            Path(root) / "llava", hidden_size=args.hidden_size, image_size=args.image_size, layers=args.layers
-        )
+        if args.model == "llava":
+            args.image_size = args.image_size or 336
+            args.image_tokens = (args.image_size // 14) ** 2
+            model_dir = build_tiny_llava(
+                Path(root) / "model", hidden_size=args.hidden_size, image_size=args.image_size, layers=args.layers
+            )
+        else:
+            args.image_size = args.image_size or 448
+            args.image_tokens = (args.image_size // 28) ** 2
+            model_dir = build_tiny_qwen2_vl(
+                Path(root) / "model",
+                hidden_size=args.hidden_size,
+                image_pixels=args.image_size**2,
+                layers=args.layers,
+            )
         rows = preference_rows(args.batch_size * args.steps, args.response_words)
         for repeat in range(args.repeats):
             order = ARMS if repeat % 2 == 0 else tuple(reversed(ARMS))
@@ -189,7 +209,7 @@ def report(results: dict[str, list[dict]], args) -> None:
     stock_losses = results["stock"][0]["losses"]
     memory_kind = "peak allocated" if args.device == "cuda" else "saved for backward"
     print(
-        f"\nLLaVA-1.5 shape, hidden {args.hidden_size}, {args.layers} layers, {(args.image_size // 14) ** 2} image "
+        f"\n{args.model}, hidden {args.hidden_size}, {args.layers} layers, {args.image_tokens} image "
         f"tokens, batch {args.batch_size} pairs, {args.device}{' bf16' if args.bf16 else ' fp32'}, "
         f"{args.repeats} runs x {args.steps - args.warmup} timed steps per arm\n"
     )

@@ -40,6 +40,13 @@ class ArchitectureLayout:
         ]
 
 
+PI0 = ArchitectureLayout(
+    vision=("vision_tower",),
+    projector=("multi_modal_projector",),
+    language=("language_model",),
+    other=("dit", "action_out_proj", "embed_action_time"),  # the action expert of a robot policy
+)
+
 # A language model as the top-level ``model`` of a bare causal LM (Idefics, Chameleon, Evolla).
 _BARE_DECODER = ("model.layers", "model.embed_tokens", "model.norm", "lm_head")
 
@@ -253,12 +260,8 @@ LAYOUTS: Mapping[str, ArchitectureLayout] = {
         vision=("vision_tokenizer",), language=("language_model", "lm_head"), other=("audio_tokenizer",)
     ),
     "evolla": ArchitectureLayout(language=_BARE_DECODER, other=("protein_encoder",)),
-    "pi0": ArchitectureLayout(
-        vision=("vision_tower",),
-        projector=("multi_modal_projector",),
-        language=("language_model",),
-        other=("dit", "action_out_proj", "embed_action_time"),  # the action expert of a robot policy
-    ),
+    "pi0": PI0,
+    "pi05": PI0,  # pi0.5: the same layout, its action expert conditioned on time by adaptive norms
     "pix2struct": ArchitectureLayout(vision=("encoder",), language=("decoder",)),
     "pp_formulanet": ArchitectureLayout(
         vision=("encoder",), projector=("encoder.multi_modal_projector",), language=("decoder", "lm_head")

@@ -67,11 +67,14 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [temporal, height, half - temporal - height]
 
 
-def build_tiny_qwen2_vl(directory: str | Path, *, seed: int = 0, hidden_size: int = 32) -> Path:
+def build_tiny_qwen2_vl(
+    directory: str | Path, *, seed: int = 0, hidden_size: int = 32, image_pixels: int | None = None, layers: int = 2
+) -> Path:
     """Save a random-weight tiny Qwen2-VL with its processor to ``directory`` and return the path.
 
     The vocabulary is ~151k rows because the special tokens sit at their real ids;
-    at ``hidden_size=32`` the embedding and LM head are ~20 MB each.
+    at ``hidden_size=32`` the embedding and LM head are ~20 MB each. ``image_pixels``: every
+    image resized to that many pixels, e.g. 448 * 448 for 256 merged image tokens.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -84,7 +87,7 @@ def build_tiny_qwen2_vl(directory: str | Path, *, seed: int = 0, hidden_size: in
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
         extra_special_tokens=special_tokens[1:],
     )
-    pixels = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
+    pixels = {"min_pixels": image_pixels or MIN_PIXELS, "max_pixels": image_pixels or MAX_PIXELS}
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, **pixels),
         video_processor=Qwen2VLVideoProcessor(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, **pixels),
@@ -94,7 +97,7 @@ def build_tiny_qwen2_vl(directory: str | Path, *, seed: int = 0, hidden_size: in
     num_heads = 2
     config = Qwen2VLConfig(
         vision_config={
-            "depth": 2,
+            "depth": layers,
             "embed_dim": hidden_size,
             "num_heads": num_heads,
             "mlp_ratio": 2,
@@ -106,7 +109,7 @@ def build_tiny_qwen2_vl(directory: str | Path, *, seed: int = 0, hidden_size: in
         text_config={
             "hidden_size": hidden_size,
             "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": 2,
+            "num_hidden_layers": layers,
             "num_attention_heads": num_heads,
             "num_key_value_heads": num_heads,
             "vocab_size": len(tokenizer),
