@@ -4,7 +4,8 @@
     python benchmarks/pair_sharing.py --image-size 224         # 256 image tokens
     python benchmarks/pair_sharing.py --model qwen2_vl         # 448 x 448 images: 256 merged image tokens
     python benchmarks/pair_sharing.py --steps 12 --repeats 3
-    python benchmarks/pair_sharing.py --device cuda --hidden-size 1024 --layers 8 --bf16
+    python benchmarks/pair_sharing.py --device cuda --bf16 --preset llava-1.5-7b   # real widths, random weights
+    python benchmarks/pair_sharing.py --device cuda --bf16 --preset qwen2-vl-2b
 
 What is compared, on the same model weights, data, seed and trainable parameters (the language model;
 the vision tower and projector are frozen in every arm, by hand for stock TRL, by the freeze policy
@@ -29,6 +30,7 @@ included); and the largest difference of the logged loss from stock's over the r
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -52,6 +54,56 @@ from vlm_dpo_plugins.tiny.llava import build_tiny_llava  # noqa: E402
 from vlm_dpo_plugins.tiny.qwen2_vl import build_tiny_qwen2_vl  # noqa: E402
 
 ARMS = ("stock", "plugins, no sharing", "plugins")
+
+PRESETS = {
+    # Widths and depths of the released checkpoints; the vocabulary stays the tiny tokenizer's (LLaVA ~500 ids,
+    # Qwen2-VL its real 151,936 rows), which changes only the LM head, where the fused head scores responses alone.
+    "llava-1.5-7b": (
+        "llava",
+        336,
+        {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16},
+        {
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+        },
+    ),
+    "qwen2-vl-2b": (
+        "qwen2_vl",
+        448,
+        {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "hidden_size": 1536},
+        {
+            "hidden_size": 1536,
+            "intermediate_size": 8960,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        },
+    ),
+}
+
+
+def preset_model(model_dir: Path, preset: str, layers: int | None, dtype: torch.dtype, device: str):
+    """A random-weight model with the preset's widths, built on ``device`` (``layers`` cuts both stacks for a try)."""
+    from transformers import AutoConfig
+
+    _, _, vision, text = PRESETS[preset]
+    config = AutoConfig.from_pretrained(model_dir)
+    vision, text = dict(vision), dict(text)
+    if layers is not None:
+        vision["depth" if "depth" in vision else "num_hidden_layers"] = layers
+        text["num_hidden_layers"] = layers
+    for key, value in vision.items():
+        setattr(config.vision_config, key, value)
+    text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]  # stored at the tiny width otherwise
+    for key, value in text.items():
+        setattr(config.text_config, key, value)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForImageTextToText.from_config(config, dtype=dtype)
 
 
 def preference_rows(count: int, response_words: int) -> list[dict]:
@@ -114,7 +166,14 @@ class StepProbe(TrainerCallback):
 def run_arm(arm: str, model_dir: Path, rows: list[dict], args, output_dir: str):
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(args.device)
+    reference = None
+    if args.preset:
+        # Too large to save and reload per arm: the same seed gives every arm the same weights, and the
+        # reference is a copy (TRL would otherwise load it from the folder, with the tiny widths).
+        model = preset_model(model_dir, args.preset, args.preset_layers, dtype, args.device)
+        reference = copy.deepcopy(model)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(args.device)
     config = trl.DPOConfig(
         output_dir=output_dir,
         max_steps=args.steps,
@@ -131,6 +190,7 @@ def run_arm(arm: str, model_dir: Path, rows: list[dict], args, output_dir: str):
     )
     kwargs = dict(
         model=model,
+        ref_model=reference,
         args=config,
         train_dataset=Dataset.from_list(rows),
         processing_class=AutoProcessor.from_pretrained(model_dir),
@@ -172,7 +232,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the released model's widths, random weights")
+    parser.add_argument("--preset-layers", type=int, help="with --preset: this many layers in each stack (a try run)")
     args = parser.parse_args()
+    if args.preset:
+        args.model, args.image_size = PRESETS[args.preset][:2]
     hf_logging.set_verbosity_error()
 
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
@@ -200,6 +264,13 @@ def main() -> None:
     report(results, args)
 
 
+def _shape(args) -> str:
+    if not args.preset:
+        return f"hidden {args.hidden_size}, {args.layers} layers"
+    layers = f", {args.preset_layers} layers per stack" if args.preset_layers else ""
+    return f"released widths{layers}, random weights"
+
+
 def report(results: dict[str, list[dict]], args) -> None:
     def pooled(arm: str, key: str) -> list[float]:
         return [value for run in results[arm] for value in run[key]]
@@ -209,7 +280,7 @@ def report(results: dict[str, list[dict]], args) -> None:
     stock_losses = results["stock"][0]["losses"]
     memory_kind = "peak allocated" if args.device == "cuda" else "saved for backward"
     print(
-        f"\n{args.model}, hidden {args.hidden_size}, {args.layers} layers, {args.image_tokens} image "
+        f"\n{args.preset or args.model}, {_shape(args)}, {args.image_tokens} image "
         f"tokens, batch {args.batch_size} pairs, {args.device}{' bf16' if args.bf16 else ' fp32'}, "
         f"{args.repeats} runs x {args.steps - args.warmup} timed steps per arm\n"
     )

@@ -6,7 +6,8 @@
     python benchmarks/trl_step_overhead.py --device cuda --hidden-size 1024
     python benchmarks/trl_step_overhead.py --profile                        # + cProfile of one run of each
 
-Both trainers train every parameter group (the plugin run with ``freeze.trainable`` set to
+Both trainers train every parameter group, two rows per pair (the plugin run with ``sharing`` off and
+``freeze.trainable`` set to
 all groups), so they do the same forward, backward and AdamW work and any difference is the
 plugins: collation checks, the loss hook, the guarded optimizer step, metrics and detectors.
 
@@ -68,7 +69,11 @@ from vlm_dpo_plugins.tiny import (  # noqa: E402
     trl_conversational_rows,
 )
 
-EVERYTHING_TRAINS = {"freeze": {"trainable": ["vision", "projector", "language"]}}
+EVERYTHING_TRAINS = {
+    "freeze": {"trainable": ["vision", "projector", "language"]},
+    # The hooks' cost alone: with sharing the plugin run does less model work (benchmarks/pair_sharing.py).
+    "sharing": {"prompt": False, "vision_features": False},
+}
 PHASES = (
     ("fetch", "next batch: dataloader + collator (plugins: + collation checks)"),
     ("step_begin", "on_step_begin callbacks (plugins: unfreeze check, step_begin hook)"),
