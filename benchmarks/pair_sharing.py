@@ -21,8 +21,8 @@ machine's speed costs every arm the same; the first ``--warmup`` steps of each r
 
 Printed per arm: median step time (``on_step_begin`` to ``on_step_end``: forwards, backward,
 optimizer) and its ratio to stock; peak memory and its ratio (CUDA: ``max_memory_allocated`` over
-the step; CPU, which keeps no allocator statistics: the bytes of tensors saved for backward during
-the step, the activation memory that dominates a training step's peak); images through the vision
+the step; CPU, which keeps no allocator statistics: the activation memory, the bytes of the distinct
+buffers saved for backward during the step, weights left out); images through the vision
 tower per pair per step; tokens the language model reads per pair in the policy pass (padding
 included); and the largest difference of the logged loss from stock's over the run.
 """
@@ -124,6 +124,9 @@ class StepProbe(TrainerCallback):
         self.device, self.pairs = device, pairs
         self.times, self.memory, self.images, self.tokens = [], [], [], []
         self._images = self._tokens = self._saved = 0
+        self._seen: set[int] = set()
+        # Weights saved for backward (every linear layer saves its own) exist anyway: not activation memory.
+        self._weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         for each in (model, reference_model):
             if each is not None:
                 tower = getattr(each.model, "vision_tower", None) or each.model.visual
@@ -140,11 +143,16 @@ class StepProbe(TrainerCallback):
             self._tokens += int(embeds.shape[0] * embeds.shape[1])
 
     def _pack(self, tensor):
-        self._saved += tensor.numel() * tensor.element_size()
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in self._weights and pointer not in self._seen:  # each buffer once, however often saved
+            self._seen.add(pointer)
+            self._saved += storage.nbytes()
         return tensor
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._images = self._tokens = self._saved = 0
+        self._seen = set()
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
