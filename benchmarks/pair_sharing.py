@@ -101,6 +101,8 @@ def preset_model(model_dir: Path, preset: str, layers: int | None, dtype: torch.
     text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]  # stored at the tiny width otherwise
     for key, value in text.items():
         setattr(config.text_config, key, value)
+    if getattr(config.text_config, "layer_types", None):  # one entry per layer, stored at the tiny depth
+        config.text_config.layer_types = [config.text_config.layer_types[0]] * text["num_hidden_layers"]
     torch.manual_seed(0)
     with torch.device(device):
         return AutoModelForImageTextToText.from_config(config, dtype=dtype)
