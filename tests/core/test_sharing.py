@@ -256,3 +256,22 @@ def test_log_probs_and_logit_means_per_collated_row_from_packed_logits():
     torch.testing.assert_close(chosen, chosen_rows.mean())
     rejected_rows = collated_logits[2:][attention_mask[2:].bool()]
     torch.testing.assert_close(rejected, rejected_rows.mean())
+
+
+def test_unpacked_batches_are_reported_once_and_counted(caplog):
+    import logging
+
+    from vlm_dpo_plugins.sharing.forward import PairSharing
+    from vlm_dpo_plugins.sharing.settings import SharingConfig
+
+    input_ids, attention_mask, response_mask = collated(PAIRS)
+    sharing = PairSharing(torch.nn.Linear(1, 1), SharingConfig())
+    with caplog.at_level(logging.WARNING, logger="vlm_dpo_plugins.sharing"):
+        for row in (2, 3):
+            mask = response_mask.clone()
+            mask[row] = 0
+            prepared = sharing.prepare({"input_ids": input_ids, "attention_mask": attention_mask}, None, mask)
+            assert prepared.packed is None
+    assert sharing.unpacked_batches == 2
+    [record] = caplog.records
+    assert "this batch runs unpacked: row 2 has no response token" in record.getMessage()

@@ -62,6 +62,7 @@ class PairSharing:
         self._model = model
         self._noticed: set[str] = set()
         self._packing_announced = False
+        self.unpacked_batches = 0
         self._mask_kind = self._attention_mask_kind(model) if config.prompt else None
 
     def _attention_mask_kind(self, model: torch.nn.Module) -> str | None:
@@ -116,7 +117,13 @@ class PairSharing:
                 self._announce_packing(rows_and_length, prepared)
                 return prepared
             except PackingUnavailable as reason:
-                self._notice(f"sharing.prompt: this batch runs unpacked: {reason}")
+                self.unpacked_batches += 1
+                if self.unpacked_batches == 1:  # reasons name rows, so each batch's differs: say it once
+                    logger.warning(
+                        "vlm-dpo: sharing.prompt: this batch runs unpacked: %s (later unpacked batches are counted in "
+                        "PairSharing.unpacked_batches, not logged)",
+                        reason,
+                    )
         repeated = (
             self.config.vision_features and self.features.available and images_repeated(model_kwargs, per_token_keys)
         )
