@@ -168,7 +168,7 @@ def test_recorded_features_are_replayed_without_encoding_even_when_wraps_nest():
     sharing = ImageFeatureSharing(policy)
     with sharing.encode_chosen_half(), sharing.record():
         expected = policy(duplicated)
-    with sharing.replay(reference):
+    with sharing.replay(ImageFeatureSharing(reference)):
         got = reference(duplicated)
     assert torch.equal(got, expected)
     assert policy.model.calls == [2] and reference.model.calls == []

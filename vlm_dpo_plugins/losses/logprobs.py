@@ -45,8 +45,8 @@ def sequence_logps(
     logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, *, chunk_tokens: int | None = None
 ) -> SequenceLogps:
     """Summed fp32 log-probs of the response tokens from ``[rows, T, V]`` logits in any float dtype."""
-    counts = response_mask[:, 1:].to(device=input_ids.device).bool().sum(dim=-1)
-    return SequenceLogps(token_logps(logits, input_ids, response_mask, chunk_tokens=chunk_tokens).sum(dim=-1), counts)
+    dense, counts = _dense_token_logps(logits, input_ids, response_mask, chunk_tokens)
+    return SequenceLogps(dense.sum(dim=-1), counts)
 
 
 def token_logps(
@@ -56,11 +56,17 @@ def token_logps(
 
     For callers that sum the tokens of one row into several sequences (packed preference pairs).
     """
+    return _dense_token_logps(logits, input_ids, response_mask, chunk_tokens)[0]
+
+
+def _dense_token_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, chunk_tokens: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     rows, length, vocab_size = logits.shape
-    positions, targets, _ = _scored_tokens(input_ids, response_mask, vocab_size, logits.shape[:2])
+    positions, targets, counts = _scored_tokens(input_ids, response_mask, vocab_size, logits.shape[:2])
     chunk = chunk_tokens or default_chunk_tokens(vocab_size)
     scored = _TargetLogpsFromLogits.apply(logits.flatten(0, 1), positions, targets, chunk)
-    return _dense(scored, positions, rows, length)
+    return _dense(scored, positions, rows, length), counts
 
 
 def sequence_logps_from_hidden(

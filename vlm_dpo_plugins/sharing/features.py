@@ -8,7 +8,7 @@ which runs the vision tower and the projector; the language model's forward call
   the first half is encoded and its features used for both halves.
 - ``record()`` / ``replay()``: the policy pass keeps its features, the reference pass gets them back
   without running the vision tower. Only valid while the vision tower and projector are frozen and
-  the reference's equal the policy's; ``reference_can_reuse`` decides.
+  the reference's equal the policy's; ``ReferenceFeatureReuse`` decides.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ class ImageFeatureSharing:
             yield
 
     @contextlib.contextmanager
-    def replay(self, model: torch.nn.Module | None = None) -> Iterator[None]:
-        """Hand the recorded features out again, in order, from the policy's modules or ``model``'s."""
+    def replay(self, into: ImageFeatureSharing | None = None) -> Iterator[None]:
+        """Hand the recorded features out again, in order, from the policy's modules or those ``into`` wraps."""
         recorded, self._recorded = self._recorded, []
 
         def wrap(original):
@@ -94,8 +94,7 @@ class ImageFeatureSharing:
 
             return replaying
 
-        modules = self.modules if model is None else image_feature_modules(model)
-        with self._wrapped(wrap, modules):
+        with self._wrapped(wrap, (into or self).modules):
             yield
 
     @contextlib.contextmanager

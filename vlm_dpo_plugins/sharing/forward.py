@@ -4,10 +4,10 @@ The adapters keep calling the model their framework's way (TRL's fused LM head, 
 ms-swift's logits); ``PairSharing`` only changes what goes in and maps what comes out back::
 
     prepared = sharing.prepare(model_kwargs, labels, response_mask)
-    with sharing.policy_pass(prepared):
+    with sharing.policy_pass(prepared, keep_features=...):   # keep: the reference may reuse them
         out = model(**prepared.kwargs, labels=prepared.labels)
     per_token = prepared.to_collated(out.log_probs)        # [2B, T - 1], as without sharing
-    with sharing.reference_pass(prepared, reuse_features=...):
+    with sharing.reference_pass(prepared, reference_model=...):
         ...
 
 Prompt sharing packs each pair into one row (``packing.py``) with its own attention mask and
@@ -28,7 +28,7 @@ import torch
 from vlm_dpo_plugins.sharing.features import ImageFeatureSharing
 from vlm_dpo_plugins.sharing.images import PER_ROW_KEYS, PER_TOKEN_KEYS, chosen_half_of_images, images_repeated
 from vlm_dpo_plugins.sharing.packing import PackedPairs, PackingUnavailable, pack_pairs, packed_per_token_inputs
-from vlm_dpo_plugins.sharing.positions import packed_position_ids
+from vlm_dpo_plugins.sharing.positions import RopeIndex
 from vlm_dpo_plugins.sharing.settings import SharingConfig
 
 logger = logging.getLogger("vlm_dpo_plugins.sharing")
@@ -50,17 +50,13 @@ class PreparedBatch:
         """Per-token outputs (position t scores token t + 1) in the collated ``[2B, T - 1]`` layout."""
         return per_token_shifted if self.packed is None else self.packed.unpack(per_token_shifted)
 
-    @property
-    def rows_through_language_model(self) -> int:
-        return int(self.kwargs["input_ids"].shape[0])
-
 
 class PairSharing:
     def __init__(self, model: torch.nn.Module, config: SharingConfig):
         self.config = config
         self.features = ImageFeatureSharing(model)
-        self._model = model
-        self._noticed: set[str] = set()
+        self._reference_features: tuple[torch.nn.Module, ImageFeatureSharing] | None = None
+        self._rope_index = RopeIndex.of(model)
         self._packing_announced = False
         self.unpacked_batches = 0
         self._mask_kind = self._attention_mask_kind(model) if config.prompt else None
@@ -71,9 +67,10 @@ class PairSharing:
         implementation = getattr(text_config, "_attn_implementation", None) or "eager"
         kind = MASKABLE_ATTENTION.get(implementation)
         if kind is None:
-            self._notice(
-                f"sharing.prompt: attention implementation {implementation!r} cannot take the mask that keeps a pair's "
-                "two responses apart; chosen and rejected run as two rows each (eager or sdpa can share the prompt)"
+            logger.warning(
+                "vlm-dpo: sharing.prompt: attention implementation %r cannot take the mask that keeps a pair's two "
+                "responses apart; chosen and rejected run as two rows each (eager or sdpa can share the prompt)",
+                implementation,
             )
         return kind
 
@@ -90,11 +87,6 @@ class PairSharing:
                 packed.pairs,
                 packed.length,
             )
-
-    def _notice(self, message: str) -> None:
-        if message not in self._noticed:
-            self._noticed.add(message)
-            logger.warning("vlm-dpo: %s", message)
 
     def prepare(
         self,
@@ -150,9 +142,9 @@ class PairSharing:
         for key in PER_ROW_KEYS & kwargs.keys():
             kwargs[key] = kwargs[key][: packed.pairs]
         if "position_ids" not in per_token:  # positions the collator computed are gathered, exact as they are
-            kwargs["position_ids"] = packed_position_ids(self._model, packed, per_token, images)
+            kwargs["position_ids"] = self._rope_index.positions(packed, per_token, images)
         kwargs["attention_mask"] = self._mask(packed)
-        packed_labels = packed.labels(labels if labels is not None else input_ids) if labels is not None else None
+        packed_labels = packed.labels(labels) if labels is not None else None
         return PreparedBatch(kwargs, packed_labels, packed=packed, encode_chosen_half=False)
 
     def _mask(self, packed: PackedPairs) -> torch.Tensor:
@@ -178,10 +170,16 @@ class PairSharing:
 
         It gets the features the policy pass kept, if it kept them, else encodes its own, once per pair.
         """
+        target = self.features if reference_model is None else self._features_of(reference_model)
         with contextlib.ExitStack() as stack:
             if self.features.recorded:
-                stack.enter_context(self.features.replay(reference_model))
+                stack.enter_context(self.features.replay(target))
             elif prepared.encode_chosen_half:
-                sharing = self.features if reference_model is None else ImageFeatureSharing(reference_model)
-                stack.enter_context(sharing.encode_chosen_half())
+                stack.enter_context(target.encode_chosen_half())
             yield
+
+    def _features_of(self, reference_model: torch.nn.Module) -> ImageFeatureSharing:
+        # Found once: finding the image-feature modules walks every module of the model.
+        if self._reference_features is None or self._reference_features[0] is not reference_model:
+            self._reference_features = (reference_model, ImageFeatureSharing(reference_model))
+        return self._reference_features[1]

@@ -14,33 +14,39 @@ from typing import Any
 
 import torch
 
-from vlm_dpo_plugins.sharing.packing import REJECTED, PackedPairs
+from vlm_dpo_plugins.sharing.packing import CHOSEN, REJECTED, PackedPairs
 
 ROPE_INDEX_INPUTS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")
 
 
-def rope_index_module(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The innermost module with ``get_rope_index`` (the one whose forward computes mrope positions), if any."""
-    found = None
-    for module in model.modules():
-        if callable(getattr(type(module), "get_rope_index", None)):
-            found = module  # modules() goes outer to inner: keep the last
-    return found
+class RopeIndex:
+    """How a model computes its position ids, found once: a module walk and a signature read per batch add up."""
 
+    def __init__(self, module: torch.nn.Module | None):
+        self.module = module
+        parameters = inspect.signature(module.get_rope_index).parameters if module is not None else {}
+        self._inputs = tuple(key for key in ROPE_INDEX_INPUTS if key in parameters)
 
-def packed_position_ids(
-    model: torch.nn.Module, packed: PackedPairs, packed_inputs: Mapping[str, Any], image_inputs: Mapping[str, Any]
-) -> torch.Tensor:
-    """``[B, L]`` 1D positions, or ``[3, B, L]`` for a model with multimodal rotary positions."""
-    module = rope_index_module(model)
-    if module is None:
-        return packed.positions
-    parameters = inspect.signature(module.get_rope_index).parameters
-    kwargs = {key: value for key, value in {**image_inputs, **packed_inputs}.items() if key in ROPE_INDEX_INPUTS}
-    kwargs = {key: value for key, value in kwargs.items() if key in parameters}
-    kwargs["attention_mask"] = packed.token_mask.long()
-    positions, _ = module.get_rope_index(packed_inputs["input_ids"], **kwargs)
-    return _restart_rejected_branch(positions.clone(), packed)
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> RopeIndex:
+        """The innermost module with ``get_rope_index`` (the one whose forward computes mrope positions), if any."""
+        found = None
+        for module in model.modules():
+            if callable(getattr(type(module), "get_rope_index", None)):
+                found = module  # modules() goes outer to inner: keep the last
+        return cls(found)
+
+    def positions(
+        self, packed: PackedPairs, packed_inputs: Mapping[str, Any], image_inputs: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """``[B, L]`` 1D positions, or ``[3, B, L]`` for a model with multimodal rotary positions."""
+        if self.module is None:
+            return packed.positions
+        given = {**image_inputs, **packed_inputs}
+        kwargs = {key: given[key] for key in self._inputs if key in given}
+        kwargs["attention_mask"] = packed.token_mask.long()
+        positions, _ = self.module.get_rope_index(packed_inputs["input_ids"], **kwargs)
+        return _restart_rejected_branch(positions.clone(), packed)
 
 
 def _restart_rejected_branch(positions: torch.Tensor, packed: PackedPairs) -> torch.Tensor:
@@ -48,18 +54,11 @@ def _restart_rejected_branch(positions: torch.Tensor, packed: PackedPairs) -> to
         branch = (packed.side[pair] == REJECTED).nonzero().flatten()
         if branch.numel() == 0:
             continue
-        start = int(branch[0])
-        # The branch opens with a copy of the last prompt token: same positions as the original, which sits at the
-        # end of the shared part (the chosen branch opens with it).
-        last_prompt = _last_prompt_index(packed, pair, start)
-        positions[:, pair, start] = positions[:, pair, last_prompt]
+        # The branch opens with a copy of the last prompt token: same positions as the original, which opens the
+        # chosen branch.
+        last_prompt = int((packed.side[pair] == CHOSEN).nonzero()[0])
+        positions[:, pair, branch[0]] = positions[:, pair, last_prompt]
         first_response = positions[:, pair, : last_prompt + 1].max() + 1
         rest = branch[1:]
         positions[:, pair, rest] = first_response + torch.arange(rest.numel(), device=positions.device)
     return positions
-
-
-def _last_prompt_index(packed: PackedPairs, pair: int, branch_start: int) -> int:
-    row, column = packed.source_row[pair, branch_start], packed.source_column[pair, branch_start]
-    same = (packed.source_row[pair, :branch_start] == row) & (packed.source_column[pair, :branch_start] == column)
-    return int(same.nonzero().flatten()[0])
