@@ -50,6 +50,18 @@ def test_skipping_can_be_switched_off():
     assert reasons(configured({"skip_nonfinite": False}), float("nan"), float("nan")) == []
 
 
+def test_a_spike_is_a_skip_vote_only_when_asked_for():
+    watched, skipping = configured({"spike_window": 3}), configured({"spike_window": 3, "skip_spikes": True})
+    for manager in (watched, skipping):
+        for loss in (1.0, 2.0, 1.5):
+            assert reasons(manager, loss, 1.0) == []  # the window is not full yet
+            take(manager, loss=loss)
+    assert reasons(watched, 4.6, 1.0) == []  # 4.6 > 3 x the median 1.5: counted and logged, but the step is taken
+    assert reasons(skipping, 4.5, 1.0) == []  # not above 3 x 1.5
+    assert reasons(skipping, 4.6, 1.0) == ["loss spike (4.6 > 3 x the median 1.5 of the previous 3 losses)"]
+    assert list(skipping.get_plugin("guards").spikes.recent) == [1.0, 2.0, 1.5], "asking must not record the loss"
+
+
 def guard_metrics(manager, step=0):
     return manager.get_plugin("guards").vlm_dpo_metrics(step=step)
 
@@ -141,6 +153,10 @@ def test_guard_state_survives_a_save_and_restore():
     [
         ({"spike_factor": 1.0}, "'guards.spike_factor' is 1.0; expected a factor > 1, or null to disable"),
         ({"spike_window": 2}, "'guards.spike_window' is 2; expected an integer >= 3"),
+        (
+            {"spike_factor": None, "skip_spikes": True},
+            "'guards.skip_spikes' is True; expected false while spike_factor is null",
+        ),
         ({"lr_backoff_factor": 1.5}, "'guards.lr_backoff_factor' is 1.5; expected a factor in (0, 1)"),
         ({"lr_backoff_steps": 0}, "'guards.lr_backoff_steps' is 0; expected an integer >= 1"),
         ({"lr_backoff_on": ["spikes"]}, "'guards.lr_backoff_on[0]' is 'spikes'; expected one of ['skip', 'spike']"),

@@ -22,6 +22,7 @@ def make_trainer(model_dir, rows, output_dir, *, trainer_class=VLMDPOTrainer, ca
     plugin_config = overrides.pop("vlm_dpo_config", None)
     model_kwargs = overrides.pop("model_kwargs", {})
     peft_config = overrides.pop("peft_config", None)
+    plugin_manager = overrides.pop("plugin_manager", None)
     torch.manual_seed(0)
     options = dict(
         output_dir=str(output_dir),
@@ -47,6 +48,7 @@ def make_trainer(model_dir, rows, output_dir, *, trainer_class=VLMDPOTrainer, ca
         kwargs["peft_config"] = peft_config
     if trainer_class is VLMDPOTrainer:
         kwargs["vlm_dpo_config"] = plugin_config
+        kwargs["plugin_manager"] = plugin_manager
     return trainer_class(**kwargs)
 
 

@@ -74,6 +74,11 @@ class StabilityGuards:
             groups = [group for group, norm in signals.group_grad_norms.items() if not math.isfinite(norm)]
             where = f" in group(s) {', '.join(groups)}" if groups else ""
             return f"non-finite gradient norm ({signals.grad_norm}){where}"
+        if self.config.skip_spikes and self.spikes.is_spike(signals.loss):
+            return (
+                f"loss spike ({signals.loss:.4g} > {self.config.spike_factor:g} x the median {self.spikes.median:.4g} "
+                f"of the previous {len(self.spikes.recent)} losses)"
+            )
         return None
 
     @hookimpl(trylast=True)

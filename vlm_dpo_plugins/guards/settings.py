@@ -18,6 +18,7 @@ class GuardsConfig:
     max_consecutive_skips: int = 8
     spike_window: int = 20
     spike_factor: float | None = 3.0
+    skip_spikes: bool = False
     lr_backoff_factor: float | None = None
     lr_backoff_steps: int = 10
     lr_backoff_on: tuple[BackoffTrigger, ...] = ("skip", "spike")
@@ -34,6 +35,10 @@ class GuardsConfig:
         require(self.spike_window >= 3, "spike_window", self.spike_window, "an integer >= 3 (losses in the median)")
         if self.spike_factor is not None:
             require(self.spike_factor > 1, "spike_factor", self.spike_factor, "a factor > 1, or null to disable")
+        require(
+            not (self.skip_spikes and self.spike_factor is None), "skip_spikes", self.skip_spikes,
+            "false while spike_factor is null (no spike is ever detected)",
+        )
         if self.lr_backoff_factor is not None:
             require(
                 0 < self.lr_backoff_factor < 1, "lr_backoff_factor", self.lr_backoff_factor,

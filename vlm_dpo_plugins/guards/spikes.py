@@ -24,16 +24,21 @@ class LossSpikeDetector:
     def median(self) -> float | None:
         return statistics.median(self.recent) if self.recent else None
 
-    def observe(self, loss: float) -> bool:
-        """Record ``loss`` and say whether it is a spike; non-finite losses are the skip guard's business."""
-        if not math.isfinite(loss):
-            return False
-        spike = (
-            self.factor is not None
+    def is_spike(self, loss: float) -> bool:
+        """Whether ``loss`` would be a spike now, without recording it; non-finite losses are the skip guard's."""
+        return (
+            math.isfinite(loss)
+            and self.factor is not None
             and len(self.recent) == self.recent.maxlen
             and (median := statistics.median(self.recent)) > 0
             and loss > self.factor * median
         )
+
+    def observe(self, loss: float) -> bool:
+        """Record ``loss`` and say whether it is a spike."""
+        if not math.isfinite(loss):
+            return False
+        spike = self.is_spike(loss)
         self.recent.append(loss)
         self.spikes += spike
         return spike

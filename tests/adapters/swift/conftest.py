@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from framework_cli import console_script, isolated_env
+
+FATAL_LINE = re.compile(r"terminate called|what\(\):|Fatal Python error|Aborted|Segmentation fault|gloo|Traceback")
 
 # swift's generic image tag in ``messages`` content; each template replaces it with its own tokens.
 SWIFT_IMAGE_TAG = "<image>"
@@ -177,7 +181,11 @@ class SwiftRun:
 
     def tail(self, chars: int = 6000) -> str:
         command = " ".join(self.command)
-        return f"$ {command}\n--- stdout ---\n{self.stdout[-chars:]}\n--- stderr ---\n{self.stderr[-chars:]}"
+        # A worker's own last words (a C++ abort, a fatal signal) scroll away under torchrun's long traceback.
+        fatal = [line for line in (self.stdout + self.stderr).splitlines() if FATAL_LINE.search(line)]
+        last_words = "--- fatal lines ---\n" + "\n".join(fatal[:40]) + "\n" if fatal else ""
+        streams = f"--- stdout ---\n{self.stdout[-chars:]}\n--- stderr ---\n{self.stderr[-chars:]}"
+        return f"$ {command}\n{last_words}{streams}"
 
     def last_checkpoint(self) -> Path:
         checkpoints = sorted(self.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
@@ -297,3 +305,17 @@ def swift_dpo(tmp_path: Path) -> Callable[..., SwiftRun]:
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def plugin_file() -> str:
+    """The path the documented command line passes: ``--external_plugins "$(vlm-dpo swift-plugin)"``."""
+    command = Path(sys.executable).parent / "vlm-dpo"
+    path = subprocess.run([str(command), "swift-plugin"], capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(path).is_file() and path.endswith(".py"), path
+    return path
+
+
+@pytest.fixture
+def qwen2_vl(swift_tiny_models):
+    return swift_tiny_models["qwen2_vl"]

@@ -1,0 +1,91 @@
+"""The reliability suites' fault matrix: the faults, where they land, and what a handled fault leaves behind.
+
+Every framework's suite runs each fault of ``fault_plugin.FAULTS`` once, at a step drawn from a seed (a spike can
+only be judged once the loss window is full, so the draw starts after it), with a checkpoint after every step.
+A handled fault is a skipped step: the checkpoints on either side of it hold identical weights, optimizer state
+and LR-scheduler position, the run's logs count one skip and name its cause, and training goes on afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import torch
+from fault_plugin import FAULTS, random_step
+from safetensors.torch import load_file
+
+SPIKE_WINDOW = 3
+GUARDS = {"spike_window": SPIKE_WINDOW, "skip_spikes": True}
+"""A short loss window so a spike can be judged early, and spikes skipped like non-finite steps."""
+
+SKIP_LINE = "optimizer step skipped on every rank"
+REASONS = {
+    "loss-nan": "non-finite loss (nan)",
+    "loss-inf": "non-finite loss (inf)",
+    "grad-nan": "non-finite gradient norm (nan)",
+    "grad-inf": "non-finite gradient norm (inf)",
+    "logits-nan": "non-finite loss (nan)",
+    "pixel-nan": "non-finite loss (nan)",
+    "spike": "loss spike (",
+}
+assert set(REASONS) == set(FAULTS)
+
+CONSECUTIVE = "consecutive"
+"""The matrix row for K faults in a row: a checkpoint, then a halt naming the cause and the settings."""
+HALT_MESSAGE = "2 consecutive optimizer steps skipped"
+HALT_SETTING = "guards.max_consecutive_skips sets this limit"
+
+
+def fault_step(fault: str) -> int:
+    """The 0-based optimizer step ``fault`` hits: drawn from the fault's name, after the spike window fills."""
+    return random_step(zlib.crc32(fault.encode()), SPIKE_WINDOW, SPIKE_WINDOW + 1)
+
+
+def skipped_steps_logged(fault_at: int) -> list[float]:
+    """``vlm_dpo/skipped_steps`` as logged after each step of a run that ends two steps after the fault."""
+    return [0.0] * fault_at + [1.0, 1.0]
+
+
+def _same(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        if (folder / name).exists():
+            return load_file(folder / name)
+    raise AssertionError(f"no weights in {folder}: {sorted(path.name for path in folder.iterdir())}")
+
+
+def assert_step_changed_nothing(output_dir: Path, fault_at: int) -> None:
+    """Checkpoints ``fault_at`` (before the faulty step) and ``fault_at + 1`` (after it) hold the same state.
+
+    And the step after it trained, to finite weights.
+    """
+    folders = [output_dir / f"checkpoint-{step}" for step in (fault_at, fault_at + 1, fault_at + 2)]
+    weights = [_weights(folder) for folder in folders]
+    optimizers = [torch.load(folder / "optimizer.pt", weights_only=False) for folder in folders]
+    schedules = [torch.load(folder / "scheduler.pt", weights_only=False)["last_epoch"] for folder in folders]
+    assert _same(weights[0], weights[1]), "the skipped step changed the weights"
+    before, after = optimizers[0]["state"], optimizers[1]["state"]
+    assert before.keys() == after.keys() and all(_same(before[i], after[i]) for i in before), (
+        "the skipped step moved the optimizer state"
+    )
+    assert [group["lr"] for group in optimizers[0]["param_groups"]] == [
+        group["lr"] for group in optimizers[1]["param_groups"]
+    ]
+    assert schedules[0] == schedules[1] == fault_at and schedules[2] == fault_at + 1, schedules  # schedule held
+    assert not _same(weights[1], weights[2]), "training did not continue after the skipped step"
+    assert all(torch.isfinite(tensor).all() for tensor in weights[2].values()), "non-finite weights after the skip"
+
+
+def assert_halt_checkpoint(message: str, output_dir: Path, last_fault_at: int, skipped: int) -> None:
+    """The halt names its checkpoint: the Trainer's folder for the step it stopped at, with the skip counter in it."""
+    folder = output_dir / f"checkpoint-{last_fault_at}"
+    assert f"A checkpoint was saved to {folder}: it holds the weights of the last step taken" in message, message
+    weights = _weights(folder)
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    state = json.loads((folder / "vlm_dpo_plugins_state.rank0.json").read_text())
+    assert state["guards"]["skipped_steps"] == skipped, state["guards"]
