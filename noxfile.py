@@ -7,7 +7,8 @@ gets its own virtualenv. They do share one torch: torch 2.14.1 + torchvision 0.2
 once into a cache folder and linked into every environment with a ``.pth`` file, so
 pip sees it as installed and never downloads another multi-GB torch.
 
-Run everything: ``nox``. One framework: ``nox -s trl`` (or llamafactory, swift).
+Run everything: ``nox``. One framework: ``nox -s trl`` (or llamafactory, swift). The slow
+fault-injection suites: ``nox -s reliability`` (after the three, in their environments).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import nox
+from nox.command import CommandFailed
 
 PYTHON = "3.11"  # the local torch wheels are cp311
 TORCH_REQUIREMENTS = ("torch==2.14.1", "torchvision==0.29.1")
@@ -37,7 +39,7 @@ TEST_ENVIRONMENT = {
 CORE_TESTS = ("tests/core", "tests/fixtures")
 CONSTRAINTS = ("--constraint", str(ROOT / "tests" / "envs" / "constraints.txt"))
 
-nox.options.sessions = ["trl", "llamafactory", "swift"]
+nox.options.sessions = ["trl", "llamafactory", "swift", "reliability"]
 nox.options.reuse_existing_virtualenvs = False
 nox.options.error_on_missing_interpreters = True
 
@@ -74,7 +76,8 @@ def run_tests(session: nox.Session, *paths: str, browser: bool = False) -> None:
     if not browser:
         # The report's headless-Chromium test runs in the trl session only (playwright is installed there).
         env["VLM_DPO_REQUIRE_CHROMIUM"] = "0"
-    session.run("pytest", *CORE_TESTS, *paths, *session.posargs, env=env)
+    # The slow fault-injection suites run in the `reliability` session, in these same environments.
+    session.run("pytest", *CORE_TESTS, *paths, "-m", "not reliability", *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON)
@@ -107,3 +110,43 @@ def swift(session: nox.Session) -> None:
     link_shared_torch(session)
     session.install("ms-swift==4.6.0", "qwen-vl-utils", ".[test]", *CONSTRAINTS)
     run_tests(session, "tests/adapters/swift")
+
+
+RELIABILITY_SUITES = {
+    "trl": "tests/adapters/trl/test_faults.py",
+    "llamafactory": "tests/adapters/llamafactory/test_faults.py",
+    "swift": "tests/adapters/swift/test_faults.py",
+}
+RELIABILITY_PAGE = ROOT / "docs" / "reliability.md"
+
+
+@nox.session(venv_backend="none")
+def reliability(session: nox.Session) -> None:
+    """Fault injection through every framework, then docs/reliability.md's table checked against the results.
+
+    Runs in the environments the trl, llamafactory and swift sessions built (run those first; plain ``nox``
+    does). ``nox -s reliability -- write`` rewrites the table from this run instead of checking it.
+    """
+    results = ROOT / ".nox" / "reliability-results.jsonl"
+    results.unlink(missing_ok=True)
+    env = {**TEST_ENVIRONMENT, "VLM_DPO_REQUIRE_CHROMIUM": "0", "VLM_DPO_RELIABILITY_RESULTS": str(results)}
+    failures = []
+    for environment, suite in RELIABILITY_SUITES.items():
+        pytest = ROOT / ".nox" / environment / "bin" / "pytest"
+        if not pytest.exists():
+            session.error(f"{pytest} is missing: run `nox -s {environment}` first (it builds that environment)")
+        try:
+            session.run(str(pytest), "-m", "reliability", suite, env=env, external=True)
+        except CommandFailed:
+            failures.append(environment)  # the table still gets written or checked, showing which cells failed
+    mode = "--write" if "write" in session.posargs else "--check"
+    session.run(
+        "python3",
+        str(ROOT / "scripts" / "reliability_table.py"),
+        str(results),
+        mode,
+        str(RELIABILITY_PAGE),
+        external=True,
+    )
+    if failures:
+        session.error(f"fault suites failed in: {', '.join(failures)}")
