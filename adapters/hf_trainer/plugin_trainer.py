@@ -17,7 +17,8 @@ Trainer's own loop:
   ``optimizer.step`` replaced by
   the guarded step (clip, non-finite skip voted across ranks, LR schedule held);
 - ``log``: the plugins' metrics added, then every logged dict given to the detectors;
-- ``_save_checkpoint``: the plugins' state written next to the Trainer's.
+- ``_save_checkpoint``: the plugins' state written next to the Trainer's, the folder marked as being
+  written until both are done; ``train`` resumes only from a complete checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_choice import choose_checkpoint, mark_saved, mark_saving
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_state import collect_state, read_state, write_state
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_step import GuardedOptimizerStep
 
@@ -276,12 +278,7 @@ class PluginTrainerMixin:
         return super().train(checkpoint, *args, **kwargs)
 
     def _resolve_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
-        if resume_from_checkpoint is True:
-            found = get_last_checkpoint(self.args.output_dir)
-            if found is None:
-                raise ValueError(f"no valid checkpoint found in output directory ({self.args.output_dir})")
-            return found
-        return resume_from_checkpoint or None
+        return choose_checkpoint(resume_from_checkpoint, self.args.output_dir)
 
     def _restore_plugin_state(self, checkpoint: str) -> None:
         from transformers.trainer_callback import TrainerState
@@ -371,9 +368,14 @@ class PluginTrainerMixin:
         return list(findings)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        if trial is not None:
+            return super()._save_checkpoint(model, trial)
+        checkpoint_dir = self._checkpoint_dir()
+        # Until the marker is gone, a resumed run will not pick this folder: a kill mid-save leaves it behind.
+        mark_saving(checkpoint_dir, self.args.process_index)
         super()._save_checkpoint(model, trial)
-        if trial is None:
-            self._write_plugin_state(self._checkpoint_dir())
+        self._write_plugin_state(checkpoint_dir)
+        mark_saved(checkpoint_dir, self.args.process_index)
 
     def _checkpoint_dir(self) -> str:
         return os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

@@ -89,3 +89,22 @@ def assert_halt_checkpoint(message: str, output_dir: Path, last_fault_at: int, s
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
     state = json.loads((folder / "vlm_dpo_plugins_state.rank0.json").read_text())
     assert state["guards"]["skipped_steps"] == skipped, state["guards"]
+
+
+KILL_ROWS = {"step": "kill-step", "save": "kill-save"}
+"""The matrix rows for a run killed (SIGKILL) during a step / while writing a checkpoint, then resumed."""
+KILL_LINE = "[test_fault_injection] SIGKILL"
+
+
+def assert_resumed_exactly(resumed_dir: Path, reference_dir: Path, last_step: int) -> None:
+    """The resumed run's last checkpoint holds what the uninterrupted run's does: weights, optimizer, schedule,
+    and the plugins' own state (a skip counter that started before the interruption)."""
+    resumed, reference = resumed_dir / f"checkpoint-{last_step}", reference_dir / f"checkpoint-{last_step}"
+    assert _same(_weights(resumed), _weights(reference)), "the resumed run ended with other weights"
+    optimizers = [torch.load(folder / "optimizer.pt", weights_only=False) for folder in (resumed, reference)]
+    assert optimizers[0]["state"].keys() == optimizers[1]["state"].keys()
+    assert all(_same(optimizers[0]["state"][i], optimizers[1]["state"][i]) for i in optimizers[0]["state"])
+    schedules = [torch.load(folder / "scheduler.pt", weights_only=False) for folder in (resumed, reference)]
+    assert schedules[0] == schedules[1]
+    states = [json.loads((folder / "vlm_dpo_plugins_state.rank0.json").read_text()) for folder in (resumed, reference)]
+    assert states[0]["guards"] == states[1]["guards"] and states[0]["guards"]["skipped_steps"] == 1, states

@@ -10,6 +10,10 @@ Faults (``FAULTS``), each at the start of the optimizer steps named (0-based, th
 - ``pixel-nan``: ``pixel_values`` are NaN on their way into the model, so the vision tower encodes NaN;
 - ``spike``: the loss is multiplied by ``SPIKE_FACTOR`` (its gradients too), as a sudden hard batch would.
 
+Besides one of those, a run can be killed (SIGKILL, as a preempted node or the OOM killer would) at one step:
+``kill="step"`` during that step's backward pass, ``kill="save"`` while the checkpoint after that step is being
+written (the moment the Trainer saves the optimizer, after the weights).
+
 In-process (the TRL adapter) register ``FaultInjector(...)`` in the run's plugin manager. A framework's CLI runs
 in a subprocess, so there the module is installed the way any third-party plugin is: ``install(directory, ...)``
 writes it next to a ``*.dist-info`` folder whose ``entry_points.txt`` registers it in the ``vlm_dpo_plugins``
@@ -25,6 +29,7 @@ import math
 import os
 import random
 import shutil
+import signal
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,12 +41,14 @@ from vlm_dpo_plugins.distributed import rank as current_rank
 FAULT_VARIABLE = "VLM_DPO_TEST_FAULT"
 STEPS_VARIABLE = "VLM_DPO_TEST_FAULT_STEPS"
 RANK_VARIABLE = "VLM_DPO_TEST_FAULT_RANK"
+KILL_VARIABLE = "VLM_DPO_TEST_KILL"  # "step:3" or "save:3"
 ENTRY_POINT_NAME = "test_fault_injection"
 SPIKE_FACTOR = 50.0
 
 LOSS_FAULTS = {"loss-nan": math.nan, "loss-inf": math.inf}
 GRADIENT_FAULTS = {"grad-nan": math.nan, "grad-inf": math.inf}
 FAULTS = (*LOSS_FAULTS, *GRADIENT_FAULTS, "logits-nan", "pixel-nan", "spike")
+KILLS = ("step", "save")
 
 
 def random_step(seed: int, first: int, last: int) -> int:
@@ -49,13 +56,23 @@ def random_step(seed: int, first: int, last: int) -> int:
     return random.Random(seed).randint(first, last)
 
 
+def _kill(reason: str) -> None:
+    print(f"[test_fault_injection] SIGKILL {reason}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class FaultInjector:
-    def __init__(self, fault: str, steps: Iterable[int], only_rank: int | None = None) -> None:
+    def __init__(
+        self, fault: str, steps: Iterable[int], only_rank: int | None = None, kill: tuple[str, int] | None = None
+    ) -> None:
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; expected one of {list(FAULTS)}")
+        if kill is not None and kill[0] not in KILLS:
+            raise ValueError(f"unknown kill {kill[0]!r}; expected one of {list(KILLS)}")
         self.fault = fault
         self.steps = frozenset(steps)
         self.only_rank = only_rank
+        self.kill = kill
         self.armed_step: int | None = None
         self.handles: list = []
         self.injected: list[int] = []
@@ -71,7 +88,11 @@ class FaultInjector:
             handle.remove()
         self.handles.clear()
         self.armed_step = None
-        if step not in self.steps or (self.only_rank is not None and current_rank() != self.only_rank):
+        if self.only_rank is not None and current_rank() != self.only_rank:
+            return
+        if self.kill is not None and self.kill[1] == step:
+            self._arm_kill(step, model)
+        if step not in self.steps:
             return
         self.armed_step = step
         if self.fault in GRADIENT_FAULTS:
@@ -83,6 +104,20 @@ class FaultInjector:
         elif self.fault == "pixel-nan":
             # prepend: ms-swift's own pre-hook turns pixel_values into input embeddings on the same module.
             self.handles.append(model.register_forward_pre_hook(self._poison_pixels, with_kwargs=True, prepend=True))
+
+    def _arm_kill(self, step: int, model: torch.nn.Module) -> None:
+        if self.kill[0] == "step":
+            parameter = next(p for p in model.parameters() if p.requires_grad)
+            self.handles.append(parameter.register_hook(lambda grad: _kill(f"during the backward pass of step {step}")))
+            return
+        real_save = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if str(f).endswith("optimizer.pt"):
+                _kill(f"while saving {f}, after step {step}")
+            return real_save(obj, f, *args, **kwargs)
+
+        torch.save = save  # the process dies in it: nothing to restore
 
     def _poison_gradient(self, grad: torch.Tensor, name: str, value: float) -> torch.Tensor:
         self._report(f"{value} gradient for {name}")
@@ -124,8 +159,12 @@ class FaultInjector:
 def _from_environment() -> FaultInjector:
     steps = [int(step) for step in os.environ.get(STEPS_VARIABLE, "").split(",") if step.strip()]
     only_rank = os.environ.get(RANK_VARIABLE)
+    kill = os.environ.get(KILL_VARIABLE)
     return FaultInjector(
-        os.environ.get(FAULT_VARIABLE, "grad-nan"), steps, None if only_rank is None else int(only_rank)
+        os.environ.get(FAULT_VARIABLE, "grad-nan"),
+        steps,
+        None if only_rank is None else int(only_rank),
+        None if kill is None else (kill.split(":")[0], int(kill.split(":")[1])),
     )
 
 
@@ -133,7 +172,13 @@ plugin = _from_environment()
 
 
 def install(
-    directory: Path, step: int | None = None, *, fault: str = "grad-nan", steps=(), only_rank: int | None = None
+    directory: Path,
+    step: int | None = None,
+    *,
+    fault: str = "grad-nan",
+    steps=(),
+    only_rank: int | None = None,
+    kill: tuple[str, int] | None = None,
 ) -> dict[str, str]:
     """Make this plugin loadable in a subprocess; returns the environment variables to pass to it."""
     if fault not in FAULTS:
@@ -156,4 +201,6 @@ def install(
     }
     if only_rank is not None:
         environment[RANK_VARIABLE] = str(only_rank)
+    if kill is not None:
+        environment[KILL_VARIABLE] = f"{kill[0]}:{kill[1]}"
     return environment
