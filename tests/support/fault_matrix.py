@@ -98,7 +98,7 @@ KILL_LINE = "[test_fault_injection] SIGKILL"
 
 def assert_resumed_exactly(resumed_dir: Path, reference_dir: Path, last_step: int) -> None:
     """The resumed run's last checkpoint holds what the uninterrupted run's does: weights, optimizer, schedule,
-    and the plugins' own state (a skip counter that started before the interruption)."""
+    and the plugins' own state (a skip counter that started before the interruption, detector state...)."""
     resumed, reference = resumed_dir / f"checkpoint-{last_step}", reference_dir / f"checkpoint-{last_step}"
     assert _same(_weights(resumed), _weights(reference)), "the resumed run ended with other weights"
     optimizers = [torch.load(folder / "optimizer.pt", weights_only=False) for folder in (resumed, reference)]
@@ -107,4 +107,11 @@ def assert_resumed_exactly(resumed_dir: Path, reference_dir: Path, last_step: in
     schedules = [torch.load(folder / "scheduler.pt", weights_only=False) for folder in (resumed, reference)]
     assert schedules[0] == schedules[1]
     states = [json.loads((folder / "vlm_dpo_plugins_state.rank0.json").read_text()) for folder in (resumed, reference)]
-    assert states[0]["guards"] == states[1]["guards"] and states[0]["guards"]["skipped_steps"] == 1, states
+    for state in states:
+        # Counts of rows collated, not trained: accelerate's loader collates one batch ahead of the step, and a
+        # resumed run collates the batch that was waiting at the checkpoint again (TRL; LLaMA-Factory's loader
+        # does not). Findings and skipped rows, the part that matters, are compared.
+        for ahead in ("next_row", "rows_checked"):
+            state.get("collation", {}).pop(ahead, None)
+    # Every plugin's state: guards (skip counter, spike window, back-off), detectors, collation findings.
+    assert states[0] == states[1] and states[0]["guards"]["skipped_steps"] == 1, states
