@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import trl
 from datasets import Dataset
+from peft import LoraConfig
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer
 
@@ -28,7 +29,10 @@ class NanOnRankOne(TrainerCallback):
             parameter.grad.view(-1)[0] = math.nan
 
 
-def main(model_dir: str, output_dir: str, gradient_checkpointing: str) -> None:
+def main(model_dir: str, output_dir: str, mode: str) -> None:
+    """``mode``: ``none`` (no checkpointing; the NaN on rank 1), ``reentrant`` (LoRA, reentrant checkpointing and
+    find_unused_parameters, as the Qwen2.5-VL report ran it), ``stock-reentrant`` (the same with trl.DPOTrainer)."""
+    gradient_checkpointing = "reentrant" if mode.endswith("reentrant") else "none"
     rows = trl_conversational_rows(make_preference_examples(8, seed=2))
     args = trl.DPOConfig(
         output_dir=output_dir,
@@ -46,13 +50,18 @@ def main(model_dir: str, output_dir: str, gradient_checkpointing: str) -> None:
         # What users set for a frozen tower or text-only batches; with reentrant checkpointing it is the crash.
         ddp_find_unused_parameters=True if gradient_checkpointing == "reentrant" else None,
     )
-    trainer = VLMDPOTrainer(
+    kwargs = dict(
         model=AutoModelForImageTextToText.from_pretrained(model_dir),
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=AutoProcessor.from_pretrained(model_dir),
-        callbacks=[NanOnRankOne()],
     )
+    if gradient_checkpointing == "reentrant":
+        kwargs["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    if mode == "stock-reentrant":
+        trl.DPOTrainer(**kwargs).train()  # raises on both ranks
+        return
+    trainer = VLMDPOTrainer(**kwargs, callbacks=[NanOnRankOne()])
     trainer.train()
     flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]

@@ -23,7 +23,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_two_ranks(tmp_path, model_dir, checkpointing: str) -> list[dict]:
+def launch_two_ranks(tmp_path, model_dir, checkpointing: str) -> tuple[subprocess.CompletedProcess, Path]:
     output = tmp_path / checkpointing
     output.mkdir()
     command = [
@@ -40,10 +40,16 @@ def run_two_ranks(tmp_path, model_dir, checkpointing: str) -> list[dict]:
         checkpointing,
     ]
     completed = subprocess.run(command, env=isolated_env(tmp_path), capture_output=True, text=True, timeout=600)
+    return completed, output
+
+
+def run_two_ranks(tmp_path, model_dir, checkpointing: str) -> list[dict]:
+    completed, output = launch_two_ranks(tmp_path, model_dir, checkpointing)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return [json.loads((output / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
+@pytest.mark.reliability("TRL", row="one-rank-nan")
 def test_a_nan_on_one_rank_skips_the_step_on_both_and_replicas_stay_identical(tmp_path, tiny_model_dirs):
     ranks = run_two_ranks(tmp_path, tiny_model_dirs["llava"], "none")
     for result in ranks:
@@ -53,10 +59,16 @@ def test_a_nan_on_one_rank_skips_the_step_on_both_and_replicas_stay_identical(tm
     assert ranks[0]["reasons"][1][0].startswith("rank 1: non-finite gradient norm")
 
 
+@pytest.mark.reliability("TRL", row="ddp-reentrant")
 def test_reentrant_checkpointing_under_ddp_gets_a_static_graph_and_trains(tmp_path, tiny_model_dirs):
-    # The user asked for reentrant checkpointing and find_unused_parameters=True: together DDP raises
-    # "Expected to mark a variable ready only once" (the Qwen2.5-VL report). The plan keeps reentrant
-    # checkpointing, as asked, and makes it safe with a static graph.
+    # LoRA, reentrant checkpointing and find_unused_parameters=True together make DDP raise "Expected to mark a
+    # variable ready only once" (the Qwen2.5-VL report): stock TRL first, on both ranks. With the plugins the plan
+    # keeps reentrant checkpointing, as asked, and makes it safe with a static graph.
+    stock, _ = launch_two_ranks(tmp_path, tiny_model_dirs["llava"], "stock-reentrant")
+    assert stock.returncode != 0
+    for rank in (0, 1):
+        failure = f"[rank{rank}]: RuntimeError: Expected to mark a variable ready only once"
+        assert failure in stock.stderr, stock.stderr[-4000:]
     ranks = run_two_ranks(tmp_path, tiny_model_dirs["llava"], "reentrant")
     for result in ranks:
         assert result["static_graph"] is True and result["find_unused"] is False

@@ -1,11 +1,11 @@
 """A ``VLMDPOTrainer.train()`` process killed (SIGKILL) mid-step or mid-save, then resumed, loses nothing.
 
 Every run: the tiny LLaVA, 6 steps, a checkpoint every 2, a NaN gradient at step 1 (so the plugins have a skip
-counter to carry over), the projector unfrozen at step 4. The killed run dies during step 3's backward pass, or while writing checkpoint-4; the
-resumed run is the same command with ``resume_from_checkpoint=True``. It must skip the half-written
-checkpoint-4 (and say so), resume from checkpoint-2, and end exactly where an uninterrupted run ends: same
-weights, AdamW state, schedule, plugin state, and the same losses for every step after the resume (the data
-position was restored too).
+counter to carry over), the projector unfrozen at step 4. The killed run dies during step 3's backward pass, or
+while writing checkpoint-4; the resumed run is the same command with ``resume_from_checkpoint=True``. It must
+skip the half-written checkpoint-4 (and say so), resume from checkpoint-2, and end exactly where an uninterrupted
+run ends: same weights, AdamW state, schedule, plugin state, and the same losses for every step after the resume
+(the data position was restored too).
 """
 
 from __future__ import annotations
