@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fault_matrix import CONSECUTIVE, KILL_ROWS
+from fault_matrix import CONSECUTIVE, DISTRIBUTED_ROWS, KILL_ROWS
 from fault_plugin import FAULTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def write_results(path: Path, table, outcome=lambda framework, row: "passed") ->
 
 
 def test_the_table_has_a_row_for_every_injected_fault_and_the_halt(table):
-    assert list(table.ROWS) == [*FAULTS, CONSECUTIVE, *KILL_ROWS.values()]
+    assert list(table.ROWS) == [*FAULTS, CONSECUTIVE, *KILL_ROWS.values(), *DISTRIBUTED_ROWS]
 
 
 def test_the_committed_page_shows_every_cell_passing(table, tmp_path):

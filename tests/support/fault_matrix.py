@@ -115,3 +115,8 @@ def assert_resumed_exactly(resumed_dir: Path, reference_dir: Path, last_step: in
             state.get("collation", {}).pop(ahead, None)
     # Every plugin's state: guards (skip counter, spike window, back-off), detectors, collation findings.
     assert states[0] == states[1] and states[0]["guards"]["skipped_steps"] == 1, states
+
+
+DISTRIBUTED_ROWS = ("one-rank-nan", "ddp-reentrant")
+"""Two gloo ranks: a fault only one rank sees, and the DDP + LoRA + reentrant-checkpointing crash."""
+DDP_CRASH = "RuntimeError: Expected to mark a variable ready only once"

@@ -1,0 +1,68 @@
+"""``llamafactory-cli train`` on two CPU ranks (``FORCE_TORCHRUN=1 NPROC_PER_NODE=2``, gloo), as users launch it.
+
+- A NaN loss on rank 1 only (its gradients stay finite, so only rank 1's guard can see it): the step is skipped
+  on both ranks, the reason names rank 1, the replicas stay equal (rank 0's checkpoints around the step hold
+  the same weights and AdamW state) and both ranks' plugin state counts the skip.
+- LoRA, LLaMA-Factory's default reentrant gradient checkpointing and ``ddp_find_unused_parameters: true`` (what
+  users set for a frozen tower): LLaMA-Factory itself fails on both ranks with DDP's "Expected to mark a variable
+  ready only once" (the Qwen2.5-VL report); with the adapter installed it trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("llamafactory", reason="needs the LLaMA-Factory test environment (llamafactory==0.9.5)")
+
+from fault_matrix import DDP_CRASH, SKIP_LINE, assert_step_changed_nothing  # noqa: E402
+from fault_plugin import install as install_fault_plugin  # noqa: E402
+from llamafactory_runs import TINY_MODELS, dpo_config, run_llamafactory, write_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return TINY_MODELS["llava"].build(tmp_path_factory.mktemp("models") / "llava")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("data")
+    write_dataset(directory, num_rows=8)
+    return directory
+
+
+def two_ranks(tmp_path, llava, dataset, env=None, name="cfg", **overrides):
+    config = dpo_config(TINY_MODELS["llava"], llava, dataset, tmp_path / name, "lora", **overrides)
+    return run_llamafactory(tmp_path, config, env=env, nproc=2, name=name)
+
+
+@pytest.mark.reliability("LLaMA-Factory", row="one-rank-nan")
+def test_a_nan_loss_on_one_rank_skips_the_step_on_both(tmp_path, llava, dataset):
+    env = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=1)
+    run = two_ranks(tmp_path, llava, dataset, env=env, max_steps=3, save_strategy="steps", save_steps=1)
+    assert run.returncode == 0, run.log()
+    assert "world size: 2" in run.output and "[test_fault_injection] loss-nan at step 1" in run.output, run.log()
+    skip_lines = [line for line in run.output.splitlines() if SKIP_LINE in line]
+    assert len(skip_lines) == 1 and "rank 1: non-finite loss (nan)" in skip_lines[0], skip_lines
+    assert "rank 0:" not in skip_lines[0], skip_lines  # rank 0 saw nothing and still skipped
+    assert_step_changed_nothing(run.output_dir, 1)
+    for rank in (0, 1):
+        state = json.loads((run.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
+        assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
+
+
+@pytest.mark.reliability("LLaMA-Factory", row="ddp-reentrant")
+def test_lora_with_reentrant_checkpointing_under_ddp_fails_stock_and_trains_with_the_adapter(tmp_path, llava, dataset):
+    settings = dict(max_steps=2, ddp_find_unused_parameters=True)
+    stock = two_ranks(tmp_path, llava, dataset, env={"VLM_DPO_LLAMAFACTORY": "0"}, name="stock", **settings)
+    assert stock.returncode != 0, stock.log()
+    for rank in (0, 1):
+        assert f"[rank{rank}]: {DDP_CRASH}" in stock.output, stock.log()
+
+    run = two_ranks(tmp_path, llava, dataset, name="adapter", **settings)
+    assert run.returncode == 0, run.log()
+    assert DDP_CRASH not in run.output and "world size: 2" in run.output, run.log()
+    assert len(run.losses) == 2 and all(math.isfinite(loss) for loss in run.losses), run.losses
