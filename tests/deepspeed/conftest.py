@@ -9,19 +9,13 @@ test environment, so later runs load it in about a second.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+from framework_cli import free_port
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vlm-dpo-plugins" / "torch_extensions"))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

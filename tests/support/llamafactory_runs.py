@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from framework_cli import console_script, isolated_env
+from framework_cli import console_script, free_port, isolated_env
 
 DATASET_NAME = "tiny_pref"
 # LLaMA-Factory's sharegpt image placeholder; each template's mm_plugin expands it.
@@ -212,12 +211,6 @@ def run_llamafactory(
         check=False,
     )
     return LlamaFactoryRun(completed.returncode, completed.stdout, completed.stderr, Path(config["output_dir"]))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def torchrun_beside_interpreter(tmp_path: Path) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +11,9 @@ import pytest
 
 pytest.importorskip("trl")
 
-from framework_cli import isolated_env  # noqa: E402
+from framework_cli import free_port, isolated_env  # noqa: E402
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launch_two_ranks(tmp_path, model_dir, checkpointing: str) -> tuple[subprocess.CompletedProcess, Path]:
