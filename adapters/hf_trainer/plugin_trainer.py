@@ -43,6 +43,7 @@ from vlm_dpo_plugins.freeze.optimizer import optimizer_param_groups, unfreeze_in
 from vlm_dpo_plugins.guards.clipping import parameters_by_group
 from vlm_dpo_plugins.guards.deepspeed import tune_deepspeed_config
 from vlm_dpo_plugins.guards.deepspeed_buckets import model_hidden_size
+from vlm_dpo_plugins.guards.deepspeed_live import describe_live_buckets
 from vlm_dpo_plugins.runlog.findings import append_finding
 from vlm_dpo_plugins.sharing.features import ReferenceFeatureReuse
 from vlm_dpo_plugins.sharing.forward import PairSharing, PreparedBatch
@@ -392,6 +393,9 @@ class PluginTrainerMixin:
     def _install_guarded_step(self) -> None:
         engine = self.model_wrapped if self.is_deepspeed_enabled else None
         self._guarded_step.install(self.optimizer, deepspeed_engine=engine, scaler=self.accelerator.scaler)
+        live = describe_live_buckets(engine) if engine is not None else None
+        if live is not None and self.is_world_process_zero():
+            logger.info("vlm-dpo: %s", live)  # what the engine uses, read back after the framework built it
 
     def vlm_dpo_events(self, logged_step: int) -> list[str]:
         """What the guards did in the optimizer steps up to ``logged_step`` not reported yet ("skipped: ...")."""

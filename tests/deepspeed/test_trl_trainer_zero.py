@@ -201,6 +201,7 @@ def expected_bucket(trainable: int) -> int:
 # -- ZeRO-2 --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.reliability("TRL", row="zero2")
 def test_zero2_buckets_the_adapter_tuned_are_what_the_live_optimizer_holds(deepspeed_runs):
     result = deepspeed_runs("zero2")
     engine, bucket = result["engine"], expected_bucket(result["trainable"])
@@ -212,6 +213,7 @@ def test_zero2_buckets_the_adapter_tuned_are_what_the_live_optimizer_holds(deeps
     assert result["user_config"]["zero_optimization"]["reduce_bucket_size"] == "auto", "the user's dict is not edited"
 
 
+@pytest.mark.reliability("TRL", row="zero2")
 def test_zero2_nan_gradient_is_skipped_by_deepspeed_and_counted_once(deepspeed_runs):
     result = deepspeed_runs("zero2")
     trainer, engine = result["trainer"], result["engine"]
@@ -263,6 +265,7 @@ def assert_zero3_engine_holds_the_tuned_sizes(result) -> None:
     assert optimizer.parameter_offload.param_numel_persistence_threshold == 320  # default 100,000
 
 
+@pytest.mark.reliability("TRL", row="zero3")
 def test_zero3_tuned_sizes_reach_the_engine_and_a_nan_step_is_skipped_once(deepspeed_runs):
     result = deepspeed_runs("zero3")
     assert_zero3_engine_holds_the_tuned_sizes(result)

@@ -188,40 +188,6 @@ def test_torchrun_workers_are_active_on_both_ranks(tmp_path, models, dataset):
     assert run.losses[0] == pytest.approx(LN2, abs=1e-6) and all(math.isfinite(loss) for loss in run.losses)
 
 
-def test_deepspeed_zero2_buckets_tuned_and_its_own_skip_counted_once(tmp_path, models, dataset):
-    pytest.importorskip("deepspeed", reason="needs deepspeed in the LLaMA-Factory environment")
-    import json
-
-    zero2 = {
-        "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto", "allgather_bucket_size": "auto"},
-    }
-    deepspeed_config = tmp_path / "zero2.json"
-    deepspeed_config.write_text(json.dumps(zero2))
-    env = {
-        **install_fault_plugin(tmp_path / "plugins", step=1),
-        "DS_ACCELERATOR": "cpu",
-        # Outside the test's temporary HOME, so DeepSpeed's CPU communication op is compiled once per machine.
-        "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "vlm-dpo-plugins" / "torch_extensions"),
-    }
-    # LLaMA-Factory launches DeepSpeed only through torchrun (FORCE_TORCHRUN), here with one worker.
-    run = train(tmp_path, models, dataset, "llava", "lora", env=env, nproc=1, deepspeed=str(deepspeed_config))
-    assert run.returncode == 0, run.log()
-    trainable = 8704  # the language model's LoRA weights: what DeepSpeed reduces and gathers
-    assert (
-        f"set zero_optimization.reduce_bucket_size: 'auto' -> {trainable}; "
-        f"zero_optimization.allgather_bucket_size: 'auto' -> {trainable}"
-    ) in run.output, run.log()
-    # DeepSpeed skipped the poisoned step itself; the guards counted it once and did not step again.
-    assert run.output.count("OVERFLOW! Skipping step") == 1, run.log()
-    assert "skipped by DeepSpeed" in run.output, run.log()
-    assert [entry["vlm_dpo/skipped_steps"] for entry in run.step_logs] == [0.0, 1.0, 1.0], run.step_logs
-    assert all(math.isfinite(loss) for loss in run.losses), run.losses
-
-
 def test_detector_findings_reach_llamafactorys_logs(tmp_path, models):
     # Every pair identical, kept on purpose (policy warn): the loss sits at ln 2 and the detector says why.
     import json
