@@ -38,6 +38,7 @@ from vlm_dpo_plugins.adapters.hf_trainer.optimizer_step import GuardedOptimizerS
 
 from vlm_dpo_plugins.collation.wrapper import HookedCollator, keep_rows, scan_dataset
 from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.errors import VLMDPOError
 from vlm_dpo_plugins.freeze.apply import apply_trainable, is_adapter_parameter
 from vlm_dpo_plugins.freeze.optimizer import optimizer_param_groups, unfreeze_into_optimizer
 from vlm_dpo_plugins.guards.clipping import parameters_by_group
@@ -320,6 +321,12 @@ class PluginTrainerMixin:
                     summary.report_path,
                 )
         self._scan_skipped_rows = skipped
+        if len(skipped) == len(self.train_dataset) > 0:
+            raise VLMDPOError(
+                f"the collation checks left out every one of the {len(skipped)} training rows (listed in "
+                f"{self.vlm_dpo_config.collation.report_path or 'collation_report.jsonl in the output folder'}): "
+                "nothing is left to train on; fix the data, or set collation.policy for the checks named there"
+            )
         if skipped:
             dropped = set(skipped)
             self.train_dataset = self.train_dataset.select(

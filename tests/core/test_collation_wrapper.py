@@ -202,6 +202,20 @@ def test_a_row_the_collator_raises_on_is_named_and_can_be_skipped(tmp_path):
     assert skipping.hook.vlm_dpo_collate(examples=rows, collate=Strict())["input_ids"].shape[0] == 4
 
 
+def test_when_every_row_of_a_batch_fails_alone_each_is_named(tmp_path):
+    class Strict(TrlLayoutCollator):
+        def __call__(self, examples):
+            if any(not example["chosen"] for example in examples):
+                raise ValueError("Number of images provided (2) does not match number of image placeholders (1).")
+            return super().__call__(examples)
+
+    rows = [example([], [10, 12, EOS], row=3), example([], [10, 13, EOS], row=4)]
+    with pytest.raises(PairCheckError) as raised:
+        configured(tmp_path).hook.vlm_dpo_collate(examples=rows, collate=Strict())
+    assert "collate-failed (row 3, field 'row')" in str(raised.value)
+    assert "collate-failed (row 4, field 'row')" in str(raised.value)
+
+
 def test_a_batch_left_empty_by_skips_raises_instead_of_training_on_nothing(tmp_path):
     manager = configured(tmp_path, policy={"identical-pair": "skip"})
     with pytest.raises(PairCheckError, match="all 1 pair\\(s\\) of this batch were skipped"):

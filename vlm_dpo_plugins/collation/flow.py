@@ -130,7 +130,11 @@ def _collate_isolating_failures(
                 collate(prepare(examples, [position], config.row_index_key))
             except Exception as row_error:
                 failed[position] = row_error
-        if not failed or len(failed) == len(positions):
-            raise  # not a row's fault (or every row's): the framework's own error is the clearest
+        if not failed:
+            raise  # every row collates alone, only not together: not a row's fault, and the framework's error says it
         rest = [position for position in positions if position not in failed]
+        if not rest:
+            # Every row fails on its own: each is named with its own error (a collator that rejects every row of
+            # the dataset is named too, row by row, with the same message).
+            return None, failed
         return collate(prepare(examples, rest, config.row_index_key)), failed
