@@ -105,7 +105,6 @@ def test_a_corpus_of_every_defect_is_skipped_row_by_row_and_counted(tiny_model_d
     assert_accounted_for(trainer, skipped, rows, defects)
 
 
-@pytest.mark.reliability("TRL", row="bad-input")
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(defects=st.dictionaries(st.integers(0, 15), st.sampled_from(sorted(DEFECTS)), max_size=6))
 def test_any_mix_of_defects_is_accounted_for(tiny_model_dirs, preference_rows, tmp_path_factory, defects):
