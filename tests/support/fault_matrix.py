@@ -9,6 +9,7 @@ and LR-scheduler position, the run's logs count one skip and name its cause, and
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from pathlib import Path
 
@@ -120,3 +121,42 @@ def assert_resumed_exactly(resumed_dir: Path, reference_dir: Path, last_step: in
 DISTRIBUTED_ROWS = ("one-rank-nan", "ddp-reentrant", "zero2", "zero3")
 """Two gloo ranks: a fault only one rank sees, and the DDP + LoRA + reentrant-checkpointing crash; DeepSpeed."""
 DDP_CRASH = "RuntimeError: Expected to mark a variable ready only once"
+
+
+_WRITTEN = re.compile(r"zero_optimization\.(\w+): 'auto' -> (\d+)")
+_LIVE = re.compile(r"DeepSpeed ZeRO-(\d) optimizer holds (.*)$")
+_DEEPSPEED_DEFAULT = 500_000_000  # what the engine would use for an "auto" nothing filled
+
+
+def zero_config(stage: int) -> dict:
+    """A ZeRO config as transformers' examples write it: "auto" for the Trainer's values and for the buckets."""
+    zero = {"stage": stage, "reduce_bucket_size": "auto"}
+    zero["allgather_bucket_size" if stage == 2 else "stage3_prefetch_bucket_size"] = "auto"
+    auto = dict.fromkeys(
+        ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping"),
+        "auto",
+    )
+    return {**auto, "zero_optimization": zero}
+
+
+def deepspeed_environment() -> dict[str, str]:
+    # Outside a test's temporary HOME, so DeepSpeed's CPU communication op is compiled once per machine.
+    torch_extensions = Path.home() / ".cache" / "vlm-dpo-plugins" / "torch_extensions"
+    return {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(torch_extensions)}
+
+
+def assert_live_buckets_as_written(output: str, stage: int) -> None:
+    """The sizes the plugins wrote over "auto" are the sizes the live ZeRO optimizer reports holding."""
+    written = {key: int(value) for key, value in _WRITTEN.findall(output)}
+    expected = {"reduce_bucket_size", "allgather_bucket_size" if stage == 2 else "stage3_prefetch_bucket_size"}
+    assert set(written) == expected and max(written.values()) < _DEEPSPEED_DEFAULT / 1000, written
+    (live,) = [match for line in output.splitlines() if (match := _LIVE.search(line))]
+    held = {key: int(value) for key, value in (part.split() for part in live.group(2).split(", "))}
+    assert int(live.group(1)) == stage and held == written, (live.group(0), written)
+
+
+def assert_deepspeed_skipped_once(output: str, skipped_steps_logged: list[float]) -> None:
+    """DeepSpeed skipped the NaN step itself, exactly once; the guards counted it once and did not step again."""
+    assert output.count("OVERFLOW! Skipping step") == 1
+    assert "skipped by DeepSpeed" in output
+    assert skipped_steps_logged == [0, 1, 1], skipped_steps_logged

@@ -140,6 +140,12 @@ def tiny_dataset_dir(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def llava(tiny_model_dir) -> Path:
+    """The tiny LLaVA's folder: the model of the fault, interruption, two-rank and DeepSpeed suites."""
+    return tiny_model_dir("llava")
+
+
 @pytest.fixture
 def llamafactory_dpo(tmp_path, tiny_model_dir, tiny_dataset_dir) -> Callable[..., TinyDpoRun]:
     """Factory: run ``llamafactory-cli train`` (stage dpo) on a tiny model; returns a :class:`TinyDpoRun`.

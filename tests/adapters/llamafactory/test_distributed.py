@@ -23,11 +23,6 @@ from llamafactory_runs import TINY_MODELS, dpo_config, run_llamafactory, write_d
 
 
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    return TINY_MODELS["llava"].build(tmp_path_factory.mktemp("models") / "llava")
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     directory = tmp_path_factory.mktemp("data")
     write_dataset(directory, num_rows=8)

@@ -24,26 +24,14 @@ from fault_matrix import (  # noqa: E402
 )
 from fault_plugin import FAULTS  # noqa: E402
 from fault_plugin import install as install_fault_plugin  # noqa: E402
-from llamafactory_runs import TINY_MODELS, dpo_config, run_llamafactory, write_dataset  # noqa: E402
+from llamafactory_runs import TINY_MODELS, dpo_config, run_llamafactory  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    return TINY_MODELS["llava"].build(tmp_path_factory.mktemp("models") / "llava")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("data")
-    write_dataset(directory)
-    return directory
-
-
-def faulty_run(tmp_path, llava, dataset, *, fault, steps, max_steps, guards=None):
+def faulty_run(tmp_path, llava, tiny_dataset_dir, *, fault, steps, max_steps, guards=None):
     config = dpo_config(
         TINY_MODELS["llava"],
         llava,
-        dataset,
+        tiny_dataset_dir,
         tmp_path / "out",
         "lora",
         max_steps=max_steps,
@@ -56,9 +44,9 @@ def faulty_run(tmp_path, llava, dataset, *, fault, steps, max_steps, guards=None
 
 @pytest.mark.reliability("LLaMA-Factory")
 @pytest.mark.parametrize("fault", FAULTS)
-def test_a_fault_is_skipped_on_every_rank_and_changes_nothing(tmp_path, llava, dataset, fault):
+def test_a_fault_is_skipped_on_every_rank_and_changes_nothing(tmp_path, llava, tiny_dataset_dir, fault):
     at = fault_step(fault)
-    run = faulty_run(tmp_path, llava, dataset, fault=fault, steps=[at], max_steps=at + 2)
+    run = faulty_run(tmp_path, llava, tiny_dataset_dir, fault=fault, steps=[at], max_steps=at + 2)
     assert run.returncode == 0, run.log()
     assert f"[test_fault_injection] {fault} at step {at}:" in run.output, run.log()
     skip_lines = [line for line in run.output.splitlines() if SKIP_LINE in line]
@@ -68,9 +56,15 @@ def test_a_fault_is_skipped_on_every_rank_and_changes_nothing(tmp_path, llava, d
 
 
 @pytest.mark.reliability("LLaMA-Factory", row=CONSECUTIVE)
-def test_consecutive_faults_save_a_checkpoint_and_stop_naming_the_cause(tmp_path, llava, dataset):
+def test_consecutive_faults_save_a_checkpoint_and_stop_naming_the_cause(tmp_path, llava, tiny_dataset_dir):
     run = faulty_run(
-        tmp_path, llava, dataset, fault="grad-nan", steps=[1, 2], max_steps=5, guards={"max_consecutive_skips": 2}
+        tmp_path,
+        llava,
+        tiny_dataset_dir,
+        fault="grad-nan",
+        steps=[1, 2],
+        max_steps=5,
+        guards={"max_consecutive_skips": 2},
     )
     assert run.returncode != 0, run.log()
     assert f"TrainingHalted: {HALT_MESSAGE} (last at step 2: non-finite gradient norm (nan)" in run.stderr, run.log()

@@ -17,26 +17,14 @@ pytest.importorskip("llamafactory", reason="needs the LLaMA-Factory test environ
 
 from fault_matrix import KILL_LINE, KILL_ROWS, assert_resumed_exactly  # noqa: E402
 from fault_plugin import install as install_fault_plugin  # noqa: E402
-from llamafactory_runs import TINY_MODELS, dpo_config, run_llamafactory, write_dataset  # noqa: E402
+from llamafactory_runs import TINY_MODELS, dpo_config, run_llamafactory  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    return TINY_MODELS["llava"].build(tmp_path_factory.mktemp("models") / "llava")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("data")
-    write_dataset(directory)
-    return directory
-
-
-def train(tmp_path, llava, dataset, output_dir, *, kill=None, resume=False, name="cfg"):
+def train(tmp_path, llava, tiny_dataset_dir, output_dir, *, kill=None, resume=False, name="cfg"):
     config = dpo_config(
         TINY_MODELS["llava"],
         llava,
-        dataset,
+        tiny_dataset_dir,
         output_dir,
         "lora",
         max_steps=6,
@@ -54,9 +42,9 @@ def losses(output_dir, last_step):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, llava, dataset):
+def uninterrupted(tmp_path_factory, llava, tiny_dataset_dir):
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
-    run = train(tmp_path, llava, dataset, tmp_path / "out")
+    run = train(tmp_path, llava, tiny_dataset_dir, tmp_path / "out")
     assert run.returncode == 0, run.log()
     return tmp_path / "out"
 
@@ -66,15 +54,15 @@ def uninterrupted(tmp_path_factory, llava, dataset):
     [pytest.param(kill, marks=pytest.mark.reliability("LLaMA-Factory", row=row)) for kill, row in KILL_ROWS.items()],
 )
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint_and_loses_nothing(
-    tmp_path, llava, dataset, uninterrupted, kill
+    tmp_path, llava, tiny_dataset_dir, uninterrupted, kill
 ):
     output_dir = tmp_path / "out"
-    killed = train(tmp_path, llava, dataset, output_dir, kill=(kill, 3), name="killed")
+    killed = train(tmp_path, llava, tiny_dataset_dir, output_dir, kill=(kill, 3), name="killed")
     assert killed.returncode != 0 and KILL_LINE in killed.output, killed.log()
     expected = ["checkpoint-2", "checkpoint-4"] if kill == "save" else ["checkpoint-2"]
     assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == expected
 
-    resumed = train(tmp_path, llava, dataset, output_dir, resume=True, name="resumed")
+    resumed = train(tmp_path, llava, tiny_dataset_dir, output_dir, resume=True, name="resumed")
     assert resumed.returncode == 0, resumed.log()
     if kill == "save":
         assert (
