@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-logger = logging.getLogger("vlm_dpo_plugins.adapters.trl")
+logger = logging.getLogger("vlm_dpo_plugins.adapters")
 
 SAVING_MARKER = "vlm_dpo_saving.rank{rank}"
 TRAINER_STATE = "trainer_state.json"
