@@ -39,6 +39,23 @@ HALT_MESSAGE = "2 consecutive optimizer steps skipped"
 HALT_SETTING = "guards.max_consecutive_skips sets this limit"
 
 
+def assert_skip_logged_once(output: str, *expected: str) -> None:
+    """Exactly one "optimizer step skipped on every rank" line in the run's output, holding each expected text."""
+    lines = [line for line in output.splitlines() if SKIP_LINE in line]
+    assert len(lines) == 1 and all(text in lines[0] for text in expected), (lines, expected)
+
+
+def assert_fault_skipped_once(output: str, fault: str, at: int) -> None:
+    """One skip line, for the step the fault hit, naming the fault's cause."""
+    assert_skip_logged_once(output, f"step {at}:", REASONS[fault])
+
+
+def assert_one_rank_fault_skipped_on_both(output: str) -> None:
+    """One skip line, naming rank 1's non-finite loss and no reason of rank 0's (it saw nothing, and skipped)."""
+    assert_skip_logged_once(output, "rank 1: non-finite loss (nan)")
+    assert "rank 0:" not in next(line for line in output.splitlines() if SKIP_LINE in line)
+
+
 def fault_step(fault: str) -> int:
     """The 0-based optimizer step ``fault`` hits: drawn from the fault's name, after the spike window fills."""
     return random_step(zlib.crc32(fault.encode()), SPIKE_WINDOW, SPIKE_WINDOW + 1)

@@ -15,8 +15,7 @@ from fault_matrix import (  # noqa: E402
     GUARDS,
     HALT_MESSAGE,
     HALT_SETTING,
-    REASONS,
-    SKIP_LINE,
+    assert_fault_skipped_once,
     assert_halt_checkpoint,
     assert_step_changed_nothing,
     fault_step,
@@ -49,8 +48,7 @@ def test_a_fault_is_skipped_on_every_rank_and_changes_nothing(tmp_path, llava, t
     run = faulty_run(tmp_path, llava, tiny_dataset_dir, fault=fault, steps=[at], max_steps=at + 2)
     assert run.returncode == 0, run.log()
     assert f"[test_fault_injection] {fault} at step {at}:" in run.output, run.log()
-    skip_lines = [line for line in run.output.splitlines() if SKIP_LINE in line]
-    assert len(skip_lines) == 1 and f"step {at}:" in skip_lines[0] and REASONS[fault] in skip_lines[0], skip_lines
+    assert_fault_skipped_once(run.output, fault, at)
     assert [entry["vlm_dpo/skipped_steps"] for entry in run.step_logs] == skipped_steps_logged(at)
     assert_step_changed_nothing(run.output_dir, at)
 

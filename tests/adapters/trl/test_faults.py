@@ -16,8 +16,7 @@ from fault_matrix import (  # noqa: E402
     GUARDS,
     HALT_MESSAGE,
     HALT_SETTING,
-    REASONS,
-    SKIP_LINE,
+    assert_fault_skipped_once,
     assert_halt_checkpoint,
     assert_step_changed_nothing,
     fault_step,
@@ -55,8 +54,7 @@ def test_a_fault_is_skipped_on_every_rank_and_changes_nothing(
     trainer = faulty_trainer(tiny_model_dirs, preference_rows, tmp_path, fault=fault, steps=[at], max_steps=at + 2)
     trainer.train()
     assert f"[test_fault_injection] {fault} at step {at}:" in capsys.readouterr().out
-    skip_lines = [record.getMessage() for record in caplog.records if SKIP_LINE in record.getMessage()]
-    assert len(skip_lines) == 1 and f"step {at}:" in skip_lines[0] and REASONS[fault] in skip_lines[0], skip_lines
+    assert_fault_skipped_once("\n".join(record.getMessage() for record in caplog.records), fault, at)
     assert [entry["vlm_dpo/skipped_steps"] for entry in training_logs(trainer)] == skipped_steps_logged(at)
     assert_step_changed_nothing(tmp_path, at)
 
