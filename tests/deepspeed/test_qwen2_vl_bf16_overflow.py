@@ -21,9 +21,9 @@ pytest.importorskip("deepspeed")
 trl = pytest.importorskip("trl")
 
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noqa: E402
+from trl_runs import make_trainer, training_logs  # noqa: E402
 from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer  # noqa: E402
 
 from vlm_dpo_plugins.tiny import build_tiny_qwen2_vl, make_preference_examples, trl_conversational_rows  # noqa: E402
@@ -63,33 +63,22 @@ class OverflowingImages(TrainerCallback):
 
 def train(trainer_class, model_dir, rows, output_dir, deepspeed=None):
     unset_hf_deepspeed_config()
-    torch.manual_seed(0)
-    args = trl.DPOConfig(
-        output_dir=str(output_dir),
+    trainer = make_trainer(
+        model_dir,
+        rows,
+        output_dir,
+        trainer_class=trainer_class,
+        callbacks=[OverflowingImages(OVERFLOW_AT)],
         max_steps=STEPS,
-        per_device_train_batch_size=2,
         learning_rate=1e-3,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
         bf16=True,
         deepspeed=deepspeed,
-    )
-    trainer = trainer_class(
-        model=AutoModelForImageTextToText.from_pretrained(model_dir),
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=AutoProcessor.from_pretrained(model_dir),
-        callbacks=[OverflowingImages(OVERFLOW_AT)],
     )
     try:
         trainer.train()
     finally:
         unset_hf_deepspeed_config()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = [entry["loss"] for entry in training_logs(trainer)]
     finite = all(torch.isfinite(p.detach().float()).all() for p in trainer.model.parameters() if p.numel())
     return trainer, losses, finite
 
