@@ -312,7 +312,9 @@ class PluginTrainerMixin:
                 output_dir=self.args.output_dir,
             )
             summary.raise_for_errors()
-            skipped = sorted(set(range(len(self.train_dataset))) - set(keep_rows(len(self.train_dataset), summary)))
+            total, key = len(self.train_dataset), collation.row_index_key
+            row_indices = self.train_dataset[key] if key in self.train_dataset.column_names else None
+            skipped = sorted(set(range(total)) - set(keep_rows(total, summary, row_indices)))
             if skipped:
                 logger.warning(
                     "vlm-dpo: %d of %d rows left out before training by the collation checks (listed in %s)",

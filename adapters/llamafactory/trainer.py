@@ -30,6 +30,7 @@ from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixi
 from vlm_dpo_plugins.adapters.llamafactory.trainer_log import extend_trainer_log
 from vlm_dpo_plugins.adapters.llamafactory.workflow import PluginRun
 
+from vlm_dpo_plugins.collation.accounting import RowAccount
 from vlm_dpo_plugins.freeze.report import trainable_report
 from vlm_dpo_plugins.losses.compute import compute_preference_loss
 from vlm_dpo_plugins.losses.corrupted_image import with_corrupted_chosen
@@ -50,8 +51,11 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
         self.plugins = vlm_dpo_run.plugins
         self.vlm_dpo_config = vlm_dpo_run.config
         self._vlm_dpo_run = vlm_dpo_run
-        kwargs["train_dataset"] = _with_row_index(kwargs.get("train_dataset"), self.vlm_dpo_config)
+        kwargs["train_dataset"] = _with_row_index(
+            kwargs.get("train_dataset"), self.vlm_dpo_config, vlm_dpo_run.data.file_rows
+        )
         super().__init__(*args, **kwargs)
+        self._loaded_rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
         loss_type = self.vlm_dpo_config.loss.type
         self._loss_inputs: LossInputs = self.plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()
         self._needs_corrupted_image = not vlm_dpo_run.framework_computes_loss and bool(self._loss_inputs.extras)
@@ -78,6 +82,19 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
             self.vlm_dpo_config.loss.beta,
             trainable,
         )
+
+    def _prescan_dataset(self) -> None:
+        super()._prescan_dataset()
+        data = self._vlm_dpo_run.data
+        if data.file_rows is not None:
+            RowAccount(
+                source=data.source,
+                framework="LLaMA-Factory",
+                rows_in=data.rows_in,
+                skipped_by_file_checks=data.skipped_before_loading,
+                loaded=self._loaded_rows,
+                skipped_by_prescan=len(self._scan_skipped_rows or ()),
+            ).log(logger)
 
     def vlm_dpo_context(self) -> RunContext:
         return dataclasses.replace(self._vlm_dpo_run.context, model_type=getattr(self.model.config, "model_type", None))
@@ -181,11 +198,13 @@ def _framework_metrics(
     return metrics
 
 
-def _with_row_index(dataset: Any, config: Any) -> Any:
+def _with_row_index(dataset: Any, config: Any, file_rows: list[int] | None) -> Any:
     from datasets import Dataset
 
     key = config.collation.row_index_key
     if isinstance(dataset, Dataset) and key not in dataset.column_names:
-        # Findings then name the row of the user's dataset, whatever order the sampler draws it in.
-        return dataset.add_column(key, list(range(len(dataset))))
+        # Findings then name the row of the user's file, whatever order the sampler draws it in; when
+        # LLaMA-Factory dropped rows of its own the file rows are unknown, and positions in its dataset stand in.
+        known = file_rows is not None and len(file_rows) == len(dataset)
+        return dataset.add_column(key, list(file_rows) if known else list(range(len(dataset))))
     return dataset

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.checkpointing import apply_ddp_plan
 from vlm_dpo_plugins.adapters.llamafactory.config_section import ParsedSection, latest
+from vlm_dpo_plugins.adapters.llamafactory.data_checks import LoadedData, checked_loading
 from vlm_dpo_plugins.adapters.llamafactory.settings import reconcile
 
 from vlm_dpo_plugins.config import VLMDPOConfig
@@ -37,6 +38,7 @@ class PluginRun:
     framework_computes_loss: bool
     context: RunContext
     origin: str
+    data: LoadedData = field(default_factory=LoadedData)
 
 
 def plugin_run_dpo(stock_run_dpo: Any) -> Any:
@@ -51,8 +53,12 @@ def plugin_run_dpo(stock_run_dpo: Any) -> Any:
 
         stock_trainer = trainer_module.CustomDPOTrainer
         trainer_module.CustomDPOTrainer = functools.partial(PluginDPOTrainer, vlm_dpo_run=run)
+        collation = run.plugins.get_plugin("collation")
         try:
-            return stock_run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
+            if collation is None:  # blocked: no checks at all
+                return stock_run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
+            with checked_loading(run.config.collation, data_args, training_args, collation.report) as run.data:
+                return stock_run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
         finally:
             trainer_module.CustomDPOTrainer = stock_trainer
 

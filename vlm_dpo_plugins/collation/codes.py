@@ -31,5 +31,8 @@ CHECKS: dict[str, Check] = {
         "error", "truncation cut image tokens (the 'Image features and image tokens do not match' crash)"
     ),
     "image-unreadable": Check("error", "an image of the raw row is missing or cannot be opened"),
+    "malformed-row": Check(
+        "error", "the raw row is no preference pair (a field missing, a wrong role, a line not UTF-8 or JSON)"
+    ),
     "collate-failed": Check("error", "the framework's collator raised on this row"),
 }

@@ -23,10 +23,13 @@ class CollationConfig:
     row_index_key: str = "row_index"
     """Example key holding the dataset row index; it is removed before the framework's collator sees the row."""
     verify_images: bool = True
+    """Open every image path or bytes of a row with Pillow (header and checksums, no decoding) before collation."""
     prescan: bool = True
     """Check the whole training set before step 0 (one pass of the framework's collator over every row, no model),
     so errors stop the run before any GPU time is spent and skipped rows are left out of the dataset."""
-    """Open every image path or bytes of a row with Pillow (header and checksums, no decoding) before collation."""
+    check_files: bool = True
+    """Check the raw training files LLaMA-Factory and ms-swift read (each row, each image) before they load them:
+    errors stop before the framework's preprocessing, skipped rows never reach it."""
 
     def __post_init__(self) -> None:
         for code in self.policy:

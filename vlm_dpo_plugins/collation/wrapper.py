@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from vlm_dpo_plugins.collation.plugin import PairChecks
@@ -59,10 +59,15 @@ def scan_dataset(
     return checks.scan(examples, collate, batch_size=batch_size, limit=limit, output_dir=output_dir)
 
 
-def keep_rows(total: int, summary: CollationSummary) -> list[int]:
-    """The row indices in ``range(total)`` that the scan neither skipped nor failed."""
+def keep_rows(total: int, summary: CollationSummary, row_indices: Sequence[int] | None = None) -> list[int]:
+    """The positions in ``range(total)`` whose row the scan neither skipped nor failed.
+
+    ``row_indices``: the row index each position carries (``collation.row_index_key``), when rows are named by
+    something other than their position (an adapter that left rows out of the file before loading it).
+    """
     dropped = summary.skipped_rows | {finding.row for finding in summary.errors}
-    return [row for row in range(total) if row not in dropped]
+    rows = range(total) if row_indices is None else row_indices
+    return [position for position, row in zip(range(total), rows, strict=True) if row not in dropped]
 
 
 def _bound_checks(manager: Any) -> PairChecks | None:

@@ -31,6 +31,8 @@ class DataReport:
     findings: list[Finding] = field(default_factory=list)
     distinct_images: int = 0
     max_length: int | None = None
+    unreadable_rows: set[int] = field(default_factory=set)
+    """Lines that are not UTF-8 or not JSON: a framework's loader fails on the whole file for any of them."""
 
     @property
     def failing_rows(self) -> int:
@@ -52,6 +54,7 @@ def check_data(
     max_length: int | None = None,
     workers: int | None = None,
     progress: Callable[[str, int | None], Callable[[int], None]] | None = None,
+    row_limit: int | None = None,
 ) -> DataReport:
     report = DataReport(path=path, max_length=max_length)
     roots = (images_root,) if images_root is not None else (path.parent, Path.cwd())
@@ -65,6 +68,8 @@ def check_data(
     kept_pairs: list[Pair] = []
     tick = progress("rows", None) if progress else None
     for raw in read_rows(path):
+        if row_limit is not None and raw.index >= row_limit:
+            break
         report.rows += 1
         if tick:
             tick(1)
@@ -103,6 +108,7 @@ def check_data(
 
 def _parse(row: int, value: Any, report: DataReport) -> Pair | None:
     if isinstance(value, BadRow):
+        report.unreadable_rows.add(row)
         report.findings.append(malformed(row, RowProblem(None, value.reason, "fix or remove the line")))
         return None
     try:

@@ -1,0 +1,141 @@
+"""LLaMA-Factory's training files checked before it reads them, and only the rows kept handed to it.
+
+Two functions of LLaMA-Factory's loader module, both looked up by name when ``get_dataset``
+runs, are wrapped for the run: ``_load_single_dataset`` checks the file of each dataset entry
+first (``collation/file_checks.py``), so a broken row stops the run before LLaMA-Factory's
+loader or preprocessing crashes on it or drops it; ``align_dataset`` selects the rows the
+policies skip away from what LLaMA-Factory read, before its converter (which raises on a role it
+has no tag for) and its tokenizer see them. Files the checks cannot read the way LLaMA-Factory
+does (hub datasets, folders, column or role names of their own) are left to the live checks,
+with a notice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlm_dpo_plugins.collation.file_checks import FileCheck, check_file
+from vlm_dpo_plugins.collation.report import ReportFile
+from vlm_dpo_plugins.collation.settings import CollationConfig
+
+FRAMEWORK = "LLaMA-Factory"
+# The keys and role names vlm-dpo doctor reads; LLaMA-Factory's defaults and the OpenAI-style ones.
+READABLE_TAGS = {
+    "role_tag": ("from", "role"),
+    "content_tag": ("value", "content"),
+    "user_tag": ("human", "user"),
+    "assistant_tag": ("gpt", "assistant"),
+}
+logger = logging.getLogger("vlm_dpo_plugins.adapters.llamafactory")
+
+
+@dataclass
+class LoadedData:
+    """The file checks of one run, and the file rows of the training set when they are known."""
+
+    checks: dict[str, FileCheck] = field(default_factory=dict)
+    file_rows: list[int] | None = None
+    """The training set's rows as rows of the user's file (one file, order kept), else None."""
+    source: str = ""
+    rows_in: int = 0
+    skipped_before_loading: int = 0
+
+
+@contextlib.contextmanager
+def checked_loading(
+    config: CollationConfig, data_args: Any, training_args: Any, report: ReportFile
+) -> Iterator[LoadedData]:
+    """While LLaMA-Factory loads its datasets, each file is checked first and loaded without its skipped rows."""
+    from llamafactory.data import loader
+
+    loaded = LoadedData()
+    if not (config.enabled and config.check_files):
+        yield loaded
+        return
+    report_path = ReportFile.resolve(config.report_path, training_args.output_dir)
+    stock_load, stock_align = loader._load_single_dataset, loader.align_dataset
+    # One training file, in file order, not split: the training set's rows are that file's kept rows.
+    rows_known = len(data_args.dataset or []) == 1 and not data_args.val_size
+
+    @functools.wraps(stock_load)
+    def load_single_dataset(dataset_attr: Any, model_args: Any, data_args: Any, training_args: Any) -> Any:
+        path = _checkable_file(dataset_attr, data_args) if dataset_attr.dataset_name not in loaded.checks else None
+        if path is not None:
+            check = check_file(
+                path,
+                config,
+                framework=FRAMEWORK,
+                report=report,
+                report_path=report_path,
+                images_root=Path(data_args.media_dir or data_args.dataset_dir),
+                row_limit=data_args.max_samples,
+            )
+            loaded.checks[dataset_attr.dataset_name] = check
+            if rows_known and loaded.file_rows is None:  # the training file is loaded first
+                loaded.file_rows = check.kept
+                loaded.source, loaded.rows_in, loaded.skipped_before_loading = str(path), check.rows, len(check.skipped)
+        return stock_load(dataset_attr, model_args, data_args, training_args)
+
+    @functools.wraps(stock_align)
+    def align_dataset(dataset: Any, dataset_attr: Any, *args: Any, **kwargs: Any) -> Any:
+        # Before LLaMA-Factory's converter: it raises on some malformed rows (a role it has no tag for).
+        check = loaded.checks.get(dataset_attr.dataset_name)
+        if check is not None and check.skipped:
+            dataset = dataset.select(check.kept)
+        return stock_align(dataset, dataset_attr, *args, **kwargs)
+
+    loader._load_single_dataset, loader.align_dataset = load_single_dataset, align_dataset
+    try:
+        yield loaded
+    finally:
+        loader._load_single_dataset, loader.align_dataset = stock_load, stock_align
+
+
+def _checkable_file(dataset_attr: Any, data_args: Any) -> Path | None:
+    """The local JSON/JSONL file of a dataset entry the checks read as LLaMA-Factory would, else None (noticed)."""
+    if dataset_attr.load_from != "file":
+        return None
+    path = Path(data_args.dataset_dir) / dataset_attr.dataset_name
+    reason = None
+    if not path.is_file() or path.suffix not in (".json", ".jsonl"):
+        reason = "it is not one .json/.jsonl file"
+    elif dataset_attr.num_samples is not None or data_args.streaming:
+        reason = "num_samples or streaming draws its rows out of file order"
+    elif dataset_attr.formatting == "sharegpt" and not _doctor_reads_sharegpt(dataset_attr):
+        reason = "its columns or role names are its own"
+    elif dataset_attr.formatting == "alpaca" and not _doctor_reads_alpaca(dataset_attr):
+        reason = "its columns are its own"
+    elif dataset_attr.formatting not in ("sharegpt", "alpaca"):
+        reason = f"its formatting is {dataset_attr.formatting!r}"
+    if reason is not None:
+        logger.info(
+            "vlm-dpo: %s is checked per batch during training, not as a file before loading: %s",
+            dataset_attr.dataset_name,
+            reason,
+        )
+        return None
+    return path
+
+
+def _doctor_reads_sharegpt(attr: Any) -> bool:
+    return (
+        attr.messages in ("conversations", "messages")
+        and (attr.chosen, attr.rejected) == ("chosen", "rejected")
+        and attr.images in (None, "images")
+        and all(getattr(attr, tag) in names for tag, names in READABLE_TAGS.items())
+    )
+
+
+def _doctor_reads_alpaca(attr: Any) -> bool:
+    return (
+        attr.prompt == "instruction"
+        and attr.query in (None, "input")
+        and (attr.chosen, attr.rejected) == ("chosen", "rejected")
+        and attr.images in (None, "images")
+    )

@@ -1,0 +1,100 @@
+"""The raw preference file, checked row by row before a framework loads it.
+
+LLaMA-Factory and ms-swift read the whole file, open images and drop rows of their own while
+preprocessing, all before the first batch: a missing image or a line that is not UTF-8 ends
+that step with a traceback naming neither row nor field, and a row the framework drops
+(ms-swift deletes identical pairs, LLaMA-Factory malformed conversations) is gone with a log
+line at best. So the adapters put the file through ``vlm-dpo doctor``'s checks first and let
+the collation policies decide: ``error`` stops before loading with every row, field and fix
+named; ``skip`` leaves the row out (the adapter keeps only ``FileCheck.kept`` of what the
+framework loads) and writes it to the collation report. Warnings are left to the live checks,
+which see the tokens and report each row once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlm_dpo_plugins.collation.policy import PairCheckError, decide
+from vlm_dpo_plugins.collation.report import ReportFile
+from vlm_dpo_plugins.collation.settings import CollationConfig
+from vlm_dpo_plugins.types import Finding, Severity
+
+ORIGIN = "file-check"
+logger = logging.getLogger("vlm_dpo_plugins.collation")
+
+
+@dataclass
+class FileCheck:
+    """What the checks left of one file: the rows read and the ones left out, each with its first finding."""
+
+    path: Path
+    rows: int
+    skipped: dict[int, Finding] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> list[int]:
+        return [row for row in range(self.rows) if row not in self.skipped]
+
+
+def check_file(
+    path: Path,
+    config: CollationConfig,
+    *,
+    framework: str,
+    report: ReportFile,
+    report_path: Path,
+    images_root: Path | None = None,
+    model: str | None = None,
+    max_length: int | None = None,
+    row_limit: int | None = None,
+) -> FileCheck:
+    """Raises ``PairCheckError`` for the rows whose policy is ``error``; returns the rows kept and left out."""
+    from vlm_dpo_plugins.doctor.data import check_data
+
+    data = check_data(path, images_root=images_root, model=model, max_length=max_length, row_limit=row_limit)
+    decided = [decide(finding, config) for finding in data.findings]
+    errors, skips = [], []
+    for finding, action in decided:
+        if action == "skip" and finding.row in data.unreadable_rows:
+            # The framework's loader parses the file as a whole: no row of it can be left out.
+            finding, action = _unskippable(finding, framework), "error"
+        if action == "error":
+            errors.append(finding)
+        elif action == "skip":
+            skips.append(finding)
+    if errors:
+        rows = sorted({finding.row for finding in errors if finding.row is not None})
+        raise PairCheckError(
+            errors,
+            headline=f"checks of {path} failed for {len(rows)} row(s) before {framework} loaded it: "
+            + ", ".join(str(row) for row in rows[:20])
+            + (f" and {len(rows) - 20} more" if len(rows) > 20 else ""),
+        )
+    check = FileCheck(path, data.rows)
+    for finding in skips:
+        check.skipped.setdefault(finding.row, finding)
+    if skips:
+        report.write([(finding, "skip") for finding in skips], report_path, ORIGIN)
+        logger.warning(
+            "vlm-dpo: %d of the %d rows of %s left out before %s loads it (listed in %s)",
+            len(check.skipped),
+            check.rows,
+            path,
+            framework,
+            report_path,
+        )
+    return check
+
+
+def _unskippable(finding: Finding, framework: str) -> Finding:
+    return dataclasses.replace(
+        finding,
+        severity=Severity.ERROR,
+        message=f"{finding.message}; {framework} reads the file as a whole and fails on such a line, so the row "
+        "cannot be left out",
+        fix="re-encode the file as UTF-8 and fix or delete the line",
+    )
