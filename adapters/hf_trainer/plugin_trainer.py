@@ -27,6 +27,7 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -36,6 +37,9 @@ from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_choice import choose_checkpo
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_state import collect_state, read_state, write_state
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_step import GuardedOptimizerStep
 
+from vlm_dpo_plugins.collation.accounting import RowAccount
+from vlm_dpo_plugins.collation.file_checks import CheckedFiles
+from vlm_dpo_plugins.collation.report import CollationSummary
 from vlm_dpo_plugins.collation.wrapper import HookedCollator, keep_rows, scan_dataset
 from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.errors import VLMDPOError
@@ -61,6 +65,8 @@ class PluginTrainerMixin:
     """True: the policy may only narrow what the framework made trainable (LLaMA-Factory decides with its own
     flags, kept equal to the policy). False: only PEFT adapters are limited (TRL adds a frozen "ref" adapter
     that must stay frozen), every other parameter follows the policy."""
+    vlm_dpo_checked_files: CheckedFiles | None = None
+    """The training files the adapter checked before its framework read them (LLaMA-Factory, ms-swift)."""
 
     # -- set-up ------------------------------------------------------------------
 
@@ -86,6 +92,7 @@ class PluginTrainerMixin:
         self._framework_collator = self.data_collator
         self.data_collator = HookedCollator(self.plugins, self.data_collator)
         self._scan_skipped_rows: list[int] | None = None
+        self._loaded_rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
         self._guarded_step = GuardedOptimizerStep(
             self.plugins,
             parameters=self._trainable_by_group,
@@ -297,33 +304,32 @@ class PluginTrainerMixin:
         self._apply_freeze_policy(step)
 
     def _prescan_dataset(self) -> None:
-        from datasets import Dataset
-
         collation = self.vlm_dpo_config.collation
-        if not (collation.enabled and collation.prescan) or not isinstance(self.train_dataset, Dataset):
+        if not (collation.enabled and collation.prescan) or not self._can_prescan():
+            self._log_row_account()
             return
+        total = len(self.train_dataset)
         skipped = self._scan_skipped_rows
         if skipped is None:
             summary = scan_dataset(
                 self.plugins,
-                self.train_dataset,
+                self._prescan_examples(),
                 self._framework_collator,
                 batch_size=self.args.per_device_train_batch_size,
                 output_dir=self.args.output_dir,
             )
+            self._add_prescan_findings(summary)
             summary.raise_for_errors()
-            total, key = len(self.train_dataset), collation.row_index_key
-            row_indices = self.train_dataset[key] if key in self.train_dataset.column_names else None
-            skipped = sorted(set(range(total)) - set(keep_rows(total, summary, row_indices)))
+            skipped = sorted(set(range(total)) - set(keep_rows(total, summary, self._prescan_row_indices())))
             if skipped:
                 logger.warning(
                     "vlm-dpo: %d of %d rows left out before training by the collation checks (listed in %s)",
                     len(skipped),
-                    len(self.train_dataset),
+                    total,
                     summary.report_path,
                 )
         self._scan_skipped_rows = skipped
-        if len(skipped) == len(self.train_dataset) > 0:
+        if len(skipped) == total > 0:
             raise VLMDPOError(
                 f"the collation checks left out every one of the {len(skipped)} training rows (listed in "
                 f"{self.vlm_dpo_config.collation.report_path or 'collation_report.jsonl in the output folder'}): "
@@ -331,9 +337,41 @@ class PluginTrainerMixin:
             )
         if skipped:
             dropped = set(skipped)
-            self.train_dataset = self.train_dataset.select(
-                [row for row in range(len(self.train_dataset)) if row not in dropped]
-            )
+            self.train_dataset = self._select_rows([row for row in range(total) if row not in dropped])
+        self._log_row_account(len(skipped))
+
+    # The pre-scan's steps, for an adapter whose framework hands over another kind of dataset (ms-swift).
+
+    def _can_prescan(self) -> bool:
+        from datasets import Dataset
+
+        return isinstance(self.train_dataset, Dataset)
+
+    def _prescan_examples(self) -> Iterable[Mapping[str, Any]]:
+        return self.train_dataset
+
+    def _prescan_row_indices(self) -> list[int] | None:
+        key = self.vlm_dpo_config.collation.row_index_key
+        return self.train_dataset[key] if key in self.train_dataset.column_names else None
+
+    def _add_prescan_findings(self, summary: CollationSummary) -> None:
+        """Findings of the pre-scan outside the collator's checks (an encoder that raised) join the summary."""
+
+    def _select_rows(self, positions: list[int]) -> Any:
+        return self.train_dataset.select(positions)
+
+    def _log_row_account(self, skipped_by_prescan: int | None = None) -> None:
+        files = self.vlm_dpo_checked_files
+        if files is None or not files.source or self._loaded_rows is None:
+            return
+        RowAccount(
+            source=files.source,
+            framework=files.framework,
+            rows_in=files.rows_in,
+            skipped_by_file_checks=files.skipped_before_loading,
+            loaded=self._loaded_rows,
+            skipped_by_prescan=skipped_by_prescan,
+        ).log(logger)
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         # The detectors keep a reference to the batch and look into it only to explain a stall.

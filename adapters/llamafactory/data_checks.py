@@ -16,11 +16,10 @@ import contextlib
 import functools
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlm_dpo_plugins.collation.file_checks import FileCheck, check_file
+from vlm_dpo_plugins.collation.file_checks import CheckedFiles, check_file
 from vlm_dpo_plugins.collation.report import ReportFile
 from vlm_dpo_plugins.collation.settings import CollationConfig
 
@@ -35,26 +34,14 @@ READABLE_TAGS = {
 logger = logging.getLogger("vlm_dpo_plugins.adapters.llamafactory")
 
 
-@dataclass
-class LoadedData:
-    """The file checks of one run, and the file rows of the training set when they are known."""
-
-    checks: dict[str, FileCheck] = field(default_factory=dict)
-    file_rows: list[int] | None = None
-    """The training set's rows as rows of the user's file (one file, order kept), else None."""
-    source: str = ""
-    rows_in: int = 0
-    skipped_before_loading: int = 0
-
-
 @contextlib.contextmanager
 def checked_loading(
     config: CollationConfig, data_args: Any, training_args: Any, report: ReportFile
-) -> Iterator[LoadedData]:
+) -> Iterator[CheckedFiles]:
     """While LLaMA-Factory loads its datasets, each file is checked first and loaded without its skipped rows."""
     from llamafactory.data import loader
 
-    loaded = LoadedData()
+    loaded = CheckedFiles(FRAMEWORK)
     if not (config.enabled and config.check_files):
         yield loaded
         return

@@ -30,7 +30,6 @@ from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixi
 from vlm_dpo_plugins.adapters.llamafactory.trainer_log import extend_trainer_log
 from vlm_dpo_plugins.adapters.llamafactory.workflow import PluginRun
 
-from vlm_dpo_plugins.collation.accounting import RowAccount
 from vlm_dpo_plugins.freeze.report import trainable_report
 from vlm_dpo_plugins.losses.compute import compute_preference_loss
 from vlm_dpo_plugins.losses.corrupted_image import with_corrupted_chosen
@@ -55,7 +54,7 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
             kwargs.get("train_dataset"), self.vlm_dpo_config, vlm_dpo_run.data.file_rows
         )
         super().__init__(*args, **kwargs)
-        self._loaded_rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
+        self.vlm_dpo_checked_files = vlm_dpo_run.data
         loss_type = self.vlm_dpo_config.loss.type
         self._loss_inputs: LossInputs = self.plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()
         self._needs_corrupted_image = not vlm_dpo_run.framework_computes_loss and bool(self._loss_inputs.extras)
@@ -82,19 +81,6 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
             self.vlm_dpo_config.loss.beta,
             trainable,
         )
-
-    def _prescan_dataset(self) -> None:
-        super()._prescan_dataset()
-        data = self._vlm_dpo_run.data
-        if data.file_rows is not None:
-            RowAccount(
-                source=data.source,
-                framework="LLaMA-Factory",
-                rows_in=data.rows_in,
-                skipped_by_file_checks=data.skipped_before_loading,
-                loaded=self._loaded_rows,
-                skipped_by_prescan=len(self._scan_skipped_rows or ()),
-            ).log(logger)
 
     def vlm_dpo_context(self) -> RunContext:
         return dataclasses.replace(self._vlm_dpo_run.context, model_type=getattr(self.model.config, "model_type", None))

@@ -17,9 +17,10 @@ from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.checkpointing import apply_ddp_plan
 from vlm_dpo_plugins.adapters.llamafactory.config_section import ParsedSection, latest
-from vlm_dpo_plugins.adapters.llamafactory.data_checks import LoadedData, checked_loading
+from vlm_dpo_plugins.adapters.llamafactory.data_checks import FRAMEWORK, checked_loading
 from vlm_dpo_plugins.adapters.llamafactory.settings import reconcile
 
+from vlm_dpo_plugins.collation.file_checks import CheckedFiles
 from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.config_source import load_plugin_config
 from vlm_dpo_plugins.guards.deepspeed import zero_stage
@@ -38,7 +39,7 @@ class PluginRun:
     framework_computes_loss: bool
     context: RunContext
     origin: str
-    data: LoadedData = field(default_factory=LoadedData)
+    data: CheckedFiles = field(default_factory=lambda: CheckedFiles(FRAMEWORK))
 
 
 def plugin_run_dpo(stock_run_dpo: Any) -> Any:

@@ -40,6 +40,20 @@ class FileCheck:
         return [row for row in range(self.rows) if row not in self.skipped]
 
 
+@dataclass
+class CheckedFiles:
+    """The files of one run, checked; and, when the training set holds one file's rows in order, those rows."""
+
+    framework: str
+    checks: dict[str, FileCheck] = field(default_factory=dict)
+    file_rows: list[int] | None = None
+    """The training set's rows as rows of the user's file, else None (several files, a split, a shuffle)."""
+    source: str = ""
+    """The file (or files) ``rows_in`` counts; empty when the rows cannot be accounted for file by file."""
+    rows_in: int = 0
+    skipped_before_loading: int = 0
+
+
 def check_file(
     path: Path,
     config: CollationConfig,
