@@ -1,9 +1,11 @@
 """Wires the adapter into ms-swift when ``--external_plugins`` executes the plugin file.
 
-Two places in swift, both read after the plugin file ran:
+Three places in swift, all read after the plugin file ran:
 
 - ``TrainerFactory.TRAINER_MAPPING['dpo']``: the dotted path swift imports its DPO trainer
   from, pointed at ``PluginDPOTrainer`` (swift's ``DPOTrainer`` with every hook);
+- ``SwiftRLHF._get_dataset``: the ``--dataset`` files checked before swift reads them, their
+  skipped rows left out (``data_checks.py``);
 - ``SwiftRLHF.prepare_model``, which applies LoRA or the full-tuning freeze from swift's
   arguments: before it runs, the plugin config is reconciled with those arguments and
   swift's arguments rewritten (``workflow.py``), so LoRA targets, checkpointing and DDP
@@ -50,6 +52,7 @@ def activate() -> bool:
         return False
     mapping["dpo"] = TRAINER_PATH
     _wrap_prepare_model(SwiftRLHF)
+    _wrap_get_dataset(SwiftRLHF)
     return True
 
 
@@ -69,3 +72,22 @@ def _wrap_prepare_model(pipeline: type) -> None:
 
     setattr(prepare_model, WRAPPED_MARK, True)
     pipeline.prepare_model = classmethod(prepare_model)
+
+
+def _wrap_get_dataset(pipeline: type) -> None:
+    stock = pipeline.__dict__["_get_dataset"]
+    if getattr(stock, WRAPPED_MARK, False):
+        return
+
+    @functools.wraps(stock)
+    def _get_dataset(self: Any) -> Any:
+        if getattr(self.args, "rlhf_type", None) != "dpo":
+            return stock(self)
+        from vlm_dpo_plugins.adapters.swift.data_checks import checked_loading
+        from vlm_dpo_plugins.adapters.swift.workflow import plugin_config
+
+        with checked_loading(self.args, plugin_config().collation):
+            return stock(self)
+
+    setattr(_get_dataset, WRAPPED_MARK, True)
+    pipeline._get_dataset = _get_dataset

@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +32,8 @@ from transformers import TrainerCallback
 from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept
 from vlm_dpo_plugins.adapters.swift.workflow import take_run
 
+from vlm_dpo_plugins.collation.policy import decide
+from vlm_dpo_plugins.collation.report import CollationSummary
 from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.freeze.report import trainable_report
 from vlm_dpo_plugins.losses.compute import compute_preference_loss
@@ -37,7 +41,7 @@ from vlm_dpo_plugins.losses.corrupted_image import with_corrupted_chosen
 from vlm_dpo_plugins.losses.logprobs import SequenceLogps
 from vlm_dpo_plugins.sharing.forward import PreparedBatch
 from vlm_dpo_plugins.sharing.logits import collated_sequence_logps, response_logit_means
-from vlm_dpo_plugins.types import LossInputs, RunContext
+from vlm_dpo_plugins.types import Finding, LossInputs, RunContext, Severity
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters.swift")
 FINDINGS_KEY = "vlm_dpo_findings"
@@ -60,6 +64,8 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
         self.plugins = run.plugins
         self.vlm_dpo_config = run.config
         self._vlm_dpo_run = run
+        self.vlm_dpo_checked_files = run.checked_files
+        self._encode_findings: list[Finding] = []
         super().__init__(*args, **kwargs)
         loss_type = self.vlm_dpo_config.loss.type
         self._loss_inputs: LossInputs = self.plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()
@@ -87,6 +93,52 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
             loss,
             run.config.loss.beta,
             trainable,
+        )
+
+    # -- pre-scan: swift's LazyLLMDataset encodes each row when drawn, and on an error draws another row instead --
+
+    def _can_prescan(self) -> bool:
+        from swift.dataset import LazyLLMDataset
+
+        return isinstance(self.train_dataset, LazyLLMDataset)
+
+    def _prescan_examples(self) -> Iterator[dict[str, Any]]:
+        from swift.template import MaxLengthError
+
+        lazy, key = self.train_dataset, self.vlm_dpo_config.collation.row_index_key
+        for position in range(len(lazy.dataset)):
+            row = lazy.dataset[position]
+            try:
+                encoded = lazy.encode_func(row, return_length=True)
+            except MaxLengthError as error:
+                self._encode_findings.append(_encode_finding("row-too-long", row, position, error))
+                continue
+            except Exception as error:
+                self._encode_findings.append(_encode_finding("collate-failed", row, position, error))
+                continue
+            yield {**encoded, key: position}
+
+    def _prescan_row_indices(self) -> list[int] | None:
+        return None
+
+    def _add_prescan_findings(self, summary: CollationSummary) -> None:
+        decided = [decide(finding, self.vlm_dpo_config.collation) for finding in self._encode_findings]
+        summary.add(decided, 0)
+        collation = self.plugins.get_plugin("collation")
+        if collation is not None and summary.report_path:
+            collation.report.write(decided, Path(summary.report_path), "scan")
+
+    def _select_rows(self, positions: list[int]) -> Any:
+        from swift.dataset import LazyLLMDataset
+
+        lazy = self.train_dataset
+        return LazyLLMDataset(
+            lazy.dataset.select(positions),
+            lazy.encode_func,
+            n_try_fetch=lazy.n_try_fetch,
+            strict=lazy.strict,
+            random_state=lazy.random_state,
+            traceback_limit=lazy.traceback_limit,
         )
 
     def vlm_dpo_context(self) -> RunContext:
@@ -224,3 +276,17 @@ def _batch_dims(inputs: dict[str, Any]) -> dict[str, int]:
     position_ids = inputs.get("position_ids")
     # Qwen2-VL's mrope positions from swift's template are [3, rows, length].
     return {"position_ids": 1} if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 3 else {}
+
+
+def _encode_finding(code: str, row: dict[str, Any], position: int, error: Exception) -> Finding:
+    # Swift shuffled the rows when it loaded them: the position is in its dataset, the question says which row.
+    messages = row.get("messages") or [{}]
+    question = str(messages[0].get("content", ""))[:60]
+    if code == "row-too-long":
+        message = f"ms-swift deletes this row ({error}); question {question!r}"
+        fix = "raise --max_length, or set --truncation_strategy left/right to truncate it instead"
+    else:
+        message = f"ms-swift's template.encode raised on this row alone: {type(error).__name__}: {error}; question "
+        message += repr(question)
+        fix = "fix the row (its messages, images and image tags must match the template) or drop it"
+    return Finding(code, Severity.ERROR, message, fix, row=position, field="row", source="collation")

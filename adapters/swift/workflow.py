@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.checkpointing import apply_ddp_plan
+from vlm_dpo_plugins.adapters.swift.data_checks import checked_files
 from vlm_dpo_plugins.adapters.swift.settings import reconcile, written_arguments
 
+from vlm_dpo_plugins.collation.file_checks import CheckedFiles
 from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.config_source import load_plugin_config
 from vlm_dpo_plugins.guards.deepspeed import zero_stage
@@ -39,6 +41,7 @@ class PluginRun:
     context: RunContext
     origin: str
     training_args: Any
+    checked_files: CheckedFiles | None = None
 
 
 _pending: PluginRun | None = None
@@ -59,7 +62,23 @@ def prepare_run(args: Any) -> PluginRun:
     _warn_about_unsynchronised_cpu_ranks(training_args)
     _plan_checkpointing(plugins, context, training_args)
     _pending = PluginRun(plugins, settings.config, settings.framework_computes_loss, context, origin, training_args)
+    _pending.checked_files = _take_checked_files(plugins)
     return _pending
+
+
+def plugin_config() -> VLMDPOConfig:
+    """The plugin config as ``VLM_DPO_CONFIG`` names it, for the steps before swift prepares the model."""
+    return load_plugin_config(create_plugin_manager(), os.environ.get(CONFIG_VARIABLE) or None)[0]
+
+
+def _take_checked_files(plugins: Any) -> CheckedFiles | None:
+    checked = checked_files()
+    collation = plugins.get_plugin("collation")
+    if checked is None or collation is None:
+        return None
+    files, report = checked
+    collation.report.started |= report.started  # the run's report goes on after the file checks' lines
+    return files
 
 
 def take_run(training_args: Any) -> PluginRun | None:

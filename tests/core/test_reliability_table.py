@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from bad_input import BAD_INPUT
 from fault_matrix import CONSECUTIVE, DISTRIBUTED_ROWS, KILL_ROWS
 from fault_plugin import FAULTS
 
@@ -33,7 +34,7 @@ def write_results(path: Path, table, outcome=lambda framework, row: "passed") ->
 
 
 def test_the_table_has_a_row_for_every_injected_fault_and_the_halt(table):
-    assert list(table.ROWS) == [*FAULTS, CONSECUTIVE, *KILL_ROWS.values(), *DISTRIBUTED_ROWS]
+    assert list(table.ROWS) == [*FAULTS, CONSECUTIVE, *KILL_ROWS.values(), *DISTRIBUTED_ROWS, BAD_INPUT]
 
 
 def test_the_committed_page_shows_every_cell_passing(table, tmp_path):

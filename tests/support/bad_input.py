@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 Key = tuple[Any, ...]
+BAD_INPUT = "bad-input"
+"""The row of docs/reliability.md's table these suites fill."""
 
 
 @dataclass(frozen=True)

@@ -35,4 +35,5 @@ CHECKS: dict[str, Check] = {
         "error", "the raw row is no preference pair (a field missing, a wrong role, a line not UTF-8 or JSON)"
     ),
     "collate-failed": Check("error", "the framework's collator raised on this row"),
+    "row-too-long": Check("skip", "the encoded row is longer than max_length and the framework deletes such rows"),
 }

@@ -11,10 +11,12 @@ from __future__ import annotations
 import re
 
 import pytest
-from bad_input import DEFECTS, LLAMAFACTORY, break_rows, skipped_records, write_jsonl
+from bad_input import BAD_INPUT, DEFECTS, LLAMAFACTORY, break_rows, skipped_records, write_jsonl
 from llamafactory_runs import DATASET_NAME, IMAGE_PLACEHOLDER, write_dataset
 
 pytest.importorskip("llamafactory")
+
+pytestmark = pytest.mark.reliability("LLaMA-Factory", row=BAD_INPUT)
 
 ACCOUNT = re.compile(
     r"vlm-dpo: rows of (?P<file>\S+): (?P<rows_in>\d+) in; (?P<training>\d+) training, (?P<file_checks>\d+) left "

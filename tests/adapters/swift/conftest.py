@@ -282,7 +282,8 @@ def swift_dpo(tmp_path: Path) -> Callable[..., SwiftRun]:
 
     ``extra_args`` (e.g. ``["--external_plugins", FILE]``) and ``env_extra`` are appended to the
     command line / environment; ``identical_pairs`` writes every rejected answer equal to the chosen one
-    (swift's preprocessing then drops those rows); ``output_name`` is the output folder's name in ``tmp_path``.
+    (swift's preprocessing then drops those rows); ``output_name`` is the output folder's name in ``tmp_path``;
+    ``dataset`` a JSONL file to train on instead of the written one.
     Returns the :class:`SwiftRun` (the caller asserts on it).
     """
 
@@ -297,9 +298,11 @@ def swift_dpo(tmp_path: Path) -> Callable[..., SwiftRun]:
         timeout: float = 300,
         identical_pairs: bool = False,
         output_name: str = "out",
+        dataset: Path | None = None,
     ) -> SwiftRun:
         model_dir = model.build(tmp_path / "model")
-        dataset = write_swift_dataset(tmp_path / "data" / "train.jsonl", num_rows, identical=identical_pairs)
+        if dataset is None:
+            dataset = write_swift_dataset(tmp_path / "data" / "train.jsonl", num_rows, identical=identical_pairs)
         output_dir = tmp_path / output_name
         args = dpo_args(model, model_dir, dataset, output_dir, max_steps=max_steps, batch_size=batch_size)
         result = run_swift([*args, *extra_args], tmp_path, output_dir, env_extra=env_extra, timeout=timeout)

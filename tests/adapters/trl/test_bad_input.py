@@ -16,11 +16,14 @@ import pytest
 
 pytest.importorskip("trl")
 
+from bad_input import BAD_INPUT  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from trl_runs import make_trainer  # noqa: E402
 
 from vlm_dpo_plugins.errors import VLMDPOError  # noqa: E402
+
+pytestmark = pytest.mark.reliability("TRL", row=BAD_INPUT)
 
 
 def _text(row, side):

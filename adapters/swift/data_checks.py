@@ -1,0 +1,91 @@
+"""ms-swift's training files checked before it reads them, and only the rows kept handed to it.
+
+``SwiftRLHF._get_dataset`` (wrapped in ``activation.py``) runs inside this module's
+``checked_loading``: every ``--dataset`` that is a local JSON/JSONL file is checked first
+(``collation/file_checks.py``), so a broken row stops the run before ms-swift's preprocessing
+deletes it (identical pairs: a traceback per row) or its encoder swaps it for another random row;
+a row the policies skip is selected away from what ``datasets`` read, before ms-swift's
+preprocessing sees it. Hub datasets, folders and sampled entries (``path#N``) are left to the
+live checks, with a notice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vlm_dpo_plugins.collation.file_checks import CheckedFiles, check_file
+from vlm_dpo_plugins.collation.report import ReportFile
+from vlm_dpo_plugins.collation.settings import CollationConfig
+
+FRAMEWORK = "ms-swift"
+logger = logging.getLogger("vlm_dpo_plugins.adapters.swift")
+
+_last: tuple[CheckedFiles, ReportFile] | None = None
+"""The files the last dataset load checked, and the report it wrote: the trainer of that run takes them."""
+
+
+def checked_files() -> tuple[CheckedFiles, ReportFile] | None:
+    return _last
+
+
+@contextlib.contextmanager
+def checked_loading(args: Any, config: CollationConfig) -> Iterator[CheckedFiles]:
+    """While swift reads its ``--dataset`` files, each is checked first and read without its skipped rows."""
+    global _last
+    from swift.dataset import loader
+
+    files, report = CheckedFiles(FRAMEWORK), ReportFile()
+    _last = None
+    if not (config.enabled and config.check_files):
+        yield files
+        return
+    report_path = ReportFile.resolve(config.report_path, args.output_dir)
+    entries = [_checkable_file(entry) for entry in args.dataset]
+    for path in filter(None, entries):
+        if str(path) not in files.checks:
+            files.checks[str(path)] = check_file(
+                path, config, framework=FRAMEWORK, report=report, report_path=report_path
+            )
+    streaming = bool(getattr(args, "streaming", False))
+    if all(entries) and not streaming and not getattr(args, "split_dataset_ratio", 0) and not args.val_dataset:
+        # Every row of the training set comes from these files, none split off: they can be accounted for.
+        files.source = ", ".join(files.checks)
+        files.rows_in = sum(check.rows for check in files.checks.values())
+        files.skipped_before_loading = sum(len(check.skipped) for check in files.checks.values())
+    stock = loader.hf_load_dataset
+
+    @functools.wraps(stock)
+    def hf_load_dataset(*positional: Any, data_files: Any = None, **kwargs: Any) -> Any:
+        dataset = stock(*positional, data_files=data_files, **kwargs)
+        check = files.checks.get(str(Path(data_files).resolve())) if isinstance(data_files, str) else None
+        if check is not None and check.skipped and not streaming:
+            dataset = dataset.select(check.kept)
+        return dataset
+
+    loader.hf_load_dataset = hf_load_dataset
+    try:
+        yield files
+    finally:
+        loader.hf_load_dataset = stock
+    _last = (files, report)
+
+
+def _checkable_file(entry: str) -> Path | None:
+    from swift.dataset.dataset_syntax import DatasetSyntax
+
+    syntax = DatasetSyntax.parse(entry)
+    path = Path(syntax.dataset)
+    reason = None
+    if not path.is_file() or path.suffix not in (".json", ".jsonl"):
+        reason = "it is not a local .json/.jsonl file"
+    elif syntax.dataset_sample is not None:
+        reason = "'#N' draws its rows out of file order"
+    if reason is not None:
+        logger.info("vlm-dpo: %s is checked per batch during training, not as a file before loading: %s", entry, reason)
+        return None
+    return path.resolve()
