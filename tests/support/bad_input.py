@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -146,3 +147,15 @@ def skipped_records(report: Path) -> list[dict]:
     """The ``skip`` records of a collation report (none when the file was never written)."""
     lines = report.read_text().splitlines() if report.exists() else []
     return [record for record in map(json.loads, lines) if record["action"] == "skip"]
+
+
+def row_account(output: str, framework: str) -> dict[str, int]:
+    """The numbers of the one ``vlm-dpo: rows of ...`` line a run logged (asserting there is exactly one)."""
+    pattern = re.compile(
+        r"vlm-dpo: rows of \S+: (?P<rows_in>\d+) in; (?P<training>\d+) training, (?P<file_checks>\d+) left out "
+        r"by the file checks, (?P<prescan>\d+) left out by the collation pre-scan, (?P<dropped>\d+) dropped by "
+        + re.escape(framework)
+    )
+    lines = pattern.findall(output)
+    assert len(lines) == 1, f"{len(lines)} row-account lines in the output"
+    return {name: int(value) for name, value in pattern.search(output).groupdict().items()}

@@ -8,21 +8,14 @@ tokens) is left out by the collation pre-scan, named by the row of the file.
 
 from __future__ import annotations
 
-import re
-
 import pytest
-from bad_input import BAD_INPUT, DEFECTS, LLAMAFACTORY, break_rows, skipped_records, write_jsonl
+from bad_input import BAD_INPUT, DEFECTS, LLAMAFACTORY, break_rows, row_account, skipped_records, write_jsonl
 from llamafactory_runs import DATASET_NAME, IMAGE_PLACEHOLDER, write_dataset
 
 pytest.importorskip("llamafactory")
 
 pytestmark = pytest.mark.reliability("LLaMA-Factory", row=BAD_INPUT)
 
-ACCOUNT = re.compile(
-    r"vlm-dpo: rows of (?P<file>\S+): (?P<rows_in>\d+) in; (?P<training>\d+) training, (?P<file_checks>\d+) left "
-    r"out by the file checks, (?P<prescan>\d+) left out by the collation pre-scan, (?P<dropped>\d+) dropped by "
-    r"LLaMA-Factory"
-)
 CUTOFF_LEN = 96
 
 
@@ -76,12 +69,10 @@ def test_a_corpus_of_every_defect_is_left_out_row_by_row_and_every_row_is_accoun
         # LLaMA-Factory hands over the truncated pair only: no response token left reads as a masked response.
         expected = DEFECTS[defect][1] if defect in DEFECTS else {"response-masked"}
         assert record["check"] in expected and record["field"] and record["fix"], record
-    assert len(ACCOUNT.findall(run.output)) == 1, run.log()
-    account = ACCOUNT.search(run.output).groupdict()
-    assert int(account["rows_in"]) == len(rows)
-    assert int(account["dropped"]) == 0
-    assert int(account["file_checks"]) == len(DEFECTS) and int(account["prescan"]) == 1
-    assert int(account["training"]) + len({record["row"] for record in skipped}) == len(rows)
+    account = row_account(run.output, "LLaMA-Factory")
+    assert account["rows_in"] == len(rows) and account["dropped"] == 0
+    assert account["file_checks"] == len(DEFECTS) and account["prescan"] == 1
+    assert account["training"] + len({record["row"] for record in skipped}) == len(rows)
 
 
 @pytest.mark.parametrize(

@@ -10,20 +10,14 @@ the pre-scan and reported, named by its position in ms-swift's shuffled dataset 
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
-from bad_input import BAD_INPUT, DEFECTS, SWIFT, break_rows, skipped_records, write_jsonl
+from bad_input import BAD_INPUT, DEFECTS, SWIFT, break_rows, row_account, skipped_records, write_jsonl
 
 pytest.importorskip("swift")
 
 pytestmark = pytest.mark.reliability("ms-swift", row=BAD_INPUT)
 
-ACCOUNT = re.compile(
-    r"vlm-dpo: rows of (?P<file>\S+): (?P<rows_in>\d+) in; (?P<training>\d+) training, (?P<file_checks>\d+) left "
-    r"out by the file checks, (?P<prescan>\d+) left out by the collation pre-scan, (?P<dropped>\d+) dropped by "
-    r"ms-swift"
-)
 SKIP_ALL = {"collation": {"default_policy": "skip"}}
 
 
@@ -63,11 +57,10 @@ def test_a_corpus_of_every_defect_is_left_out_row_by_row_and_every_row_is_accoun
     question = rows[len(DEFECTS)]["messages"][0]["content"]
     assert too_long["check"] == "row-too-long" and repr(question[:60]) in too_long["message"], too_long
     output = run.stdout + run.stderr
-    assert len(ACCOUNT.findall(output)) == 1, run.tail()
-    account = ACCOUNT.search(output).groupdict()
-    assert int(account["rows_in"]) == len(rows) and int(account["dropped"]) == 0
-    assert int(account["file_checks"]) == len(DEFECTS) and int(account["prescan"]) == 1
-    assert int(account["training"]) == len(rows) - len(defects)
+    account = row_account(output, "ms-swift")
+    assert account["rows_in"] == len(rows) and account["dropped"] == 0
+    assert account["file_checks"] == len(DEFECTS) and account["prescan"] == 1
+    assert account["training"] == len(rows) - len(defects)
 
 
 @pytest.mark.parametrize(
