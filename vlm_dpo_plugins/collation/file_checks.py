@@ -62,14 +62,12 @@ def check_file(
     report: ReportFile,
     report_path: Path,
     images_root: Path | None = None,
-    model: str | None = None,
-    max_length: int | None = None,
     row_limit: int | None = None,
 ) -> FileCheck:
     """Raises ``PairCheckError`` for the rows whose policy is ``error``; returns the rows kept and left out."""
     from vlm_dpo_plugins.doctor.data import check_data
 
-    data = check_data(path, images_root=images_root, model=model, max_length=max_length, row_limit=row_limit)
+    data = check_data(path, images_root=images_root, row_limit=row_limit)
     decided = [decide(finding, config) for finding in data.findings]
     errors, skips = [], []
     for finding, action in decided:
@@ -81,13 +79,7 @@ def check_file(
         elif action == "skip":
             skips.append(finding)
     if errors:
-        rows = sorted({finding.row for finding in errors if finding.row is not None})
-        raise PairCheckError(
-            errors,
-            headline=f"checks of {path} failed for {len(rows)} row(s) before {framework} loaded it: "
-            + ", ".join(str(row) for row in rows[:20])
-            + (f" and {len(rows) - 20} more" if len(rows) > 20 else ""),
-        )
+        raise PairCheckError(errors, checks=f"checks of {path}", when=f" before {framework} loaded it")
     check = FileCheck(path, data.rows)
     for finding in skips:
         check.skipped.setdefault(finding.row, finding)

@@ -16,10 +16,18 @@ MAX_LISTED_FINDINGS = 20
 class PairCheckError(VLMDPOError, ValueError):
     """Preference pairs failed a collation check whose policy is ``error``; lists every row and its fix."""
 
-    def __init__(self, findings: Iterable[Finding], headline: str | None = None) -> None:
+    def __init__(
+        self,
+        findings: Iterable[Finding],
+        headline: str | None = None,
+        *,
+        checks: str = "collation checks",
+        when: str = "",
+    ) -> None:
+        """``headline`` replaces the first line; else it reads ``{checks} failed for N row(s){when}: rows``."""
         self.findings = tuple(findings)
         self.rows = sorted({finding.row for finding in self.findings if finding.row is not None})
-        super().__init__(_message(self.findings, self.rows, headline))
+        super().__init__(_message(self.findings, self.rows, headline, checks, when))
 
 
 def decide(finding: Finding, config: CollationConfig) -> tuple[Finding, str]:
@@ -36,10 +44,10 @@ def decide(finding: Finding, config: CollationConfig) -> tuple[Finding, str]:
     return finding, action
 
 
-def _message(findings: tuple[Finding, ...], rows: list[int], headline: str | None) -> str:
+def _message(findings: tuple[Finding, ...], rows: list[int], headline: str | None, checks: str, when: str) -> str:
     shown_rows = ", ".join(str(row) for row in rows[:MAX_LISTED_FINDINGS])
     more_rows = f" and {len(rows) - MAX_LISTED_FINDINGS} more" if len(rows) > MAX_LISTED_FINDINGS else ""
-    lines = [headline or f"collation checks failed for {len(rows)} row(s): {shown_rows}{more_rows}"]
+    lines = [headline or f"{checks} failed for {len(rows)} row(s){when}: {shown_rows}{more_rows}"]
     lines += [f"  {finding}" for finding in findings[:MAX_LISTED_FINDINGS]]
     if len(findings) > MAX_LISTED_FINDINGS:
         lines.append(f"  ... {len(findings) - MAX_LISTED_FINDINGS} more finding(s)")
