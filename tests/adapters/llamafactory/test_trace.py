@@ -1,0 +1,31 @@
+"""``llamafactory-cli train`` with the adapter reproduces its recorded per-step traces bit for bit.
+
+LoRA on the tiny LLaVA with a NaN gradient at step 1 (the guarded step skips it; the reference is the policy with
+its adapter off), and full tuning of the tiny Qwen2-VL with mDPO (a third block of rows, M-RoPE positions laid
+out ``[3, rows, length]``). See ``tests/support/traces.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("llamafactory", reason="needs the LLaMA-Factory test environment (llamafactory==0.9.5)")
+
+from fault_plugin import install as install_fault_plugin  # noqa: E402
+from traces import check_trace, saved_weights, step_trace, weights_digest  # noqa: E402
+
+RUNS = {
+    "llava-lora-grad-nan": dict(model="llava", tuning="lora", fault_at=1, vlm_dpo={}),
+    "qwen2_vl-full-mdpo": dict(model="qwen2_vl", tuning="full", fault_at=None, vlm_dpo={"loss": {"type": "mdpo"}}),
+}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_training_reproduces_the_recorded_trace(llamafactory_dpo, tmp_path, name):
+    spec = RUNS[name]
+    env = None
+    if spec["fault_at"] is not None:
+        env = install_fault_plugin(tmp_path / "plugins", fault="grad-nan", steps=[spec["fault_at"]])
+    run = llamafactory_dpo(spec["model"], spec["tuning"], env=env, max_steps=4, vlm_dpo=spec["vlm_dpo"] or None)
+    assert run.returncode == 0, run.log()
+    check_trace(f"llamafactory-{name}", step_trace(run.log_history), weights_digest(saved_weights(run.output_dir)))

@@ -1,0 +1,44 @@
+"""``swift rlhf`` with the adapter reproduces its recorded per-step traces bit for bit.
+
+Full tuning of the tiny Qwen2-VL with the plugins' sigmoid loss and a NaN gradient at step 1 (the guarded step
+skips it), and of the tiny LLaVA with swift's own ``--loss_type`` code (the adapter computes its log-probs in
+fp32). See ``tests/support/traces.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+swift = pytest.importorskip("swift", reason="needs the ms-swift test environment (ms-swift==4.6.0)")
+if getattr(swift, "__file__", None) is None:
+    pytest.skip("`swift` is not ms-swift here", allow_module_level=True)
+
+import yaml  # noqa: E402
+from fault_plugin import install as install_fault_plugin  # noqa: E402
+from traces import check_trace, saved_weights, step_trace, weights_digest  # noqa: E402
+
+RUNS = {
+    "qwen2_vl-full-grad-nan": dict(model="qwen2_vl", fault_at=1, config={"loss": {"type": "sigmoid"}}),
+    "llava-full-swift-loss": dict(model="llava", fault_at=None, config=None),
+}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_training_reproduces_the_recorded_trace(swift_dpo, swift_tiny_models, plugin_file, tmp_path, name):
+    spec = RUNS[name]
+    env = {}
+    if spec["config"] is not None:
+        path = tmp_path / "vlm_dpo.yaml"
+        path.write_text(yaml.safe_dump(spec["config"]))
+        env["VLM_DPO_CONFIG"] = str(path)
+    if spec["fault_at"] is not None:
+        env.update(install_fault_plugin(tmp_path / "plugins", fault="grad-nan", steps=[spec["fault_at"]]))
+    run = swift_dpo(
+        swift_tiny_models[spec["model"]],
+        num_rows=8,
+        max_steps=4,
+        extra_args=["--external_plugins", plugin_file],
+        env_extra=env,
+    )
+    assert run.returncode == 0, run.tail()
+    check_trace(f"swift-{name}", step_trace(run.logged_steps()), weights_digest(saved_weights(run.last_checkpoint())))
