@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from vlm_dpo_plugins.config import VLMDPOConfig
+    from vlm_dpo_plugins.losses.extra_rows import ExtraRows
     from vlm_dpo_plugins.types import (
         Finding,
         GradNorms,
@@ -140,7 +141,22 @@ def vlm_dpo_loss_inputs(loss_type: str) -> LossInputs | None:
 
 @hookspec(firstresult=True)
 def vlm_dpo_compute_loss(logps: PreferenceLogps, config: VLMDPOConfig) -> LossOutput | None:
-    """Compute the preference loss for a batch; the built-in dispatches on ``config.loss.type``."""
+    """Compute the preference loss for a batch; first answer wins.
+
+    The manager's own last implementation calls the variant ``vlm_dpo_loss_functions`` registered under
+    ``config.loss.type``, so a plugin that only registers a variant never implements this hook; implement it
+    (or wrap it, ``wrapper=True``) to change every variant's result.
+    """
+
+
+@hookspec(firstresult=True)
+def vlm_dpo_extra_rows(extras_key: str) -> ExtraRows | None:
+    """Say how ``PreferenceLogps.extras[extras_key]`` is computed: rows appended to the batch; first answer wins.
+
+    A variant that reads extras (``LossInputs.extras``) needs, for each key, an ``ExtraRows``: B rows built from
+    the collated batch (run through the policy and the reference in the same forward as the pairs) and the
+    extras keys their summed log-probs go under. mDPO's corrupted-image rows are the built-in example.
+    """
 
 
 # ---------------------------------------------------------------------------
@@ -202,7 +218,10 @@ def vlm_dpo_metrics(step: int) -> Mapping[str, float]:
 
 @hookspec
 def vlm_dpo_state_dict() -> tuple[str, PluginState] | None:
-    """Return ``(key, state)`` to save in checkpoints (skip counters, unfreeze stage, detector state)."""
+    """Return ``(key, state)`` to save in checkpoints (skip counters, unfreeze stage, detector state).
+
+    Keys are unique across plugins: two plugins returning the same key is an error naming both.
+    """
 
 
 @hookspec

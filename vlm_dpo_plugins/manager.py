@@ -21,7 +21,7 @@ import pluggy
 from vlm_dpo_plugins import hookspecs
 from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.errors import ConfigError, PluginError
-from vlm_dpo_plugins.markers import PROJECT_NAME
+from vlm_dpo_plugins.markers import PROJECT_NAME, hookimpl
 
 ENTRY_POINT_GROUP = PROJECT_NAME
 LOAD_PLUGINS_ENV = "VLM_DPO_LOAD_PLUGINS"
@@ -45,6 +45,28 @@ def builtin_plugins() -> dict[str, object]:
         "deepspeed": DeepSpeedTuning(),
         "diagnostics": Diagnostics(),
     }
+
+
+class LossRegistryDispatch:
+    """The last answer to ``vlm_dpo_compute_loss``: the variant registered under ``loss.type``, whoever registered it.
+
+    Part of the manager, not of a built-in plugin, so a third-party variant registered with
+    ``vlm_dpo_loss_functions`` alone is called, and wrappers of ``vlm_dpo_compute_loss`` see every variant.
+    """
+
+    def __init__(self, manager: VLMDPOPluginManager) -> None:
+        self.manager = manager
+
+    @hookimpl(trylast=True)
+    def vlm_dpo_compute_loss(self, logps: Any, config: VLMDPOConfig) -> Any:
+        function = self.manager.loss_functions().get(config.loss.type)
+        if function is None:
+            raise PluginError(f"no plugin registers loss.type {config.loss.type!r} (vlm_dpo_loss_functions)")
+        return function(logps, config.loss)
+
+
+LOSS_DISPATCH = "loss-registry"
+"""The registration name of the manager's ``LossRegistryDispatch``."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +114,29 @@ class VLMDPOPluginManager(pluggy.PluginManager):
             super().check_pending()
         except pluggy.PluginValidationError as error:
             raise PluginError(f"{error}; see vlm_dpo_plugins/hookspecs.py for the hook names") from error
+
+    def collect_states(self) -> dict[str, Any]:
+        """Every plugin's ``vlm_dpo_state_dict`` by its key; two plugins claiming one key is an error naming both."""
+        states: dict[str, Any] = {}
+        owners: dict[str, str] = {}
+        for implementation in self.hook.vlm_dpo_state_dict.get_hookimpls():
+            entry = implementation.function()
+            if entry is None:
+                continue
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
+                raise PluginError(
+                    f"plugin '{implementation.plugin_name}': vlm_dpo_state_dict returned {type(entry).__name__}; "
+                    "expected (key, state) with a string key, or None"
+                )
+            key, state = entry
+            if key in owners:
+                raise PluginError(
+                    f"plugins '{owners[key]}' and '{implementation.plugin_name}' both save their checkpoint state "
+                    f"under the key {key!r}: one would overwrite the other on resume; give one plugin another key"
+                )
+            owners[key] = implementation.plugin_name
+            states[key] = state
+        return states
 
     def list_plugins(self) -> list[PluginInfo]:
         infos = []
@@ -155,6 +200,7 @@ def create_plugin_manager(
         manager.set_blocked(name)
     for name, plugin in builtin_plugins().items():
         manager.register_builtin(name, plugin)
+    manager.register_builtin(LOSS_DISPATCH, LossRegistryDispatch(manager))
     for name, plugin in (extra_plugins or {}).items():
         manager.register(plugin, name=name)
     if load_entry_points:

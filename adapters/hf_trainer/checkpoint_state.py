@@ -17,7 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger("vlm_dpo_plugins.adapters.trl")
+from vlm_dpo_plugins.errors import PluginError
+
+logger = logging.getLogger("vlm_dpo_plugins.adapters")
 
 STATE_FILE = "vlm_dpo_plugins_state.rank{rank}.json"
 
@@ -27,12 +29,10 @@ def state_path(checkpoint_dir: str | os.PathLike, rank: int) -> Path:
 
 
 def collect_state(manager: Any, adapter_state: Mapping[str, Any]) -> dict[str, Any]:
-    states: dict[str, Any] = {"adapter": dict(adapter_state)}
-    for entry in manager.hook.vlm_dpo_state_dict():
-        if entry is not None:
-            key, state = entry
-            states[key] = state
-    return states
+    states = manager.collect_states()
+    if "adapter" in states:
+        raise PluginError("a plugin saves its checkpoint state under the key 'adapter', which the adapter uses itself")
+    return {"adapter": dict(adapter_state), **states}
 
 
 def write_state(checkpoint_dir: str | os.PathLike, rank: int, states: Mapping[str, Any]) -> Path:

@@ -30,7 +30,7 @@ from vlm_dpo_plugins.guards.clipping import ParametersByGroup
 from vlm_dpo_plugins.guards.deepspeed_skips import DeepSpeedStepSkips
 from vlm_dpo_plugins.guards.step import StepGuard, StepOutcome
 
-logger = logging.getLogger("vlm_dpo_plugins.adapters.trl")
+logger = logging.getLogger("vlm_dpo_plugins.adapters")
 
 
 class GuardedOptimizerStep:

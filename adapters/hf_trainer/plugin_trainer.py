@@ -36,6 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_choice import choose_checkpoint, mark_saved, mark_saving
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_state import collect_state, read_state, write_state
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_step import GuardedOptimizerStep
+from vlm_dpo_plugins.adapters.hf_trainer.preference_step import PreferenceStep
 
 from vlm_dpo_plugins.collation.accounting import RowAccount
 from vlm_dpo_plugins.collation.file_checks import CheckedFiles
@@ -44,14 +45,13 @@ from vlm_dpo_plugins.collation.wrapper import HookedCollator, keep_rows, scan_da
 from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.errors import VLMDPOError
 from vlm_dpo_plugins.freeze.apply import apply_trainable, is_adapter_parameter
+from vlm_dpo_plugins.freeze.report import trainable_report
 from vlm_dpo_plugins.freeze.optimizer import optimizer_param_groups, unfreeze_into_optimizer
 from vlm_dpo_plugins.guards.clipping import parameters_by_group
 from vlm_dpo_plugins.guards.deepspeed import tune_deepspeed_config
 from vlm_dpo_plugins.guards.deepspeed_buckets import model_hidden_size
 from vlm_dpo_plugins.guards.deepspeed_live import describe_live_buckets
 from vlm_dpo_plugins.runlog.findings import append_finding
-from vlm_dpo_plugins.sharing.features import ReferenceFeatureReuse
-from vlm_dpo_plugins.sharing.forward import PairSharing, PreparedBatch
 from vlm_dpo_plugins.types import Finding, RunContext
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters")
@@ -217,46 +217,40 @@ class PluginTrainerMixin:
             self._parameters_cache = parameters_by_group(self.model.named_parameters(), self._groups)
         return self._parameters_cache
 
-    # -- prompt and image sharing ----------------------------------------------------
+    # -- the DPO step ------------------------------------------------------------------
 
-    def _set_up_sharing(self, *, usable: bool, reference_model: Any, reference_pass: bool) -> None:
-        """Prompt and image sharing for the plugins' loss path (``usable``: not for mDPO's three row blocks).
+    def _set_up_preference_step(self, *, framework_computes_loss: bool, reference_pass: bool = True) -> None:
+        """The shared loss path, bound to the model and reference the framework built (``preference_step.py``)."""
+        self.vlm_dpo_step = PreferenceStep(
+            self.plugins,
+            self.vlm_dpo_config,
+            self.model,
+            self._groups,
+            framework_computes_loss=framework_computes_loss,
+            reference_model=self.ref_model,
+            reference_pass=reference_pass,
+            unwrap=self.accelerator.unwrap_model,
+        )
 
-        ``reference_model``: the framework's separate reference, or None when the reference is the policy with its
-        adapter off; ``reference_pass``: whether a reference forward runs each step (not with precomputed ones).
-        """
-        sharing = self.vlm_dpo_config.sharing
-        self._pair_sharing: PairSharing | None = None
-        self._feature_reuse: ReferenceFeatureReuse | None = None
-        if not usable or not (sharing.prompt or sharing.vision_features):
-            return
-        self._pair_sharing = PairSharing(self.model, sharing)
-        if reference_pass and sharing.vision_features:
-            reference = None if reference_model is None else self.accelerator.unwrap_model(reference_model)
-            self._feature_reuse = ReferenceFeatureReuse(self.model, reference, self._groups)
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, *args: Any, **kwargs: Any):
+        result = super().compute_loss(model, inputs, return_outputs, *args, **kwargs)
+        self._record_training_loss(result[0] if return_outputs else result)
+        return result
 
-    def _prepare_pairs(
-        self, kwargs: dict[str, Any], labels: torch.Tensor, response_mask: torch.Tensor
-    ) -> PreparedBatch:
-        if self._pair_sharing is None:
-            return PreparedBatch(dict(kwargs), labels, packed=None, encode_chosen_half=False)
-        return self._pair_sharing.prepare(kwargs, labels, response_mask)
-
-    @contextlib.contextmanager
-    def _policy_pass(self, prepared: PreparedBatch):
-        if self._pair_sharing is None:
-            yield
-            return
-        keep = self._feature_reuse is not None and self._feature_reuse.allowed()
-        with self._pair_sharing.policy_pass(prepared, keep_features=keep):
-            yield
-
-    def _reference_pass(self, prepared: PreparedBatch, reference_model: Any) -> Any:
-        """Context for the reference forward; ``reference_model`` is the model it runs (the policy or another)."""
-        if self._pair_sharing is None:
-            return contextlib.nullcontext()
-        separate = None if reference_model is self.model else self.accelerator.unwrap_model(reference_model)
-        return self._pair_sharing.reference_pass(prepared, reference_model=separate)
+    def announce(self, framework: str, origin: str, loss: str) -> None:
+        """The start line: where the settings came from, the loss, beta and what trains, group by group."""
+        report = trainable_report(self._groups, self.model)
+        trainable = ", ".join(
+            f"{group} {int(numbers['trainable']):,}/{int(numbers['parameters']):,}" for group, numbers in report.items()
+        )
+        logger.info(
+            "vlm-dpo: active in %s's DPO trainer (settings from %s): loss %s, beta %s; trainable: %s",
+            framework,
+            origin,
+            loss,
+            self.vlm_dpo_config.loss.beta,
+            trainable,
+        )
 
     # -- gradient norm -------------------------------------------------------------
 
@@ -495,3 +489,17 @@ def requires_grad_kept(model: Any):
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
+
+
+def with_row_index(dataset: Any, key: str, rows: list[int] | None = None) -> Any:
+    """``dataset`` with each row's index in the user's data under ``key``, so findings name that row.
+
+    ``rows``: the row of the user's file each position holds (an adapter that left rows out before loading);
+    positions stand in when they are unknown or do not match the dataset's length.
+    """
+    from datasets import Dataset
+
+    if isinstance(dataset, Dataset) and key not in dataset.column_names:
+        known = rows is not None and len(rows) == len(dataset)
+        return dataset.add_column(key, list(rows) if known else list(range(len(dataset))))
+    return dataset

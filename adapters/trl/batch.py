@@ -1,7 +1,7 @@
 """TRL's preference batch in the terms the loss hooks use.
 
 TRL's collators stack ``[chosen; rejected]`` into 2B rows and repeat every image for the
-rejected rows: the layout ``vlm_dpo_plugins.losses.corrupted_image`` extends for mDPO.
+rejected rows: the layout the shared step extends with a loss variant's extra rows.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from vlm_dpo_plugins.losses.corrupted_image import with_corrupted_chosen  # noqa: F401 (the TRL batch layout)
 from vlm_dpo_plugins.losses.logprobs import SequenceLogps
 from vlm_dpo_plugins.sharing.forward import PreparedBatch
 

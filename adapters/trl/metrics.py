@@ -1,10 +1,7 @@
-"""The metrics TRL's ``DPOTrainer`` logs, recorded for a loss the plugins computed.
+"""The token-level metrics TRL's ``DPOTrainer`` logs, recorded for a loss the plugins computed.
 
-Users read ``rewards/margins`` and friends on their dashboards; swapping the trainer
-must not take them away. The rewards are the loss variant's own implicit rewards
-(``beta * log-ratio`` for DPO, length-normalised for SimPO), gathered over ranks; the
-token-level metrics come from the fused LM head's extra outputs, as in TRL; the
-variant's own metrics (``mdpo/...``) are averaged over ranks.
+Users read them on their dashboards beside ``rewards/*`` (``preference_step.preference_metrics``);
+swapping the trainer must not take them away. They come from the fused LM head's extra outputs, as in TRL.
 """
 
 from __future__ import annotations
@@ -14,29 +11,6 @@ from typing import Any
 
 import torch
 
-from vlm_dpo_plugins.types import LossOutput, PreferenceLogps
-
-
-def record_preference_metrics(
-    metrics: MutableMapping[str, list[float]],
-    accelerator: Any,
-    output: LossOutput,
-    logps: PreferenceLogps,
-) -> None:
-    gather = accelerator.gather_for_metrics
-    chosen, rejected = gather(output.chosen_rewards.detach()), gather(output.rejected_rewards.detach())
-    metrics["rewards/chosen"].append(chosen.float().mean().item())
-    metrics["rewards/rejected"].append(rejected.float().mean().item())
-    metrics["rewards/accuracies"].append((chosen > rejected).float().mean().item())
-    metrics["rewards/margins"].append((chosen - rejected).float().mean().item())
-    metrics["logps/chosen"].append(gather(logps.chosen.detach()).float().mean().item())
-    metrics["logps/rejected"].append(gather(logps.rejected.detach()).float().mean().item())
-    own = {name: value for name, value in output.metrics.items() if not name.startswith("rewards/")}
-    if own:
-        device = output.losses.device
-        values = gather(torch.tensor(list(own.values()), dtype=torch.float32, device=device)[None])
-        for name, mean in zip(own, values.mean(dim=0).tolist()):
-            metrics[name].append(mean)
 
 
 def record_token_metrics(

@@ -18,13 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
+from vlm_dpo_plugins.adapters.hf_trainer.settings import (
+    KeyNames,
+    Reconciled,
+    SharedSetting,
+    positive_or_none,
+    reconcile_shared,
+    with_values,
+)
+
 from vlm_dpo_plugins.config import VLMDPOConfig
-from vlm_dpo_plugins.config_source import PluginSource  # noqa: F401 (the type VLMDPOTrainer accepts)
 from vlm_dpo_plugins.errors import ConfigError
-from vlm_dpo_plugins.validation import FieldError
 
 # Same name and the same formula in TRL 1.16 and in the built-in registry (tests compare the values).
 SHARED_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "robust"})
@@ -36,25 +42,52 @@ TRL_ONLY_LOSS_OPTIONS = {
 }
 
 
-@dataclass
-class Settings:
-    config: VLMDPOConfig
-    trl_computes_loss: bool
-    """True when the loss is TRL's own (a TRL-only loss type or option); the loss hooks then stay out."""
-    notes: list[str] = field(default_factory=list)
+KEY_NAMES = KeyNames(framework="DPOConfig.{key}", plugin="the plugin config's {key}")
+SHARED_SETTINGS = (
+    SharedSetting("loss.beta", "beta", read=lambda args: args.beta),
+    SharedSetting("loss.label_smoothing", "label_smoothing", read=lambda args: args.label_smoothing),
+    SharedSetting("guards.max_grad_norm", "max_grad_norm", read=lambda args: args.max_grad_norm, to_plugin=positive_or_none),
+    SharedSetting(
+        "guards.non_reentrant_checkpointing",
+        "gradient_checkpointing_kwargs['use_reentrant']",
+        read=lambda args: (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"),
+        to_plugin=lambda reentrant: not reentrant,
+        written=lambda args, _: (args.gradient_checkpointing_kwargs or {}).get("use_reentrant") is not None,
+    ),
+)
 
 
-def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, set[str]]) -> Settings:
+def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, set[str]]) -> Reconciled:
     """Merge ``args`` (a ``DPOConfig``, changed in place) and ``config`` (replaced) into one consistent set."""
     trl_set = _trl_fields_set(args)
-    loss_written = written.get("loss", set())
-    notes: list[str] = []
+    loss_type, trl_computes_loss, notes = _loss_type(args, config, written.get("loss", set()), trl_set)
+    values = reconcile_shared(SHARED_SETTINGS, args, config, written, trl_set, KEY_NAMES)
+    args.beta = values["loss.beta"]
+    args.label_smoothing = values["loss.label_smoothing"]
+    if trl_computes_loss:
+        del values["loss.label_smoothing"]  # TRL's loss reads it from DPOConfig
+    else:
+        values["loss.type"] = loss_type
+        if loss_type == "sigmoid" and args.label_smoothing > 0 and "label_smoothing" in trl_set:
+            notes.append(
+                f"label_smoothing={args.label_smoothing} with the sigmoid loss trains conservative DPO (cDPO); "
+                "TRL's own sigmoid loss would have ignored it"
+            )
 
+    def invalid(error: Exception) -> str:
+        return (
+            f"DPOConfig and the plugin config together are invalid: {error}. The value may come from DPOConfig "
+            f"(loss_type={list(args.loss_type)}, beta={args.beta}, label_smoothing={args.label_smoothing})"
+        )
+
+    return Reconciled(with_values(config, values, invalid), trl_computes_loss, notes)
+
+
+def _loss_type(args: Any, config: VLMDPOConfig, loss_written: set[str], trl_set: set[str]) -> tuple[str, bool, list]:
+    """The plugins' loss type, whether TRL computes the loss instead, and the note saying so."""
     trl_options = [name for name in TRL_ONLY_LOSS_OPTIONS if name in trl_set]
     trl_loss = list(args.loss_type)
     trl_only_type = len(trl_loss) != 1 or trl_loss[0] not in SHARED_LOSS_TYPES
-    trl_computes_loss = False
-    loss_type = config.loss.type
     if "type" in loss_written:
         if "loss_type" in trl_set and trl_loss != [config.loss.type]:
             raise ConfigError(
@@ -67,80 +100,12 @@ def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, set[str]]) 
                 f"loss.type {config.loss.type!r} replaces TRL's loss: drop those DPOConfig options, or drop loss.type "
                 "to let TRL compute its loss"
             )
-    elif trl_only_type or trl_options:
-        trl_computes_loss = True
+        return config.loss.type, False, []
+    if trl_only_type or trl_options:
         reason = f"loss_type={trl_loss}" if trl_only_type else ", ".join(trl_options)
-        notes.append(
-            f"TRL computes the loss ({reason} is TRL's own); the plugins' loss variants are not used, every other "
-            "hook runs"
-        )
-    elif "loss_type" in trl_set:
-        loss_type = trl_loss[0]
-
-    beta = _one_value("beta", args.beta, config.loss.beta, "beta" in trl_set, "beta" in loss_written)
-    smoothing = _one_value(
-        "label_smoothing",
-        args.label_smoothing,
-        config.loss.label_smoothing,
-        "label_smoothing" in trl_set,
-        "label_smoothing" in loss_written,
-    )
-    if not trl_computes_loss and loss_type == "sigmoid" and smoothing > 0 and "label_smoothing" in trl_set:
-        notes.append(
-            f"label_smoothing={smoothing} with the sigmoid loss trains conservative DPO (cDPO); TRL's own sigmoid "
-            "loss would have ignored it"
-        )
-    args.beta = beta
-    args.label_smoothing = smoothing
-
-    trl_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
-    max_grad_norm = _one_value(
-        "max_grad_norm",
-        trl_norm,
-        config.guards.max_grad_norm,
-        "max_grad_norm" in trl_set,
-        "max_grad_norm" in written.get("guards", set()),
-        plugin_key="guards.max_grad_norm",
-    )
-
-    non_reentrant = config.guards.non_reentrant_checkpointing
-    user_reentrant = (args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
-    if user_reentrant is not None:
-        non_reentrant = not _one_value(
-            "gradient_checkpointing_kwargs['use_reentrant']",
-            bool(user_reentrant),
-            not non_reentrant,
-            True,
-            "non_reentrant_checkpointing" in written.get("guards", set()),
-            plugin_key="guards.non_reentrant_checkpointing (negated)",
-        )
-
-    try:
-        loss = config.loss
-        if not trl_computes_loss:
-            loss = dataclasses.replace(loss, type=loss_type, beta=beta, label_smoothing=smoothing)
-        else:
-            loss = dataclasses.replace(loss, beta=beta)
-        guards = dataclasses.replace(
-            config.guards, max_grad_norm=max_grad_norm, non_reentrant_checkpointing=non_reentrant
-        )
-    except FieldError as error:
-        raise ConfigError(
-            f"DPOConfig and the plugin config together are invalid: {error}. The value may come from DPOConfig "
-            f"(loss_type={trl_loss}, beta={args.beta}, label_smoothing={args.label_smoothing})"
-        ) from error
-    return Settings(dataclasses.replace(config, loss=loss, guards=guards), trl_computes_loss, notes)
-
-
-def _one_value(
-    name: str, trl_value: Any, plugin_value: Any, trl_set: bool, plugin_set: bool, *, plugin_key: str | None = None
-) -> Any:
-    if trl_set and plugin_set and trl_value != plugin_value:
-        raise ConfigError(
-            f"DPOConfig.{name} is {trl_value!r} and the plugin config's {plugin_key or 'loss.' + name} is "
-            f"{plugin_value!r}: set it in one place"
-        )
-    return trl_value if trl_set else plugin_value
+        note = f"TRL computes the loss ({reason} is TRL's own); the plugins' loss variants are not used, every other hook runs"
+        return config.loss.type, True, [note]
+    return (trl_loss[0] if "loss_type" in trl_set else config.loss.type), False, []
 
 
 def _trl_fields_set(args: Any) -> set[str]:

@@ -27,7 +27,6 @@ this class adds what is TRL's: its arguments, its batch and its loss.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect
@@ -37,30 +36,23 @@ from typing import Any
 import torch
 import trl
 from accelerate.utils import is_peft_model
-from datasets import Dataset
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
-from vlm_dpo_plugins.adapters.hf_trainer.checkpointing import apply_ddp_plan
-from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept
-from vlm_dpo_plugins.adapters.trl.batch import (
-    collated_outputs,
-    completion_labels,
-    model_inputs,
-    summed_logps,
-    with_corrupted_chosen,
-)
+from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept, with_row_index
+from vlm_dpo_plugins.adapters.hf_trainer.preference_step import preference_metrics
+from vlm_dpo_plugins.adapters.hf_trainer.run import apply_ddp_plan, checkpointing_kwargs, run_context
+from vlm_dpo_plugins.adapters.trl.batch import collated_outputs, completion_labels, model_inputs, summed_logps
 from vlm_dpo_plugins.adapters.trl.checkpoint_format import reload_if_keys_were_renamed, runtime_format_saves
-from vlm_dpo_plugins.adapters.trl.metrics import record_preference_metrics, record_token_metrics
+from vlm_dpo_plugins.adapters.trl.metrics import record_token_metrics
 from vlm_dpo_plugins.adapters.trl.settings import reconcile
 
 from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.config_source import PluginSource, load_plugin_config
 from vlm_dpo_plugins.errors import ConfigError
-from vlm_dpo_plugins.guards.deepspeed import zero_stage
-from vlm_dpo_plugins.losses.compute import compute_preference_loss
+from vlm_dpo_plugins.losses.logprobs import SequenceLogps
 from vlm_dpo_plugins.manager import create_plugin_manager
 from vlm_dpo_plugins.sharing.forward import PreparedBatch
-from vlm_dpo_plugins.types import LossInputs, RunContext
+from vlm_dpo_plugins.types import RunContext
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters.trl")
 
@@ -81,7 +73,7 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         for note in settings.notes:
             logger.info("vlm-dpo: %s", note)
         self.vlm_dpo_config: VLMDPOConfig = settings.config
-        self._trl_computes_loss = settings.trl_computes_loss
+        self._trl_computes_loss = settings.framework_computes_loss
         self.plugins.hook.vlm_dpo_configure(config=self.vlm_dpo_config)
 
         context = self._run_context(dpo_args, uses_peft=peft_config is not None or is_peft_model(model))
@@ -98,49 +90,30 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
 
         super().__init__(*bound.args[1:], **bound.kwargs)
 
-        loss_type = self.vlm_dpo_config.loss.type
-        self._loss_inputs: LossInputs = self.plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()
-        self._needs_corrupted_image = not self._trl_computes_loss and bool(self._loss_inputs.extras)
-        if self._needs_corrupted_image and self.precompute_ref_logps:
-            raise ConfigError(
-                f"loss.type {self.vlm_dpo_config.loss.type!r} needs reference log-probs of the chosen response under a "
-                "corrupted image, which precompute_ref_log_probs=True does not store: set it to False"
-            )
         if not self._trl_computes_loss:
             self.beta = self.vlm_dpo_config.loss.beta
         self._attach_plugins()
-        # TRL's own loss runs its own forwards; mDPO's third block of rows repeats the chosen ones with other images.
-        self._set_up_sharing(
-            usable=not (self._trl_computes_loss or self._needs_corrupted_image),
-            reference_model=self.ref_model,
-            reference_pass=self._loss_inputs.reference and not self.precompute_ref_logps,
+        self._set_up_preference_step(
+            framework_computes_loss=self._trl_computes_loss, reference_pass=not self.precompute_ref_logps
         )
+        if self.vlm_dpo_step.extra_rows and self.precompute_ref_logps:
+            raise ConfigError(
+                f"loss.type {self.vlm_dpo_config.loss.type!r} needs reference log-probs of rows TRL does not "
+                "precompute (the chosen response under a corrupted image): set precompute_ref_log_probs=False"
+            )
 
     # -- set-up ------------------------------------------------------------
 
     def _run_context(self, args: Any, *, uses_peft: bool) -> RunContext:
-        deepspeed_config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
-        return RunContext(
-            framework="trl",
-            framework_version=trl.__version__,
-            model_type=None,
-            world_size=args.world_size,
-            rank=args.process_index,
-            uses_peft=uses_peft,
-            uses_deepspeed=deepspeed_config is not None,
-            deepspeed_stage=zero_stage(deepspeed_config) if deepspeed_config is not None else None,
-            uses_fsdp=bool(args.fsdp),
-            gradient_checkpointing=bool(args.gradient_checkpointing),
-            mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None,
-            output_dir=args.output_dir,
+        return run_context(
+            "trl", trl.__version__, args, uses_peft=uses_peft, gradient_checkpointing=bool(args.gradient_checkpointing)
         )
 
     def _plan_checkpointing(self, args: Any, context: RunContext) -> None:
         """Checkpointing and DDP settings that cannot raise "Expected to mark a variable ready only once"."""
-        if not args.gradient_checkpointing:
-            return
-        kwargs = self.plugins.hook.vlm_dpo_gradient_checkpointing_kwargs(context=context) or {}
-        args.gradient_checkpointing_kwargs = {**(args.gradient_checkpointing_kwargs or {}), **kwargs}
+        if context.gradient_checkpointing:
+            planned = checkpointing_kwargs(self.plugins, context)
+            args.gradient_checkpointing_kwargs = {**(args.gradient_checkpointing_kwargs or {}), **planned}
         apply_ddp_plan(self.plugins, context, args)
 
     def _lora_targets_from_policy(self, model: Any, peft_config: Any) -> Any:
@@ -165,11 +138,7 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         return peft_config
 
     def _with_row_index(self, dataset: Any) -> Any:
-        key = self.vlm_dpo_config.collation.row_index_key
-        if isinstance(dataset, Dataset) and key not in dataset.column_names:
-            # Findings then name the row of the user's dataset, whatever order the sampler draws it in.
-            return dataset.add_column(key, list(range(len(dataset))))
-        return dataset
+        return with_row_index(dataset, self.vlm_dpo_config.collation.row_index_key)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -179,41 +148,34 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
 
     # -- training ------------------------------------------------------------
 
-    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None):
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self._record_training_loss(result[0] if return_outputs else result)
-        return result
-
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool):
         if self._trl_computes_loss:
             return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
-        pairs = inputs["input_ids"].shape[0] // 2
-        batch = with_corrupted_chosen(inputs) if self._needs_corrupted_image else inputs
-        prepared = self._prepare_pairs(model_inputs(batch), completion_labels(batch), batch["completion_mask"])
-        kwargs = dict(prepared.kwargs)
-        if self.aux_loss_enabled:
-            kwargs["output_router_logits"] = True
-        with self._policy_pass(prepared):
-            outputs = model(**kwargs, labels=prepared.labels, fused_lm_head=True)
-        outputs = collated_outputs(outputs, prepared)
-        policy = summed_logps(outputs.log_probs, batch["completion_mask"])
-        reference = self._reference_logps(batch, prepared) if self._loss_inputs.reference else None
-
-        output, logps = compute_preference_loss(
-            self.plugins,
-            self.vlm_dpo_config,
-            policy,
-            reference,
-            pairs=pairs,
-            with_corrupted_image=self._needs_corrupted_image,
+        batch = self.vlm_dpo_step.extend(inputs)
+        precomputed = None
+        if self.precompute_ref_logps:
+            logps = torch.cat((batch["ref_chosen_logps"], batch["ref_rejected_logps"]))
+            precomputed = SequenceLogps(logps, batch["completion_mask"][:, 1:].sum(dim=1))
+        step = self.vlm_dpo_step.run(
+            model,
+            model_inputs(batch),
+            completion_labels(batch),
+            batch["completion_mask"],
+            batch=batch,
+            pairs=inputs["input_ids"].shape[0] // 2,
+            forward=self._policy_forward,
+            reference=self._reference_model,
+            reference_forward=_fused_forward,
+            precomputed_reference=precomputed,
         )
-        loss = output.losses.mean()
+        outputs = step.outputs
+        loss = step.output.losses.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
-
-        record_preference_metrics(self._metrics[mode], self.accelerator, output, logps)
+        for name, value in preference_metrics(step.output, step.logps, self.accelerator.gather_for_metrics).items():
+            self._metrics[mode][name].append(value)
         record_token_metrics(self._metrics[mode], self.accelerator, outputs, inputs["completion_mask"])
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
@@ -225,24 +187,18 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
             return loss, outputs
         return loss
 
-    def _reference_logps(self, batch: dict[str, Any], prepared: PreparedBatch):
-        from vlm_dpo_plugins.losses.logprobs import SequenceLogps
+    def _policy_forward(self, model: Any, prepared: PreparedBatch, batch: dict[str, Any]):
+        extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        return _fused_forward(model, prepared, batch, **extra)
 
-        if self.precompute_ref_logps:
-            precomputed = torch.cat((batch["ref_chosen_logps"], batch["ref_rejected_logps"]))
-            return SequenceLogps(precomputed, batch["completion_mask"][:, 1:].sum(dim=1))
-        adapter = kept = contextlib.nullcontext()
-        reference_model = self.ref_model
-        if self.ref_model is None and is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-            kept = requires_grad_kept(self.model)  # only switching adapters touches requires_grad
-            reference_model = self.model
-        shared = self._reference_pass(prepared, reference_model)
+    def _reference_model(self) -> tuple[Any, list[Any]]:
         no_checkpointing = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
-        with kept, torch.no_grad(), no_checkpointing, adapter, shared:
-            outputs = reference_model(**prepared.kwargs, labels=prepared.labels, fused_lm_head=True)
-        return summed_logps(prepared.to_collated(outputs.log_probs), batch["completion_mask"])
+        if self.ref_model is not None or not is_peft_model(self.model):
+            return self.ref_model, [no_checkpointing]
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        # Only switching adapters touches requires_grad; entered first, so it restores after the adapter is back.
+        return self.model, [requires_grad_kept(self.model), no_checkpointing, adapter]
 
     # -- checkpoints ------------------------------------------------------------
 
@@ -257,6 +213,13 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
     def vlm_dpo_context(self) -> RunContext:
         context = self._run_context(self.args, uses_peft=is_peft_model(self.model))
         return dataclasses.replace(context, model_type=getattr(self.model.config, "model_type", None))
+
+
+def _fused_forward(model: Any, prepared: PreparedBatch, batch: dict[str, Any], **extra: Any):
+    """TRL's fused LM head: per-token log-probs of the labels, mapped back to the collated rows, summed."""
+    outputs = model(**prepared.kwargs, **extra, labels=prepared.labels, fused_lm_head=True)
+    outputs = collated_outputs(outputs, prepared)
+    return summed_logps(outputs.log_probs, batch["completion_mask"]), outputs
 
 
 def _default_args(model: Any) -> Any:

@@ -1,11 +1,10 @@
-"""mDPO's third block of rows: the chosen responses again, with their images corrupted.
+"""mDPO's extra rows: the chosen responses again, with their images corrupted.
 
 Every framework collates a preference batch as all chosen rows, then all rejected rows, and
 sends each pair's images twice, so in every tensor of the batch, per row (``input_ids``,
 masks, labels) or per image (``pixel_values``, ``image_grid_thw``, Qwen2-VL's flattened
-patches), the first half belongs to the chosen rows. Appending that first half again, pixels
-replaced, gives 3B rows that go through the model in the same single forward, which DDP
-requires (two forwards before one backward fail there).
+patches), the first half belongs to the chosen rows. That first half again, pixels replaced,
+is the block ``extra_rows.extend_batch`` appends.
 """
 
 from __future__ import annotations
@@ -20,12 +19,8 @@ from vlm_dpo_plugins.errors import PluginError
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 
 
-def with_corrupted_chosen(batch: Mapping[str, Any], batch_dims: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """The batch with the B chosen rows appended again, their images replaced by the mean image.
-
-    ``batch_dims`` names tensors whose rows are not along dimension 0 (Qwen2-VL's mrope ``position_ids``
-    are ``[3, rows, length]``: dimension 1).
-    """
+def corrupted_chosen_rows(batch: Mapping[str, Any], row_dims: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """The B chosen rows of every tensor with rows, their images replaced by the mean image."""
     rows = batch["input_ids"].shape[0]
     if rows % 2:
         raise PluginError(f"expected 2B rows (chosen, then rejected) in the preference batch, got {rows}")
@@ -34,12 +29,11 @@ def with_corrupted_chosen(batch: Mapping[str, Any], batch_dims: Mapping[str, int
             "loss.type 'mdpo' compares the chosen response with and without its image, but this batch has no "
             "pixel_values: mDPO needs an image in every pair (use 'sigmoid' for text-only data)"
         )
-    extended: dict[str, Any] = {}
+    added: dict[str, torch.Tensor] = {}
     for key, value in batch.items():
         if not isinstance(value, torch.Tensor) or value.ndim == 0:
-            extended[key] = value
             continue
-        dim = (batch_dims or {}).get(key, 0)
+        dim = row_dims.get(key, 0)
         if value.shape[dim] % 2:
             raise PluginError(
                 f"batch['{key}'] has {value.shape[dim]} entries along dimension {dim}; mDPO expects the chosen "
@@ -49,5 +43,5 @@ def with_corrupted_chosen(batch: Mapping[str, Any], batch_dims: Mapping[str, int
         if key in PIXEL_KEYS:
             # Zero in the processor's normalised space is the mean pixel: the image is present but says nothing.
             chosen_half = torch.zeros_like(chosen_half)
-        extended[key] = torch.cat((value, chosen_half), dim=dim)
-    return extended
+        added[key] = chosen_half
+    return added

@@ -6,18 +6,18 @@ Plain DPO on image-text pairs can be won from the text alone ("unconditional pre
 - an anchor that keeps the chosen reward above ``delta``: ``-log sigmoid(beta chosen_ratio - delta)``,
   because DPO alone may lower both likelihoods as long as the rejected one falls faster.
 
-The corrupted-image log-probs come from a second forward over the chosen rows with the image corrupted
-(the paper keeps a small random crop) or removed, for the policy and the reference, and arrive in
-``PreferenceLogps.extras`` under ``CORRUPTED_CHOSEN`` and ``REF_CORRUPTED_CHOSEN``.
+The corrupted-image log-probs come from the chosen rows run again with the image corrupted (the paper keeps a
+small random crop; here the mean image), for the policy and the reference, in the same forward as the pairs
+(``CORRUPTED_IMAGE_ROWS``), and arrive in ``PreferenceLogps.extras`` under ``CORRUPTED_CHOSEN`` and
+``REF_CORRUPTED_CHOSEN``.
 """
 
 from __future__ import annotations
 
-import torch
-
+from vlm_dpo_plugins.losses.corrupted_image import corrupted_chosen_rows
+from vlm_dpo_plugins.losses.extra_rows import ExtraRows
 from vlm_dpo_plugins.losses.functions import logistic_loss, preference_output
 from vlm_dpo_plugins.losses.inputs import prepare
-from vlm_dpo_plugins.losses.logprobs import SequenceLogps
 from vlm_dpo_plugins.losses.settings import LossConfig
 from vlm_dpo_plugins.types import LossInputs, LossOutput, PreferenceLogps
 
@@ -49,11 +49,7 @@ def mdpo_loss(logps: PreferenceLogps, config: LossConfig) -> LossOutput:
     return preference_output(losses, beta * chosen_ratio, beta * rejected_ratio, terms)
 
 
-def corrupted_image_extras(policy: SequenceLogps, reference: SequenceLogps) -> dict[str, torch.Tensor]:
-    """``PreferenceLogps.extras`` for mDPO from the chosen rows run with the corrupted image (policy, reference)."""
-    if not torch.equal(policy.token_counts.cpu(), reference.token_counts.cpu()):
-        raise ValueError(
-            "mDPO corrupted-image log-probs: policy and reference summed different numbers of response tokens "
-            f"({policy.token_counts.tolist()} vs {reference.token_counts.tolist()}); run both on the same batch"
-        )
-    return {CORRUPTED_CHOSEN: policy.logps, REF_CORRUPTED_CHOSEN: reference.logps}
+CORRUPTED_IMAGE_ROWS = ExtraRows(
+    "corrupted-image", corrupted_chosen_rows, policy_key=CORRUPTED_CHOSEN, reference_key=REF_CORRUPTED_CHOSEN
+)
+"""How mDPO's extras are computed: the chosen rows again with the mean image, through policy and reference."""

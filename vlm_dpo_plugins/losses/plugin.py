@@ -1,13 +1,16 @@
-"""Built-in loss variants and the dispatch on ``loss.type``."""
+"""Built-in loss variants: the registry of ``loss.type`` names, what each needs, and mDPO's extra rows."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.losses.extra_rows import ExtraRows
+from vlm_dpo_plugins.losses.mdpo import CORRUPTED_IMAGE_ROWS
 from vlm_dpo_plugins.losses.registry import BUILTIN_LOSS_INPUTS, BUILTIN_LOSSES
 from vlm_dpo_plugins.markers import hookimpl
-from vlm_dpo_plugins.types import LossInputs, LossOutput, PreferenceLogps
+from vlm_dpo_plugins.types import LossInputs
+
+EXTRA_ROWS = {key: CORRUPTED_IMAGE_ROWS for key in (CORRUPTED_IMAGE_ROWS.policy_key, CORRUPTED_IMAGE_ROWS.reference_key)}
 
 
 class LossVariants:
@@ -20,8 +23,5 @@ class LossVariants:
         return BUILTIN_LOSS_INPUTS.get(loss_type)
 
     @hookimpl(trylast=True)
-    def vlm_dpo_compute_loss(self, logps: PreferenceLogps, config: VLMDPOConfig) -> LossOutput | None:
-        function = BUILTIN_LOSSES.get(config.loss.type)
-        if function is None:
-            return None  # a third-party variant: its own plugin answers
-        return function(logps, config.loss)
+    def vlm_dpo_extra_rows(self, extras_key: str) -> ExtraRows | None:
+        return EXTRA_ROWS.get(extras_key)

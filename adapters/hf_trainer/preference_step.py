@@ -1,0 +1,157 @@
+"""The DPO step every Trainer-based framework shares: policy pass, reference pass, loss, metrics.
+
+An adapter hands over its framework's collated batch (2B rows, chosen first) as model inputs, the ids
+to score and the response mask, and says only how its framework runs a forward (``forward``: fused
+log-probs in TRL, logits in LLaMA-Factory and ms-swift) and which model with which contexts is the
+reference (``reference_model``: a separate copy, or the policy with its adapter off). The rest is here:
+the extra rows a loss variant reads (mDPO), prompt and image sharing around both passes, the summed
+log-probs, ``vlm_dpo_compute_loss``, and the metrics every framework logs under the same names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.errors import ConfigError
+from vlm_dpo_plugins.losses.compute import compute_preference_loss
+from vlm_dpo_plugins.losses.extra_rows import ExtraRows, extend_batch, resolve
+from vlm_dpo_plugins.losses.logprobs import SequenceLogps
+from vlm_dpo_plugins.sharing.features import ReferenceFeatureReuse
+from vlm_dpo_plugins.sharing.forward import PairSharing, PreparedBatch
+from vlm_dpo_plugins.types import LossInputs, LossOutput, PreferenceLogps
+
+Forward = Callable[[Any, PreparedBatch, dict[str, Any]], tuple[SequenceLogps, Any]]
+"""``forward(model, prepared, batch)``: summed log-probs of the batch's rows in the collated layout, and the
+model's output (for the framework's own metrics)."""
+
+
+@dataclass
+class StepResult:
+    output: LossOutput
+    logps: PreferenceLogps
+    outputs: Any
+    """The policy forward's output, for metrics only the framework logs."""
+    prepared: PreparedBatch
+    pairs: int
+
+
+class PreferenceStep:
+    """The loss path of one trainer: built once after the framework's trainer, called once per batch."""
+
+    def __init__(
+        self,
+        plugins: Any,
+        config: VLMDPOConfig,
+        model: Any,
+        groups: Any,
+        *,
+        framework_computes_loss: bool,
+        reference_model: Any,
+        reference_pass: bool,
+        unwrap: Callable[[Any], Any],
+    ) -> None:
+        self.plugins = plugins
+        self.config = config
+        self.model = model
+        self.unwrap = unwrap
+        loss_type = config.loss.type
+        needs = plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()
+        if not isinstance(needs, LossInputs):
+            raise ConfigError(f"vlm_dpo_loss_inputs({loss_type!r}) returned {type(needs).__name__}, not LossInputs")
+        self.needs = needs
+        self.extra_rows: tuple[ExtraRows, ...] = () if framework_computes_loss else resolve(plugins, needs, loss_type)
+        self.reference_pass = reference_pass and needs.reference
+        self.sharing: PairSharing | None = None
+        self.feature_reuse: ReferenceFeatureReuse | None = None
+        sharing = config.sharing
+        # The framework's own loss runs its own forwards; extra rows repeat the chosen rows with other inputs.
+        if framework_computes_loss or self.extra_rows or not (sharing.prompt or sharing.vision_features):
+            return
+        self.sharing = PairSharing(model, sharing)
+        if self.reference_pass and sharing.vision_features:
+            reference = None if reference_model is None else unwrap(reference_model)
+            self.feature_reuse = ReferenceFeatureReuse(model, reference, groups)
+
+    def extend(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The collated batch with the loss variant's extra rows appended (unchanged when it reads none)."""
+        return extend_batch(batch, self.extra_rows) if self.extra_rows else batch
+
+    def run(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        labels: torch.Tensor,
+        response_mask: torch.Tensor,
+        *,
+        batch: dict[str, Any],
+        pairs: int,
+        forward: Forward,
+        reference: Callable[[], tuple[Any, Sequence[Any]]] | None,
+        reference_forward: Forward | None = None,
+        precomputed_reference: SequenceLogps | None = None,
+    ) -> StepResult:
+        """One batch: ``inputs``/``labels``/``response_mask`` already extended; ``reference()`` gives the model and
+        the contexts of the reference pass (not called with ``precomputed_reference``), which runs
+        ``reference_forward`` (default: ``forward``)."""
+        prepared = self.prepare(inputs, labels, response_mask)
+        with self._policy_pass(prepared):
+            policy, outputs = forward(model, prepared, batch)
+        reference_logps = precomputed_reference if self.needs.reference else None
+        if reference_logps is None and self.reference_pass and reference is not None:
+            reference_model, contexts = reference()
+            separate = None if reference_model is self.model else self.unwrap(reference_model)
+            shared = self.sharing.reference_pass(prepared, reference_model=separate) if self.sharing else None
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                for context in (*contexts, shared or contextlib.nullcontext()):
+                    stack.enter_context(context)
+                reference_logps, _ = (reference_forward or forward)(reference_model, prepared, batch)
+        output, logps = compute_preference_loss(
+            self.plugins, self.config, policy, reference_logps, pairs=pairs, extra_rows=self.extra_rows
+        )
+        return StepResult(output, logps, outputs, prepared, pairs)
+
+    def prepare(self, kwargs: dict[str, Any], labels: torch.Tensor, response_mask: torch.Tensor) -> PreparedBatch:
+        if self.sharing is None:
+            return PreparedBatch(dict(kwargs), labels, packed=None, encode_chosen_half=False)
+        return self.sharing.prepare(kwargs, labels, response_mask)
+
+    @contextlib.contextmanager
+    def _policy_pass(self, prepared: PreparedBatch):
+        if self.sharing is None:
+            yield
+            return
+        keep = self.feature_reuse is not None and self.feature_reuse.allowed()
+        with self.sharing.policy_pass(prepared, keep_features=keep):
+            yield
+
+
+def preference_metrics(
+    output: LossOutput, logps: PreferenceLogps, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> dict[str, float]:
+    """``rewards/*``, ``logps/*`` and the variant's own terms, as every framework names them.
+
+    ``gather``: averaged over ranks (TRL, ms-swift gather their own this way); None: this rank's means
+    (LLaMA-Factory averages logged values over ranks itself).
+    """
+    collect = gather or (lambda tensor: tensor)
+    chosen, rejected = collect(output.chosen_rewards.detach().float()), collect(output.rejected_rewards.detach().float())
+    metrics = {
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/accuracies": (chosen > rejected).float().mean().item(),
+        "rewards/margins": (chosen - rejected).mean().item(),
+        "logps/chosen": collect(logps.chosen.detach().float()).mean().item(),
+        "logps/rejected": collect(logps.rejected.detach().float()).mean().item(),
+    }
+    own = {name: value for name, value in output.metrics.items() if not name.startswith("rewards/")}
+    if own and gather is not None:
+        values = gather(torch.tensor(list(own.values()), dtype=torch.float32, device=output.losses.device)[None])
+        own = dict(zip(own, values.mean(dim=0).tolist()))
+    metrics.update({name: float(value) for name, value in own.items()})
+    return metrics

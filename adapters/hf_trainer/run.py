@@ -1,0 +1,92 @@
+"""One plugin run: the plugins, the reconciled config, the run's facts, and the plans written before the model loads.
+
+Every framework builds its model from its own arguments (LoRA targets, freeze flags, gradient checkpointing)
+before its trainer exists, so what the plugins decide about those must be in the arguments first. An adapter
+reconciles its settings (``settings.py``), then calls ``start_run``: the plugins see the agreed config, and the
+checkpointing and DDP plan is handed back for the adapter to write where its framework reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from vlm_dpo_plugins.adapters.hf_trainer.settings import Reconciled
+
+from vlm_dpo_plugins.collation.file_checks import CheckedFiles
+from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.guards.deepspeed import zero_stage
+from vlm_dpo_plugins.types import RunContext
+
+logger = logging.getLogger("vlm_dpo_plugins.adapters")
+
+
+@dataclass
+class PluginRun:
+    """What the plugin trainer of one framework run is bound to."""
+
+    plugins: Any
+    config: VLMDPOConfig
+    framework_computes_loss: bool
+    context: RunContext
+    origin: str
+    """Where the plugin settings came from, for the start line ("defaults", "VLM_DPO_CONFIG=...")."""
+    checked_files: CheckedFiles | None = None
+    """The training files the adapter checked before its framework read them (LLaMA-Factory, ms-swift)."""
+
+
+def run_context(
+    framework: str, version: str, training_args: Any, *, uses_peft: bool, gradient_checkpointing: bool
+) -> RunContext:
+    """The run's facts from a ``TrainingArguments`` (every framework here subclasses it)."""
+    deepspeed_config = getattr(getattr(training_args, "hf_deepspeed_config", None), "config", None)
+    return RunContext(
+        framework=framework,
+        framework_version=version,
+        world_size=training_args.world_size,
+        rank=training_args.process_index,
+        uses_peft=uses_peft,
+        uses_deepspeed=deepspeed_config is not None,
+        deepspeed_stage=zero_stage(deepspeed_config) if deepspeed_config is not None else None,
+        uses_fsdp=bool(training_args.fsdp),
+        gradient_checkpointing=gradient_checkpointing,
+        mixed_precision="bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None,
+        output_dir=training_args.output_dir,
+    )
+
+
+def start_run(plugins: Any, reconciled: Reconciled, context: RunContext, origin: str) -> PluginRun:
+    """The plugins configured with the agreed settings; the notes about them logged once."""
+    plugins.hook.vlm_dpo_configure(config=reconciled.config)
+    for note in reconciled.notes:
+        logger.info("vlm-dpo: %s", note)
+    return PluginRun(plugins, reconciled.config, reconciled.framework_computes_loss, context, origin)
+
+
+def checkpointing_kwargs(plugins: Any, context: RunContext) -> dict[str, Any]:
+    """The ``gradient_checkpointing_kwargs`` the guards choose (empty without gradient checkpointing)."""
+    if not context.gradient_checkpointing:
+        return {}
+    return plugins.hook.vlm_dpo_gradient_checkpointing_kwargs(context=context) or {}
+
+
+def apply_ddp_plan(plugins: Any, context: RunContext, training_args: Any) -> None:
+    """``static_graph``/``find_unused_parameters`` that cannot raise "Expected to mark a variable ready only once".
+
+    Written into ``TrainingArguments`` before the Trainer wraps the model in DDP.
+    """
+    if not context.gradient_checkpointing:
+        return
+    ddp = plugins.hook.vlm_dpo_ddp_kwargs(context=context) or {}
+    if "static_graph" in ddp:
+        training_args.ddp_static_graph = ddp["static_graph"]
+    if "find_unused_parameters" in ddp:
+        if training_args.ddp_find_unused_parameters not in (None, ddp["find_unused_parameters"]):
+            logger.warning(
+                "vlm-dpo: ddp_find_unused_parameters=%s changed to %s: with reentrant checkpointing under DDP it "
+                "raises 'Expected to mark a variable ready only once'",
+                training_args.ddp_find_unused_parameters,
+                ddp["find_unused_parameters"],
+            )
+        training_args.ddp_find_unused_parameters = ddp["find_unused_parameters"]

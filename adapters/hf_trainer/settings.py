@@ -1,0 +1,169 @@
+"""Settings both a framework's arguments and the plugin config can hold, reconciled from a declarative table.
+
+Every adapter keeps its framework's keys meaning what they meant: a value the user wrote in one place
+is used by both, a value written differently in both is an error naming both keys, never a silent choice.
+"Written" means present in what the user gave (YAML keys, command-line flags, non-default ``DPOConfig``
+fields), not a default. An adapter declares its keys as ``SharedSetting`` rows and its freeze flags as a
+``{group: flag}`` table; reconciling, the write-back of the agreed values into the framework's arguments
+and the clipping rule are the same for every framework and live here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Set
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.errors import ConfigError
+from vlm_dpo_plugins.validation import FieldError
+
+
+def _unchanged(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class SharedSetting:
+    """One framework key and the plugin key that means the same thing."""
+
+    plugin_key: str
+    """``section.name`` in the plugin config."""
+    framework_key: str
+    """The framework's name for it, as the user writes it and as ``framework_written`` holds it."""
+    read: Callable[[Any], Any]
+    """The framework's value, from its arguments."""
+    to_plugin: Callable[[Any], Any] = _unchanged
+    """The framework's value in the plugin config's terms (``max_grad_norm: 0`` is no clipping: ``None``)."""
+    written: Callable[[Any, Set[str]], bool] | None = None
+    """Whether the user wrote it, when that is more than the key's presence (a key inside a dict flag)."""
+    applies: Callable[[VLMDPOConfig], bool] | None = None
+    """Only reconciled when this holds for the plugin config (``simpo_gamma`` only for SimPO)."""
+
+    @property
+    def section(self) -> str:
+        return self.plugin_key.split(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.plugin_key.split(".", 1)[1]
+
+
+@dataclass(frozen=True)
+class KeyNames:
+    """How one framework's keys and the plugin config's keys are named in messages."""
+
+    framework: str
+    """e.g. ``"swift's --{key}"``."""
+    plugin: str
+    """e.g. ``"the plugin config's {key}"``."""
+
+    def conflict(self, framework_key: str, framework_value: Any, plugin_key: str, plugin_value: Any) -> ConfigError:
+        return ConfigError(
+            f"{self.framework.format(key=framework_key)} is {framework_value!r} and "
+            f"{self.plugin.format(key=plugin_key)} is {plugin_value!r}: set it in one place"
+        )
+
+
+@dataclass
+class Reconciled:
+    """The agreed plugin config, who computes the loss, and what to tell the user."""
+
+    config: VLMDPOConfig
+    framework_computes_loss: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def reconcile_shared(
+    table: Iterable[SharedSetting],
+    args: Any,
+    config: VLMDPOConfig,
+    plugin_written: Mapping[str, Set[str]],
+    framework_written: Set[str],
+    names: KeyNames,
+) -> dict[str, Any]:
+    """``{plugin_key: value}`` for every row that applies: the written side's value, the plugin's when neither."""
+    chosen: dict[str, Any] = {}
+    for setting in table:
+        if setting.applies is not None and not setting.applies(config):
+            continue
+        plugin_value = getattr(getattr(config, setting.section), setting.name)
+        framework_value = setting.read(args)
+        if setting.written is not None:
+            framework_set = setting.written(args, framework_written)
+        else:
+            framework_set = setting.framework_key in framework_written
+        plugin_set = setting.name in plugin_written.get(setting.section, set())
+        as_plugin = setting.to_plugin(framework_value)
+        if framework_set and plugin_set and as_plugin != plugin_value:
+            raise names.conflict(setting.framework_key, framework_value, setting.plugin_key, plugin_value)
+        chosen[setting.plugin_key] = as_plugin if framework_set else plugin_value
+    return chosen
+
+
+def with_values(config: VLMDPOConfig, values: Mapping[str, Any], invalid: Callable[[FieldError], str]) -> VLMDPOConfig:
+    """``config`` with ``{section.name: value}`` replaced; an invalid combination is a ``ConfigError``."""
+    by_section: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        by_section.setdefault(section, {})[name] = value
+    try:
+        sections = {
+            section: dataclasses.replace(getattr(config, section), **changes) for section, changes in by_section.items()
+        }
+    except FieldError as error:
+        raise ConfigError(invalid(error)) from error
+    return dataclasses.replace(config, **sections)
+
+
+def reconcile_freeze_flags(
+    config: VLMDPOConfig,
+    flags: Mapping[str, str],
+    frozen_by_flag: Callable[[str], bool],
+    framework_written: Set[str],
+    plugin_written: Mapping[str, Set[str]],
+    names: KeyNames,
+) -> VLMDPOConfig:
+    """``freeze.trainable`` from the framework's freeze flags (``{group: flag}``), unless the plugin config says.
+
+    Both written: a flag that disagrees with ``freeze.trainable`` about its group is an error naming both.
+    """
+    freeze = config.freeze
+    if "trainable" not in plugin_written.get("freeze", set()):
+        trainable = tuple(group for group, flag in flags.items() if not frozen_by_flag(flag))
+        return dataclasses.replace(config, freeze=dataclasses.replace(freeze, trainable=trainable))
+    for group, flag in flags.items():
+        frozen = bool(frozen_by_flag(flag))
+        if flag in framework_written and frozen == (group in freeze.trainable):
+            raise ConfigError(
+                f"{names.framework.format(key=flag)} is {frozen} and {names.plugin.format(key='freeze.trainable')} "
+                f"is {list(freeze.trainable)}: say whether the {group} group trains in one place"
+            )
+    return config
+
+
+def frozen_flags(config: VLMDPOConfig, flags: Mapping[str, str]) -> dict[str, bool]:
+    """The framework's freeze flags as the policy needs them: every group it ever trains is not frozen.
+
+    So LoRA targets and full-tuning ``requires_grad`` cover the unfreeze stages; the policy freezes the later
+    stages' groups again at step 0.
+    """
+    ever_trained = config.freeze.groups_ever_trained()
+    return {flag: group not in ever_trained for group, flag in flags.items()}
+
+
+def framework_max_grad_norm(config: VLMDPOConfig, uses_deepspeed: bool) -> float:
+    """What the framework's own ``max_grad_norm`` becomes: the guards clip, per group, inside the guarded step.
+
+    Under DeepSpeed the engine clips (its ``"gradient_clipping": "auto"`` reads this value) and steps inside
+    ``backward``; everywhere else the framework's clipping is off so the gradients are not clipped twice.
+    """
+    if uses_deepspeed:
+        return config.guards.max_grad_norm or 0.0
+    return 0.0
+
+
+def positive_or_none(value: Any) -> Any:
+    """A framework's ``max_grad_norm``: 0 or less turns clipping off, which the plugin config writes as null."""
+    return value if value and value > 0 else None
