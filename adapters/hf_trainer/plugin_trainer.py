@@ -24,6 +24,7 @@ Trainer's own loop:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -104,7 +105,8 @@ class PluginTrainerMixin:
         self.add_callback(PluginLifecycle(self))
 
     def vlm_dpo_context(self) -> RunContext:
-        raise NotImplementedError
+        """The run's facts with the model's type; an adapter without a prepared ``PluginRun`` overrides it."""
+        return dataclasses.replace(self._vlm_dpo_run.context, model_type=getattr(self.model.config, "model_type", None))
 
     def _tune_deepspeed(self, context: RunContext) -> None:
         hf_config = getattr(self.args, "hf_deepspeed_config", None)

@@ -92,19 +92,19 @@ class PreferenceStep:
         batch: dict[str, Any],
         pairs: int,
         forward: Forward,
-        reference: Callable[[], tuple[Any, Sequence[Any]]] | None,
+        reference: Callable[[Any], tuple[Any, Sequence[Any]]] | None,
         reference_forward: Forward | None = None,
         precomputed_reference: SequenceLogps | None = None,
     ) -> StepResult:
-        """One batch: ``inputs``/``labels``/``response_mask`` already extended; ``reference()`` gives the model and
-        the contexts of the reference pass (not called with ``precomputed_reference``), which runs
+        """One batch: ``inputs``/``labels``/``response_mask`` already extended; ``reference(model)`` gives the model
+        and the contexts of the reference pass (not called with ``precomputed_reference``), which runs
         ``reference_forward`` (default: ``forward``)."""
         prepared = self.prepare(inputs, labels, response_mask)
         with self._policy_pass(prepared):
             policy, outputs = forward(model, prepared, batch)
         reference_logps = precomputed_reference if self.needs.reference else None
         if reference_logps is None and self.reference_pass and reference is not None:
-            reference_model, contexts = reference()
+            reference_model, contexts = reference(model)
             separate = None if reference_model is self.model else self.unwrap(reference_model)
             shared = self.sharing.reference_pass(prepared, reference_model=separate) if self.sharing else None
             with torch.no_grad(), contextlib.ExitStack() as stack:

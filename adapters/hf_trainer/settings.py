@@ -38,8 +38,6 @@ class SharedSetting:
     """The framework's value in the plugin config's terms (``max_grad_norm: 0`` is no clipping: ``None``)."""
     written: Callable[[Any, Set[str]], bool] | None = None
     """Whether the user wrote it, when that is more than the key's presence (a key inside a dict flag)."""
-    applies: Callable[[VLMDPOConfig], bool] | None = None
-    """Only reconciled when this holds for the plugin config (``simpo_gamma`` only for SimPO)."""
 
     @property
     def section(self) -> str:
@@ -86,8 +84,6 @@ def reconcile_shared(
     """``{plugin_key: value}`` for every row that applies: the written side's value, the plugin's when neither."""
     chosen: dict[str, Any] = {}
     for setting in table:
-        if setting.applies is not None and not setting.applies(config):
-            continue
         plugin_value = getattr(getattr(config, setting.section), setting.name)
         framework_value = setting.read(args)
         if setting.written is not None:

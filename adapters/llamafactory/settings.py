@@ -18,14 +18,24 @@ Loss types and options only LLaMA-Factory has (``orpo``, ``kto_pair``, ``pref_bc
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from vlm_dpo_plugins.adapters.hf_trainer.settings import (
+    KeyNames,
+    Reconciled,
+    SharedSetting,
+    framework_max_grad_norm,
+    frozen_flags,
+    positive_or_none,
+    reconcile_freeze_flags,
+    reconcile_shared,
+    with_values,
+)
 
 from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.errors import ConfigError
-from vlm_dpo_plugins.validation import FieldError
 
 # Same name and formula in LLaMA-Factory 0.9.5 and in the built-in registry (tests compare the values).
 SHARED_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "simpo"})
@@ -35,14 +45,34 @@ FREEZE_FLAGS = {
     "projector": "freeze_multi_modal_projector",
     "language": "freeze_language_model",
 }
+KEY_NAMES = KeyNames(framework="LLaMA-Factory's {key}", plugin="vlm_dpo.{key}")
 
 
-@dataclass
-class Settings:
-    config: VLMDPOConfig
-    framework_computes_loss: bool
-    """True for a loss only LLaMA-Factory has: the loss hooks then stay out, every other hook runs."""
-    notes: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class Arguments:
+    """LLaMA-Factory's parsed argument objects, as one thing the settings table reads."""
+
+    model: Any
+    training: Any
+    finetuning: Any
+
+
+SHARED_SETTINGS = (
+    SharedSetting("loss.beta", "pref_beta", read=lambda args: args.finetuning.pref_beta),
+    SharedSetting("loss.label_smoothing", "dpo_label_smoothing", read=lambda args: args.finetuning.dpo_label_smoothing),
+    SharedSetting("loss.simpo_gamma", "simpo_gamma", read=lambda args: args.finetuning.simpo_gamma),
+    SharedSetting(
+        "guards.max_grad_norm", "max_grad_norm", read=lambda args: args.training.max_grad_norm, to_plugin=positive_or_none
+    ),
+    SharedSetting(
+        "guards.non_reentrant_checkpointing",
+        "use_reentrant_gc",
+        read=lambda args: bool(args.model.use_reentrant_gc),
+        to_plugin=lambda reentrant: not reentrant,
+    ),
+)
+LOSS_ONLY_SETTINGS = ("loss.label_smoothing", "loss.simpo_gamma")
+"""Read by the plugins' loss only: with LLaMA-Factory's own loss its keys keep their value there."""
 
 
 def reconcile(
@@ -54,19 +84,42 @@ def reconcile(
     framework_written: Set[str],
     *,
     reads_reference: Callable[[str], bool],
-) -> Settings:
+) -> Reconciled:
     """Merge LLaMA-Factory's parsed arguments (changed in place) and ``config`` (replaced) into one set.
 
     ``reads_reference(loss_type)``: whether that loss variant reads reference log-probs (the plugin registry knows).
     """
-    notes: list[str] = []
-    loss_written = written.get("loss", set())
-    guards_written = written.get("guards", set())
-    framework_options = _framework_only_options(finetuning_args)
-    framework_computes_loss = False
-    loss_type = config.loss.type
+    arguments = Arguments(model_args, training_args, finetuning_args)
+    loss_type, framework_computes_loss, notes = _loss_type(finetuning_args, config, written, framework_written)
+    table = [row for row in SHARED_SETTINGS if row.plugin_key != "loss.simpo_gamma" or loss_type == "simpo"]
+    values = reconcile_shared(table, arguments, config, written, framework_written, KEY_NAMES)
+    if framework_computes_loss:
+        values = {key: value for key, value in values.items() if key not in LOSS_ONLY_SETTINGS}
+    else:
+        values["loss.type"] = loss_type
 
-    if "type" in loss_written:
+    def invalid(error: Exception) -> str:
+        return (
+            f"LLaMA-Factory's arguments and the vlm_dpo section together are invalid: {error}. The value may come "
+            f"from LLaMA-Factory (pref_loss={finetuning_args.pref_loss!r}, pref_beta={finetuning_args.pref_beta}, "
+            f"dpo_label_smoothing={finetuning_args.dpo_label_smoothing})"
+        )
+
+    config = with_values(config, values, invalid)
+    config = reconcile_freeze_flags(
+        config, FREEZE_FLAGS, lambda flag: getattr(finetuning_args, flag), framework_written, written, KEY_NAMES
+    )
+    reconciled = Reconciled(config, framework_computes_loss, notes)
+    _write_back(reconciled, arguments, reads_reference)
+    return reconciled
+
+
+def _loss_type(
+    finetuning_args: Any, config: VLMDPOConfig, written: Mapping[str, Set[str]], framework_written: Set[str]
+) -> tuple[str, bool, list[str]]:
+    """The plugins' loss type, whether LLaMA-Factory computes the loss instead, and the note saying so."""
+    framework_options = _framework_only_options(finetuning_args)
+    if "type" in written.get("loss", set()):
         if "pref_loss" in framework_written and finetuning_args.pref_loss != config.loss.type:
             raise ConfigError(
                 f"LLaMA-Factory's pref_loss is {finetuning_args.pref_loss!r} and vlm_dpo.loss.type is "
@@ -78,82 +131,11 @@ def reconcile(
                 f"LLaMA-Factory's {', '.join(framework_options)} only applies to its own loss, but vlm_dpo.loss.type "
                 f"{config.loss.type!r} replaces that loss: drop those keys, or drop vlm_dpo.loss.type"
             )
-    elif finetuning_args.pref_loss in FRAMEWORK_ONLY_LOSS_TYPES or framework_options:
-        framework_computes_loss = True
+        return config.loss.type, False, []
+    if finetuning_args.pref_loss in FRAMEWORK_ONLY_LOSS_TYPES or framework_options:
         reason = f"pref_loss {finetuning_args.pref_loss!r}" if not framework_options else ", ".join(framework_options)
-        notes.append(f"LLaMA-Factory computes the loss ({reason} is its own); every other hook runs")
-    else:
-        loss_type = finetuning_args.pref_loss
-
-    beta = _one_value(
-        "pref_beta", finetuning_args.pref_beta, "loss.beta", config.loss.beta, framework_written, loss_written
-    )
-    smoothing = _one_value(
-        "dpo_label_smoothing",
-        finetuning_args.dpo_label_smoothing,
-        "loss.label_smoothing",
-        config.loss.label_smoothing,
-        framework_written,
-        loss_written,
-    )
-    simpo_gamma = config.loss.simpo_gamma
-    if loss_type == "simpo":
-        simpo_gamma = _one_value(
-            "simpo_gamma",
-            finetuning_args.simpo_gamma,
-            "loss.simpo_gamma",
-            config.loss.simpo_gamma,
-            framework_written,
-            loss_written,
-        )
-
-    framework_norm = (
-        training_args.max_grad_norm if training_args.max_grad_norm and training_args.max_grad_norm > 0 else None
-    )
-    max_grad_norm = _one_value(
-        "max_grad_norm",
-        framework_norm,
-        "guards.max_grad_norm",
-        config.guards.max_grad_norm,
-        framework_written,
-        guards_written,
-        plugin_written_key="max_grad_norm",
-    )
-    non_reentrant = config.guards.non_reentrant_checkpointing
-    if "use_reentrant_gc" in framework_written:
-        non_reentrant = not _one_value(
-            "use_reentrant_gc",
-            bool(model_args.use_reentrant_gc),
-            "guards.non_reentrant_checkpointing (negated)",
-            not non_reentrant,
-            framework_written,
-            guards_written,
-            plugin_written_key="non_reentrant_checkpointing",
-        )
-    freeze = _reconciled_freeze(config, finetuning_args, written.get("freeze", set()), framework_written)
-
-    try:
-        loss = config.loss
-        if not framework_computes_loss:
-            loss = dataclasses.replace(
-                loss, type=loss_type, beta=beta, label_smoothing=smoothing, simpo_gamma=simpo_gamma
-            )
-        else:
-            loss = dataclasses.replace(loss, beta=beta)
-        guards = dataclasses.replace(
-            config.guards, max_grad_norm=max_grad_norm, non_reentrant_checkpointing=non_reentrant
-        )
-    except FieldError as error:
-        raise ConfigError(
-            f"LLaMA-Factory's arguments and the vlm_dpo section together are invalid: {error}. The value may come "
-            f"from LLaMA-Factory (pref_loss={finetuning_args.pref_loss!r}, pref_beta={finetuning_args.pref_beta}, "
-            f"dpo_label_smoothing={finetuning_args.dpo_label_smoothing})"
-        ) from error
-    settings = Settings(
-        dataclasses.replace(config, loss=loss, guards=guards, freeze=freeze), framework_computes_loss, notes
-    )
-    _write_back(settings, model_args, training_args, finetuning_args, reads_reference)
-    return settings
+        return config.loss.type, True, [f"LLaMA-Factory computes the loss ({reason} is its own); every other hook runs"]
+    return finetuning_args.pref_loss, False, []
 
 
 def _framework_only_options(finetuning_args: Any) -> list[str]:
@@ -165,36 +147,11 @@ def _framework_only_options(finetuning_args: Any) -> list[str]:
     return options
 
 
-def _reconciled_freeze(
-    config: VLMDPOConfig, finetuning_args: Any, freeze_written: Set[str], framework_written: Set[str]
-):
-    from_flags = tuple(group for group, flag in FREEZE_FLAGS.items() if not getattr(finetuning_args, flag))
-    if "trainable" not in freeze_written:
-        return dataclasses.replace(config.freeze, trainable=from_flags)
-    for group, flag in FREEZE_FLAGS.items():
-        if flag not in framework_written:
-            continue
-        frozen_by_flag = bool(getattr(finetuning_args, flag))
-        if frozen_by_flag == (group in config.freeze.trainable):
-            raise ConfigError(
-                f"LLaMA-Factory's {flag} is {frozen_by_flag} and vlm_dpo.freeze.trainable is "
-                f"{list(config.freeze.trainable)}: say whether the {group} group trains in one place"
-            )
-    return config.freeze
-
-
-def _write_back(
-    settings: Settings,
-    model_args: Any,
-    training_args: Any,
-    finetuning_args: Any,
-    reads_reference: Callable[[str], bool],
-) -> None:
+def _write_back(settings: Reconciled, arguments: Arguments, reads_reference: Callable[[str], bool]) -> None:
     """LLaMA-Factory's arguments as the plugin config says, before ``load_model`` and the trainer read them."""
-    config = settings.config
-    ever_trained = config.freeze.groups_ever_trained()
-    for group, flag in FREEZE_FLAGS.items():
-        setattr(finetuning_args, flag, group not in ever_trained)
+    config, finetuning_args = settings.config, arguments.finetuning
+    for flag, frozen in frozen_flags(config, FREEZE_FLAGS).items():
+        setattr(finetuning_args, flag, frozen)
     if not settings.framework_computes_loss:
         finetuning_args.pref_beta = config.loss.beta
         if config.loss.type in SHARED_LOSS_TYPES:
@@ -202,28 +159,5 @@ def _write_back(
         # A reference model is built (full tuning) or the adapter disabled (LoRA) only when the variant reads it.
         finetuning_args.use_ref_model = reads_reference(config.loss.type)
         finetuning_args.dpo_label_smoothing = config.loss.label_smoothing if config.loss.type == "sigmoid" else 0.0
-    model_args.use_reentrant_gc = not config.guards.non_reentrant_checkpointing
-    if training_args.deepspeed:
-        training_args.max_grad_norm = config.guards.max_grad_norm or 0.0  # DeepSpeed's "gradient_clipping": "auto"
-    else:
-        training_args.max_grad_norm = 0.0  # the guards clip, per group, inside the guarded step
-
-
-def _one_value(
-    framework_key: str,
-    framework_value: Any,
-    plugin_key: str,
-    plugin_value: Any,
-    framework_written: Set[str],
-    plugin_written: Set[str],
-    *,
-    plugin_written_key: str | None = None,
-) -> Any:
-    framework_set = framework_key in framework_written
-    plugin_set = (plugin_written_key or plugin_key.split(".")[-1]) in plugin_written
-    if framework_set and plugin_set and framework_value != plugin_value:
-        raise ConfigError(
-            f"LLaMA-Factory's {framework_key} is {framework_value!r} and vlm_dpo.{plugin_key} is {plugin_value!r}: "
-            "set it in one place"
-        )
-    return framework_value if framework_set else plugin_value
+    arguments.model.use_reentrant_gc = not config.guards.non_reentrant_checkpointing
+    arguments.training.max_grad_norm = framework_max_grad_norm(config, bool(arguments.training.deepspeed))

@@ -12,34 +12,18 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
-from vlm_dpo_plugins.adapters.hf_trainer.checkpointing import apply_ddp_plan
+from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun, apply_ddp_plan, checkpointing_kwargs, run_context, start_run
 from vlm_dpo_plugins.adapters.llamafactory.config_section import ParsedSection, latest
-from vlm_dpo_plugins.adapters.llamafactory.data_checks import FRAMEWORK, checked_loading
+from vlm_dpo_plugins.adapters.llamafactory.data_checks import checked_loading
 from vlm_dpo_plugins.adapters.llamafactory.settings import reconcile
 
-from vlm_dpo_plugins.collation.file_checks import CheckedFiles
-from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.config_source import load_plugin_config
-from vlm_dpo_plugins.guards.deepspeed import zero_stage
 from vlm_dpo_plugins.manager import create_plugin_manager
-from vlm_dpo_plugins.types import LossInputs, RunContext
+from vlm_dpo_plugins.types import LossInputs
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters.llamafactory")
-
-
-@dataclass
-class PluginRun:
-    """What the plugin trainer of one ``run_dpo`` call is bound to."""
-
-    plugins: Any
-    config: VLMDPOConfig
-    framework_computes_loss: bool
-    context: RunContext
-    origin: str
-    data: CheckedFiles = field(default_factory=lambda: CheckedFiles(FRAMEWORK))
 
 
 def plugin_run_dpo(stock_run_dpo: Any) -> Any:
@@ -58,7 +42,7 @@ def plugin_run_dpo(stock_run_dpo: Any) -> Any:
         try:
             if collation is None:  # blocked: no checks at all
                 return stock_run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
-            with checked_loading(run.config.collation, data_args, training_args, collation.report) as run.data:
+            with checked_loading(run.config.collation, data_args, training_args, collation.report) as run.checked_files:
                 return stock_run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
         finally:
             trainer_module.CustomDPOTrainer = stock_trainer
@@ -67,53 +51,28 @@ def plugin_run_dpo(stock_run_dpo: Any) -> Any:
 
 
 def prepare_run(section: ParsedSection, model_args: Any, training_args: Any, finetuning_args: Any) -> PluginRun:
+    import llamafactory
+
     plugins = create_plugin_manager()
     config, written = load_plugin_config(plugins, section.source)
 
     def reads_reference(loss_type: str) -> bool:
         return (plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()).reference
 
-    settings = reconcile(
-        model_args,
+    reconciled = reconcile(
+        model_args, training_args, finetuning_args, config, written, section.written, reads_reference=reads_reference
+    )
+    context = run_context(
+        "llamafactory",
+        llamafactory.__version__,
         training_args,
-        finetuning_args,
-        config,
-        written,
-        section.written,
-        reads_reference=reads_reference,
-    )
-    plugins.hook.vlm_dpo_configure(config=settings.config)
-    for note in settings.notes:
-        logger.info("vlm-dpo: %s", note)
-    context = run_context(model_args, training_args, finetuning_args)
-    _plan_checkpointing(plugins, context, model_args, training_args)
-    return PluginRun(plugins, settings.config, settings.framework_computes_loss, context, section.origin)
-
-
-def run_context(model_args: Any, training_args: Any, finetuning_args: Any) -> RunContext:
-    import llamafactory
-
-    deepspeed_config = getattr(getattr(training_args, "hf_deepspeed_config", None), "config", None)
-    return RunContext(
-        framework="llamafactory",
-        framework_version=llamafactory.__version__,
-        world_size=training_args.world_size,
-        rank=training_args.process_index,
         uses_peft=finetuning_args.finetuning_type in ("lora", "oft"),
-        uses_deepspeed=deepspeed_config is not None,
-        deepspeed_stage=zero_stage(deepspeed_config) if deepspeed_config is not None else None,
-        uses_fsdp=bool(training_args.fsdp),
         gradient_checkpointing=not model_args.disable_gradient_checkpointing,
-        mixed_precision="bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None,
-        output_dir=training_args.output_dir,
     )
-
-
-def _plan_checkpointing(plugins: Any, context: RunContext, model_args: Any, training_args: Any) -> None:
-    """LLaMA-Factory enables checkpointing itself in ``load_model``, reentrant unless told otherwise."""
-    if not context.gradient_checkpointing:
-        return
-    kwargs = plugins.hook.vlm_dpo_gradient_checkpointing_kwargs(context=context) or {}
-    if "use_reentrant" in kwargs:
-        model_args.use_reentrant_gc = bool(kwargs["use_reentrant"])
+    run = start_run(plugins, reconciled, context, section.origin)
+    # LLaMA-Factory enables checkpointing itself in ``load_model``, reentrant unless told otherwise.
+    planned = checkpointing_kwargs(plugins, context)
+    if "use_reentrant" in planned:
+        model_args.use_reentrant_gc = bool(planned["use_reentrant"])
     apply_ddp_plan(plugins, context, training_args)
+    return run

@@ -18,7 +18,6 @@ collation checks, metrics, detectors, checkpoint state):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,19 +28,16 @@ from swift.optimizers import OptimizerCallback
 from swift.optimizers.multimodal import MultimodalOptimizerCallback
 from swift.rlhf_trainers import DPOTrainer
 from transformers import TrainerCallback
+from vlm_dpo_plugins.adapters.hf_trainer.logits_forward import logits_forward
 from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept
+from vlm_dpo_plugins.adapters.hf_trainer.preference_step import preference_metrics
 from vlm_dpo_plugins.adapters.swift.workflow import take_run
 
 from vlm_dpo_plugins.collation.policy import decide
 from vlm_dpo_plugins.collation.report import CollationSummary
 from vlm_dpo_plugins.errors import ConfigError
-from vlm_dpo_plugins.freeze.report import trainable_report
-from vlm_dpo_plugins.losses.compute import compute_preference_loss
-from vlm_dpo_plugins.losses.corrupted_image import with_corrupted_chosen
-from vlm_dpo_plugins.losses.logprobs import SequenceLogps
-from vlm_dpo_plugins.sharing.forward import PreparedBatch
-from vlm_dpo_plugins.sharing.logits import collated_sequence_logps, response_logit_means
-from vlm_dpo_plugins.types import Finding, LossInputs, RunContext, Severity
+from vlm_dpo_plugins.sharing.logits import response_logit_means
+from vlm_dpo_plugins.types import Finding, Severity
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters.swift")
 FINDINGS_KEY = "vlm_dpo_findings"
@@ -67,33 +63,12 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
         self.vlm_dpo_checked_files = run.checked_files
         self._encode_findings: list[Finding] = []
         super().__init__(*args, **kwargs)
-        loss_type = self.vlm_dpo_config.loss.type
-        self._loss_inputs: LossInputs = self.plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()
-        self._needs_corrupted_image = not run.framework_computes_loss and bool(self._loss_inputs.extras)
         self._attach_plugins()
-        self._set_up_sharing(
-            usable=not (run.framework_computes_loss or self._needs_corrupted_image),
-            reference_model=self.ref_model,
-            reference_pass=self._loss_inputs.reference,
-        )
+        self._set_up_preference_step(framework_computes_loss=run.framework_computes_loss)
         # First in line, so the findings are on the dict before swift's callbacks write it to logging.jsonl.
         self.callback_handler.callbacks.insert(0, FindingsOnLogLine(self))
-        self._announce()
-
-    def _announce(self) -> None:
-        run = self._vlm_dpo_run
         loss = f"swift's --loss_type {self.loss_type}" if run.framework_computes_loss else repr(run.config.loss.type)
-        report = trainable_report(self._groups, self.model)
-        trainable = ", ".join(
-            f"{group} {int(numbers['trainable']):,}/{int(numbers['parameters']):,}" for group, numbers in report.items()
-        )
-        logger.info(
-            "vlm-dpo: active in swift's DPO trainer (settings from %s): loss %s, beta %s; trainable: %s",
-            run.origin,
-            loss,
-            run.config.loss.beta,
-            trainable,
-        )
+        self.announce("swift", run.origin, loss)
 
     # -- pre-scan: swift's LazyLLMDataset encodes each row when drawn, and on an error draws another row instead --
 
@@ -141,9 +116,6 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
             traceback_limit=lazy.traceback_limit,
         )
 
-    def vlm_dpo_context(self) -> RunContext:
-        return dataclasses.replace(self._vlm_dpo_run.context, model_type=getattr(self.model.config, "model_type", None))
-
     # -- optimizer ---------------------------------------------------------------------
 
     def _framework_optimizer_reason(self) -> str | None:
@@ -166,11 +138,6 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
         return optimizer
 
     # -- loss --------------------------------------------------------------------------
-
-    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None):
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self._record_training_loss(result[0] if return_outputs else result)
-        return result
 
     def get_per_token_logps(self, logits: torch.Tensor, labels: torch.Tensor, label_pad_token_id=-100, **kwargs):
         """Swift's per-token log-probs, from fp32 logits one row at a time (bf16 log-softmax loses DPO's margins)."""
@@ -197,61 +164,33 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
     def get_batch_loss_metrics(self, model: Any, batch: dict[str, Any], train_eval: str = "train", **kwargs: Any):
         if self._vlm_dpo_run.framework_computes_loss:
             return super().get_batch_loss_metrics(model, batch, train_eval, **kwargs)
-        inputs = {key: value for key, value in batch.items() if key not in ("labels", "text_position_ids")}
-        labels = batch["labels"]
-        pairs = labels.shape[0] // 2
-        if self._needs_corrupted_image:
-            extended = with_corrupted_chosen({**inputs, "labels": labels}, batch_dims=_batch_dims(inputs))
-            labels = extended.pop("labels")
-            inputs = extended
-        prepared = self._prepare_pairs(inputs, labels, labels != self.label_pad_token_id)
-        with self._policy_pass(prepared):
-            logits = _response_aligned(model(**prepared.kwargs, use_cache=False).logits, prepared.labels)
-        policy = collated_sequence_logps(logits, prepared.labels, prepared, self.label_pad_token_id)
-        reference = self._reference_logps(model, prepared) if self._loss_inputs.reference else None
-        output, logps = compute_preference_loss(
-            self.plugins,
-            self.vlm_dpo_config,
-            policy,
-            reference,
+        pairs = batch["labels"].shape[0] // 2
+        extended = self.vlm_dpo_step.extend({key: value for key, value in batch.items() if key != "text_position_ids"})
+        labels = extended["labels"]
+        inputs = {key: value for key, value in extended.items() if key != "labels"}
+        step = self.vlm_dpo_step.run(
+            model,
+            inputs,
+            labels,
+            labels != self.label_pad_token_id,
+            batch=extended,
             pairs=pairs,
-            with_corrupted_image=self._needs_corrupted_image,
+            forward=lambda model, prepared, _: logits_forward(model, prepared, self.label_pad_token_id),
+            reference=self._reference_model,
         )
-        logit_means = response_logit_means(logits, prepared.labels, prepared, pairs, self.label_pad_token_id)
-        metrics = self._swift_metrics(output, logps, logit_means, train_eval)
-        return output.losses.mean(), metrics
-
-    def _reference_logps(self, model: Any, prepared: PreparedBatch) -> SequenceLogps:
-        reference_model, context = (
-            (model, self.null_ref_context()) if self.ref_model is None else (self.ref_model, None)
+        # Swift's own metrics are gathered over ranks; its logits/* are the mean over response tokens of each
+        # token's mean logit.
+        metrics = preference_metrics(step.output, step.logps, self.accelerator.gather_for_metrics)
+        logit_means = response_logit_means(
+            step.outputs, step.prepared.labels, step.prepared, pairs, self.label_pad_token_id
         )
-        shared = self._reference_pass(prepared, reference_model)
-        with torch.no_grad(), context or contextlib.nullcontext(), shared:
-            logits = _response_aligned(reference_model(**prepared.kwargs, use_cache=False).logits, prepared.labels)
-            return collated_sequence_logps(logits, prepared.labels, prepared, self.label_pad_token_id)
-
-    def _swift_metrics(
-        self, output: Any, logps: Any, logit_means: tuple[torch.Tensor, torch.Tensor], train_eval: str
-    ) -> dict[str, float]:
-        """Swift's metric names, gathered over ranks as swift gathers its own."""
+        for name, value in zip(("logits/chosen", "logits/rejected"), logit_means):
+            metrics[name] = self.accelerator.gather_for_metrics(value).mean().item()
         prefix = "eval_" if train_eval == "eval" else ""
-        gather = self.accelerator.gather_for_metrics
-        chosen, rejected = output.chosen_rewards.detach().float(), output.rejected_rewards.detach().float()
-        # Swift's logits/* are the mean over response tokens of each token's mean logit.
-        metrics = {
-            f"{prefix}rewards/chosen": gather(chosen).mean().item(),
-            f"{prefix}rewards/rejected": gather(rejected).mean().item(),
-            f"{prefix}rewards/accuracies": gather((chosen > rejected).float()).mean().item(),
-            f"{prefix}rewards/margins": gather(chosen - rejected).mean().item(),
-            f"{prefix}logps/chosen": gather(logps.chosen.detach().float()).mean().item(),
-            f"{prefix}logps/rejected": gather(logps.rejected.detach().float()).mean().item(),
-            f"{prefix}logits/chosen": gather(logit_means[0]).mean().item(),
-            f"{prefix}logits/rejected": gather(logit_means[1]).mean().item(),
-        }
-        for name, value in output.metrics.items():
-            if not name.startswith("rewards/"):
-                metrics[f"{prefix}{name}"] = float(value)
-        return metrics
+        return step.output.losses.mean(), {f"{prefix}{name}": value for name, value in metrics.items()}
+
+    def _reference_model(self, model: Any) -> tuple[Any, list[Any]]:
+        return (model, [self.null_ref_context()]) if self.ref_model is None else (self.ref_model, [])
 
 
 class FindingsOnLogLine(TrainerCallback):
@@ -265,17 +204,6 @@ class FindingsOnLogLine(TrainerCallback):
             findings = self.trainer.run_detectors(logs)
             if findings:
                 logs[FINDINGS_KEY] = [str(finding) for finding in findings]
-
-
-def _response_aligned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # Some models return logits for image tokens placed before the text; swift keeps the last positions too.
-    return logits[:, -labels.shape[1] :] if logits.shape[1] != labels.shape[1] else logits
-
-
-def _batch_dims(inputs: dict[str, Any]) -> dict[str, int]:
-    position_ids = inputs.get("position_ids")
-    # Qwen2-VL's mrope positions from swift's template are [3, rows, length].
-    return {"position_ids": 1} if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 3 else {}
 
 
 def _encode_finding(code: str, row: dict[str, Any], position: int, error: Exception) -> Finding:

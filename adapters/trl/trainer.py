@@ -191,7 +191,7 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
         return _fused_forward(model, prepared, batch, **extra)
 
-    def _reference_model(self) -> tuple[Any, list[Any]]:
+    def _reference_model(self, model: Any) -> tuple[Any, list[Any]]:
         no_checkpointing = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
         if self.ref_model is not None or not is_peft_model(self.model):
             return self.ref_model, [no_checkpointing]

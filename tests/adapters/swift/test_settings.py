@@ -135,7 +135,7 @@ def test_reentrant_checkpointing_written_on_the_command_line_is_kept(base_comman
         (
             ("--gradient_checkpointing_kwargs", '{"use_reentrant": true}'),
             {"guards": {"non_reentrant_checkpointing": True}},
-            "swift's --gradient_checkpointing_kwargs says use_reentrant=True and the plugin config's "
+            "swift's --gradient_checkpointing_kwargs use_reentrant is True and the plugin config's "
             "guards.non_reentrant_checkpointing is True: set it in one place",
         ),
         (
