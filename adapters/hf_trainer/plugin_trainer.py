@@ -37,7 +37,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_choice import choose_checkpoint, mark_saved, mark_saving
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_state import collect_state, read_state, write_state
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_step import GuardedOptimizerStep
-from vlm_dpo_plugins.adapters.hf_trainer.preference_step import PreferenceStep
+from vlm_dpo_plugins.adapters.hf_trainer.logits_forward import logits_forward
+from vlm_dpo_plugins.adapters.hf_trainer.preference_step import PreferenceStep, StepResult
 
 from vlm_dpo_plugins.collation.accounting import RowAccount
 from vlm_dpo_plugins.collation.file_checks import CheckedFiles
@@ -233,6 +234,26 @@ class PluginTrainerMixin:
             reference_pass=reference_pass,
             unwrap=self.accelerator.unwrap_model,
         )
+
+    def logits_step(self, model: Any, batch: dict[str, Any], ignore_index: int) -> StepResult:
+        """The step for a framework whose batch has ``labels`` (``ignore_index`` outside the responses) and whose
+        model returns logits (LLaMA-Factory, ms-swift)."""
+        extended = self.vlm_dpo_step.extend(batch)
+        labels = extended["labels"]
+        return self.vlm_dpo_step.run(
+            model,
+            {key: value for key, value in extended.items() if key != "labels"},
+            labels,
+            labels != ignore_index,
+            batch=extended,
+            pairs=batch["labels"].shape[0] // 2,
+            forward=lambda model, prepared, _: logits_forward(model, prepared, ignore_index),
+            reference=self._reference_model,
+        )
+
+    def _reference_model(self, model: Any) -> tuple[Any, list[Any]]:
+        """The model of the reference pass and the contexts to run it in, given the model the step runs."""
+        raise NotImplementedError
 
     def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, *args: Any, **kwargs: Any):
         result = super().compute_loss(model, inputs, return_outputs, *args, **kwargs)

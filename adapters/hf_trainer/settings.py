@@ -163,3 +163,15 @@ def framework_max_grad_norm(config: VLMDPOConfig, uses_deepspeed: bool) -> float
 def positive_or_none(value: Any) -> Any:
     """A framework's ``max_grad_norm``: 0 or less turns clipping off, which the plugin config writes as null."""
     return value if value and value > 0 else None
+
+
+def same_named_settings() -> tuple[SharedSetting, ...]:
+    """``beta``, ``label_smoothing`` and ``max_grad_norm`` where the framework's arguments use those names (TRL,
+    ms-swift)."""
+    return (
+        SharedSetting("loss.beta", "beta", read=lambda args: args.beta),
+        SharedSetting("loss.label_smoothing", "label_smoothing", read=lambda args: args.label_smoothing),
+        SharedSetting(
+            "guards.max_grad_norm", "max_grad_norm", read=lambda args: args.max_grad_norm, to_plugin=positive_or_none
+        ),
+    )

@@ -23,7 +23,6 @@ from typing import Any
 
 from llamafactory.extras.constants import IGNORE_INDEX
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
-from vlm_dpo_plugins.adapters.hf_trainer.logits_forward import logits_forward
 from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept, with_row_index
 from vlm_dpo_plugins.adapters.hf_trainer.preference_step import preference_metrics
 from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun
@@ -81,26 +80,13 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
     def get_batch_loss_metrics(self, model: Any, batch: dict[str, Any], train_eval: str = "train"):
         if self._vlm_dpo_run.framework_computes_loss:
             return super().get_batch_loss_metrics(model, batch, train_eval)
-        pairs = batch["labels"].shape[0] // 2
-        extended = self.vlm_dpo_step.extend(batch)
-        labels = extended["labels"]
-        inputs = {key: value for key, value in extended.items() if key != "labels"}
-        step = self.vlm_dpo_step.run(
-            model,
-            inputs,
-            labels,
-            labels != IGNORE_INDEX,
-            batch=extended,
-            pairs=pairs,
-            forward=lambda model, prepared, _: logits_forward(model, prepared, IGNORE_INDEX),
-            reference=self._reference_model,
-        )
+        step = self.logits_step(model, batch, IGNORE_INDEX)
         losses, logps = step.output.losses, step.logps
         if self.ftx_gamma > 1e-6:  # LLaMA-Factory's pref_ftx: an SFT term on the chosen responses, length-averaged
             losses = losses + self.ftx_gamma * -(logps.chosen / logps.chosen_token_count.clamp(min=1))
         # Per-rank means: LLaMA-Factory's ``log`` averages them over ranks.
         metrics = preference_metrics(step.output, logps)
-        chosen_logits, rejected_logits = row_logit_means(step.outputs, step.prepared, pairs)
+        chosen_logits, rejected_logits = row_logit_means(step.outputs, step.prepared, step.pairs)
         metrics.update({"logits/chosen": chosen_logits.item(), "logits/rejected": rejected_logits.item()})
         prefix = "eval_" if train_eval == "eval" else ""
         return losses.mean(), {f"{prefix}{name}": value for name, value in metrics.items()}

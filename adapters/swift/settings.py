@@ -22,17 +22,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Set
 from typing import Any
 
-from vlm_dpo_plugins.adapters.hf_trainer.settings import (
-    KeyNames,
-    Reconciled,
-    SharedSetting,
-    framework_max_grad_norm,
-    frozen_flags,
-    positive_or_none,
-    reconcile_freeze_flags,
-    reconcile_shared,
-    with_values,
-)
+from vlm_dpo_plugins.adapters.hf_trainer import settings as shared
 
 from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.errors import ConfigError
@@ -42,7 +32,7 @@ FREEZE_FLAGS = {"vision": "freeze_vit", "projector": "freeze_aligner", "language
 LEARNING_RATE_FLAGS = {"vision": "vit_lr", "projector": "aligner_lr"}
 SWIFT_LOSS_OPTIONS = ("loss_type", "loss_weights", "rpo_alpha", "ld_alpha", "f_divergence_type", "reference_free")
 """Options of swift's own DPO loss: with ``loss.type`` from the plugin config none of them would apply."""
-KEY_NAMES = KeyNames(framework="swift's --{key}", plugin="the plugin config's {key}")
+KEY_NAMES = shared.KeyNames(framework="swift's --{key}", plugin="the plugin config's {key}")
 
 
 def _use_reentrant(args: Any) -> Any:
@@ -50,10 +40,8 @@ def _use_reentrant(args: Any) -> Any:
 
 
 SHARED_SETTINGS = (
-    SharedSetting("loss.beta", "beta", read=lambda args: args.beta),
-    SharedSetting("loss.label_smoothing", "label_smoothing", read=lambda args: args.label_smoothing),
-    SharedSetting("guards.max_grad_norm", "max_grad_norm", read=lambda args: args.max_grad_norm, to_plugin=positive_or_none),
-    SharedSetting(
+    *shared.same_named_settings(),
+    shared.SharedSetting(
         "guards.non_reentrant_checkpointing",
         "gradient_checkpointing_kwargs use_reentrant",
         read=lambda args: bool(_use_reentrant(args)),
@@ -72,7 +60,7 @@ def written_arguments(argv: Iterable[str]) -> set[str]:
     return names
 
 
-def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, Set[str]], swift_written: Set[str]) -> Reconciled:
+def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, Set[str]], swift_written: Set[str]) -> shared.Reconciled:
     """Merge swift's parsed ``RLHFArguments`` (changed in place) and ``config`` (replaced) into one set."""
     notes: list[str] = []
     framework_computes_loss = "type" not in written.get("loss", set())
@@ -91,7 +79,7 @@ def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, Set[str]], 
             )
     else:
         notes.append(f"swift computes the loss (--loss_type {args.loss_type}) on fp32 log-probs")
-    values = reconcile_shared(SHARED_SETTINGS, args, config, written, swift_written, KEY_NAMES)
+    values = shared.reconcile_shared(SHARED_SETTINGS, args, config, written, swift_written, KEY_NAMES)
 
     def invalid(error: Exception) -> str:
         return (
@@ -99,12 +87,12 @@ def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, Set[str]], 
             f"(--beta {args.beta}, --label_smoothing {args.label_smoothing}, --max_grad_norm {args.max_grad_norm})"
         )
 
-    config = with_values(config, values, invalid)
-    config = reconcile_freeze_flags(
+    config = shared.with_values(config, values, invalid)
+    config = shared.reconcile_freeze_flags(
         config, FREEZE_FLAGS, lambda flag: getattr(args, flag), swift_written, written, KEY_NAMES
     )
     config = dataclasses.replace(config, freeze=_learning_rates(args, config, swift_written))
-    reconciled = Reconciled(config, framework_computes_loss, notes)
+    reconciled = shared.Reconciled(config, framework_computes_loss, notes)
     _write_back(reconciled, args)
     return reconciled
 
@@ -128,13 +116,13 @@ def _learning_rates(args: Any, config: VLMDPOConfig, swift_written: Set[str]):
         ) from error
 
 
-def _write_back(settings: Reconciled, args: Any) -> None:
+def _write_back(settings: shared.Reconciled, args: Any) -> None:
     """Swift's arguments as the plugin config says, before ``prepare_model`` and the trainer read them."""
     config, training_args = settings.config, args.training_args
-    for flag, frozen in frozen_flags(config, FREEZE_FLAGS).items():
+    for flag, frozen in shared.frozen_flags(config, FREEZE_FLAGS).items():
         setattr(args, flag, frozen)
     for target in (args, training_args):
         target.beta = config.loss.beta
         # With the registry's loss swift's code does not run; the registry reads loss.label_smoothing.
         target.label_smoothing = config.loss.label_smoothing if settings.framework_computes_loss else 0.0
-        target.max_grad_norm = framework_max_grad_norm(config, bool(training_args.deepspeed))
+        target.max_grad_norm = shared.framework_max_grad_norm(config, bool(training_args.deepspeed))

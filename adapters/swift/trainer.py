@@ -28,7 +28,6 @@ from swift.optimizers import OptimizerCallback
 from swift.optimizers.multimodal import MultimodalOptimizerCallback
 from swift.rlhf_trainers import DPOTrainer
 from transformers import TrainerCallback
-from vlm_dpo_plugins.adapters.hf_trainer.logits_forward import logits_forward
 from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept
 from vlm_dpo_plugins.adapters.hf_trainer.preference_step import preference_metrics
 from vlm_dpo_plugins.adapters.swift.workflow import take_run
@@ -164,25 +163,13 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
     def get_batch_loss_metrics(self, model: Any, batch: dict[str, Any], train_eval: str = "train", **kwargs: Any):
         if self._vlm_dpo_run.framework_computes_loss:
             return super().get_batch_loss_metrics(model, batch, train_eval, **kwargs)
-        pairs = batch["labels"].shape[0] // 2
-        extended = self.vlm_dpo_step.extend({key: value for key, value in batch.items() if key != "text_position_ids"})
-        labels = extended["labels"]
-        inputs = {key: value for key, value in extended.items() if key != "labels"}
-        step = self.vlm_dpo_step.run(
-            model,
-            inputs,
-            labels,
-            labels != self.label_pad_token_id,
-            batch=extended,
-            pairs=pairs,
-            forward=lambda model, prepared, _: logits_forward(model, prepared, self.label_pad_token_id),
-            reference=self._reference_model,
-        )
+        without_text_positions = {key: value for key, value in batch.items() if key != "text_position_ids"}
+        step = self.logits_step(model, without_text_positions, self.label_pad_token_id)
         # Swift's own metrics are gathered over ranks; its logits/* are the mean over response tokens of each
         # token's mean logit.
         metrics = preference_metrics(step.output, step.logps, self.accelerator.gather_for_metrics)
         logit_means = response_logit_means(
-            step.outputs, step.prepared.labels, step.prepared, pairs, self.label_pad_token_id
+            step.outputs, step.prepared.labels, step.prepared, step.pairs, self.label_pad_token_id
         )
         for name, value in zip(("logits/chosen", "logits/rejected"), logit_means):
             metrics[name] = self.accelerator.gather_for_metrics(value).mean().item()

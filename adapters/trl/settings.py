@@ -24,8 +24,8 @@ from vlm_dpo_plugins.adapters.hf_trainer.settings import (
     KeyNames,
     Reconciled,
     SharedSetting,
-    positive_or_none,
     reconcile_shared,
+    same_named_settings,
     with_values,
 )
 
@@ -44,9 +44,7 @@ TRL_ONLY_LOSS_OPTIONS = {
 
 KEY_NAMES = KeyNames(framework="DPOConfig.{key}", plugin="the plugin config's {key}")
 SHARED_SETTINGS = (
-    SharedSetting("loss.beta", "beta", read=lambda args: args.beta),
-    SharedSetting("loss.label_smoothing", "label_smoothing", read=lambda args: args.label_smoothing),
-    SharedSetting("guards.max_grad_norm", "max_grad_norm", read=lambda args: args.max_grad_norm, to_plugin=positive_or_none),
+    *same_named_settings(),
     SharedSetting(
         "guards.non_reentrant_checkpointing",
         "gradient_checkpointing_kwargs['use_reentrant']",

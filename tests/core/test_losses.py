@@ -27,7 +27,8 @@ import torch
 
 from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.losses.logprobs import SequenceLogps
-from vlm_dpo_plugins.losses.mdpo import CORRUPTED_CHOSEN, REF_CORRUPTED_CHOSEN, corrupted_image_extras
+from vlm_dpo_plugins.losses.extra_rows import split_extras
+from vlm_dpo_plugins.losses.mdpo import CORRUPTED_CHOSEN, CORRUPTED_IMAGE_ROWS, REF_CORRUPTED_CHOSEN
 from vlm_dpo_plugins.losses.registry import BUILTIN_LOSS_INPUTS, BUILTIN_LOSSES
 from vlm_dpo_plugins.losses.settings import BUILTIN_LOSS_TYPES, LossConfig
 from vlm_dpo_plugins.manager import create_plugin_manager
@@ -340,13 +341,18 @@ def test_mismatched_shapes_and_a_lone_token_count_are_refused():
         compute("ipo", logps)
 
 
-def test_corrupted_image_extras_from_sequence_logps():
-    policy = SequenceLogps(torch.tensor([-14.0, -20.9]), torch.tensor([4, 6]))
-    reference = SequenceLogps(torch.tensor([-13.7, -20.2]), torch.tensor([4, 6]))
-    extras = corrupted_image_extras(policy, reference)
-    assert extras[CORRUPTED_CHOSEN] is policy.logps and extras[REF_CORRUPTED_CHOSEN] is reference.logps
+def test_extra_rows_are_split_off_the_pairs_into_extras():
+    # Two pairs: rows 0-1 chosen, 2-3 rejected, 4-5 the chosen again under the corrupted image.
+    policy = SequenceLogps(torch.tensor([-1.0, -2.0, -3.0, -4.0, -14.0, -20.9]), torch.tensor([4, 6, 5, 5, 4, 6]))
+    reference = SequenceLogps(torch.tensor([-1.5, -2.5, -3.5, -4.5, -13.7, -20.2]), torch.tensor([4, 6, 5, 5, 4, 6]))
+    pairs_policy, pairs_reference, extras = split_extras(policy, reference, 2, [CORRUPTED_IMAGE_ROWS])
+    assert pairs_policy.logps.tolist() == [-1.0, -2.0, -3.0, -4.0]
+    assert pairs_reference.logps.tolist() == [-1.5, -2.5, -3.5, -4.5]
+    assert extras[CORRUPTED_CHOSEN].tolist() == pytest.approx([-14.0, -20.9])
+    assert extras[REF_CORRUPTED_CHOSEN].tolist() == pytest.approx([-13.7, -20.2])
+    shorter = SequenceLogps(reference.logps, torch.tensor([4, 6, 5, 5, 4, 5]))
     with pytest.raises(ValueError, match=r"different numbers of response tokens \(\[4, 6\] vs \[4, 5\]\)"):
-        corrupted_image_extras(policy, SequenceLogps(reference.logps, torch.tensor([4, 5])))
+        split_extras(policy, shorter, 2, [CORRUPTED_IMAGE_ROWS])
 
 
 # -- configuration -------------------------------------------------------------------------------------------
