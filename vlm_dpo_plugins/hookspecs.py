@@ -139,24 +139,18 @@ def vlm_dpo_loss_inputs(loss_type: str) -> LossInputs | None:
     """Return what variant ``loss_type`` needs (reference pass, token counts, ``extras`` keys); first answer wins."""
 
 
+# The manager's own last answer calls the variant registered under ``config.loss.type``: a plugin that only adds a
+# variant implements ``vlm_dpo_loss_functions``, and this hook (or a wrapper of it) changes every variant's result.
 @hookspec(firstresult=True)
 def vlm_dpo_compute_loss(logps: PreferenceLogps, config: VLMDPOConfig) -> LossOutput | None:
-    """Compute the preference loss for a batch; first answer wins.
-
-    The manager's own last implementation calls the variant ``vlm_dpo_loss_functions`` registered under
-    ``config.loss.type``, so a plugin that only registers a variant never implements this hook; implement it
-    (or wrap it, ``wrapper=True``) to change every variant's result.
-    """
+    """Compute the preference loss for a batch; the registered variant of ``config.loss.type`` answers last."""
 
 
+# For each key of ``LossInputs.extras``: B rows built from the collated batch, run through the policy and the
+# reference in the same forward as the pairs, and the extras keys their log-probs go under (mDPO's corrupted image).
 @hookspec(firstresult=True)
 def vlm_dpo_extra_rows(extras_key: str) -> ExtraRows | None:
-    """Say how ``PreferenceLogps.extras[extras_key]`` is computed: rows appended to the batch; first answer wins.
-
-    A variant that reads extras (``LossInputs.extras``) needs, for each key, an ``ExtraRows``: B rows built from
-    the collated batch (run through the policy and the reference in the same forward as the pairs) and the
-    extras keys their summed log-probs go under. mDPO's corrupted-image rows are the built-in example.
-    """
+    """Return how ``PreferenceLogps.extras[extras_key]`` is computed, as an ``ExtraRows``; first answer wins."""
 
 
 # ---------------------------------------------------------------------------
@@ -218,10 +212,7 @@ def vlm_dpo_metrics(step: int) -> Mapping[str, float]:
 
 @hookspec
 def vlm_dpo_state_dict() -> tuple[str, PluginState] | None:
-    """Return ``(key, state)`` to save in checkpoints (skip counters, unfreeze stage, detector state).
-
-    Keys are unique across plugins: two plugins returning the same key is an error naming both.
-    """
+    """Return ``(key, state)`` to save in checkpoints (skip counters, detectors); a key taken twice is an error."""
 
 
 @hookspec

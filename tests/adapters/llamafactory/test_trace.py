@@ -29,3 +29,16 @@ def test_training_reproduces_the_recorded_trace(llamafactory_dpo, tmp_path, name
     run = llamafactory_dpo(spec["model"], spec["tuning"], env=env, max_steps=4, vlm_dpo=spec["vlm_dpo"] or None)
     assert run.returncode == 0, run.log()
     check_trace(f"llamafactory-{name}", step_trace(run.log_history), weights_digest(saved_weights(run.output_dir)))
+
+
+def test_a_variant_an_installed_plugin_only_registers_trains(llamafactory_dpo, tmp_path):
+    import math
+
+    from variant_plugin import VARIANT
+    from variant_plugin import install as install_variant_plugin
+
+    env = install_variant_plugin(tmp_path / "plugins")
+    run = llamafactory_dpo("llava", "lora", env=env, max_steps=2, vlm_dpo={"loss": {"type": VARIANT}})
+    assert run.returncode == 0, run.log()
+    assert f"loss '{VARIANT}'" in run.output, run.log()
+    assert run.losses[0] == pytest.approx(2 * math.log(2), abs=1e-4)

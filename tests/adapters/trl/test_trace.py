@@ -51,3 +51,24 @@ def test_training_reproduces_the_recorded_trace(tiny_model_dirs, preference_rows
     trainer.train()
     weights = {name: parameter for name, parameter in trainer.model.named_parameters()}
     check_trace(f"trl-{name}", step_trace(trainer.state.log_history), weights_digest(weights))
+
+
+def test_a_variant_a_plugin_only_registers_trains(tiny_model_dirs, preference_rows, tmp_path):
+    import math
+
+    from variant_plugin import VARIANT, DoubledSigmoid
+
+    manager = create_plugin_manager(load_entry_points=False, extra_plugins={"variant": DoubledSigmoid()})
+    trainer = make_trainer(
+        tiny_model_dirs["llava"],
+        preference_rows[:4],
+        tmp_path,
+        max_steps=2,
+        bf16=False,
+        plugin_manager=manager,
+        vlm_dpo_config={"loss": {"type": VARIANT}},
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry and "train_runtime" not in entry]
+    assert losses[0] == pytest.approx(2 * math.log(2), abs=1e-6)
+    assert losses[1] != pytest.approx(2 * math.log(2), abs=1e-6)
