@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("trl")
 
 from PIL import Image  # noqa: E402
-from vlm_dpo_plugins.adapters.trl.data import load_preference_dataset  # noqa: E402
+from vlm_dpo_plugins.demo.data import load_preference_dataset  # noqa: E402
 
 from vlm_dpo_plugins.errors import ConfigError  # noqa: E402
 from vlm_dpo_plugins.tiny import make_preference_examples, write_preference_images  # noqa: E402
