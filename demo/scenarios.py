@@ -187,8 +187,8 @@ def _train(label: str, plan: RunPlan, model_dir: Path, run_dir: Path, seed: int,
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from vlm_dpo_plugins.demo.recording import StepRecorder
     from vlm_dpo_plugins.adapters.trl.trainer import VLMDPOTrainer
+    from vlm_dpo_plugins.demo.recording import StepRecorder
 
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"

@@ -65,8 +65,8 @@ def run_train(options: TrainOptions, out: TextIO | None = None) -> TrainResult:
     import trl
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from vlm_dpo_plugins.demo.recording import ProgressBar, StepRecorder, table_header, table_row
     from vlm_dpo_plugins.adapters.trl.trainer import VLMDPOTrainer
+    from vlm_dpo_plugins.demo.recording import ProgressBar, StepRecorder, table_header, table_row
 
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
