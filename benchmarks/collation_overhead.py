@@ -64,7 +64,7 @@ def main() -> None:
     from transformers.utils import logging as transformers_logging
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
-    from vlm_dpo_plugins.collation.checks import image_problem
+    from vlm_dpo_plugins.collation.checks import check_example_images
     from vlm_dpo_plugins.manager import create_plugin_manager
     from vlm_dpo_plugins.tiny import (
         build_tiny_llava,
@@ -127,7 +127,9 @@ def main() -> None:
 
     photo = workdir / "photo.png"
     Image.effect_noise((448, 448), 64).convert("RGB").save(photo)
-    verify_ms = statistics.median(timed_ms(lambda _: image_problem(str(photo)), []) for _ in range(50))
+    verify_ms = statistics.median(
+        timed_ms(lambda _: check_example_images({"image": str(photo)}, 0), []) for _ in range(50)
+    )
     print(f"verify_images, one 448x448 PNG from disk: {verify_ms:.2f}ms (in-memory images are not re-opened)")
 
 

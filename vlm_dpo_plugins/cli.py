@@ -22,12 +22,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     try:
-        from vlm_dpo_plugins.adapters.trl.train_command import TrainOptions, run_train
+        from vlm_dpo_plugins.demo.train_command import TrainOptions, run_train
     except ImportError as error:
         print(f"vlm-dpo train needs TRL: pip install 'vlm-dpo-plugins[trl]' ({error})", file=sys.stderr)
         return 2
     if args.scenario:
-        from vlm_dpo_plugins.adapters.trl.scenarios import run_scenario
+        from vlm_dpo_plugins.demo.scenarios import run_scenario
 
         run_scenario(args.scenario, args.output_dir, steps=args.steps, seed=args.seed)
         return 0
@@ -74,7 +74,7 @@ def cmd_swift_plugin(args: argparse.Namespace) -> int:
 
 def _scenario_names() -> list[str]:
     try:
-        from vlm_dpo_plugins.adapters.trl.scenarios import SCENARIOS
+        from vlm_dpo_plugins.demo.scenarios import SCENARIOS
     except ImportError:  # TRL missing: cmd_train says so
         return []
     return sorted(SCENARIOS)

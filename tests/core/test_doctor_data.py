@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vlm_dpo_plugins.cli import main
-from vlm_dpo_plugins.doctor.pairs import RowProblem, parse_pair
+from vlm_dpo_plugins.preference_data.pairs import RowProblem, parse_pair
 
 ROWS = 10_000
 DISTINCT_IMAGES = 2_000

@@ -1,10 +1,12 @@
-"""The adapters ship inside the package as vlm_dpo_plugins.adapters, and no top-level 'adapters' module is made."""
+"""The adapters and the demo ship inside the package as vlm_dpo_plugins.adapters and vlm_dpo_plugins.demo;
+no top-level 'adapters' or 'demo' module is made."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
+import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,7 +18,12 @@ def declared_packages() -> set[str]:
 
 def source_packages() -> set[str]:
     found = set()
-    for base, prefix in ((ROOT / "vlm_dpo_plugins", "vlm_dpo_plugins"), (ROOT / "adapters", "vlm_dpo_plugins.adapters")):
+    shipped_folders = (
+        (ROOT / "vlm_dpo_plugins", "vlm_dpo_plugins"),
+        (ROOT / "adapters", "vlm_dpo_plugins.adapters"),
+        (ROOT / "demo", "vlm_dpo_plugins.demo"),
+    )
+    for base, prefix in shipped_folders:
         for init in base.rglob("__init__.py"):
             parts = init.parent.relative_to(base).parts
             found.add(".".join((prefix, *parts)))
@@ -27,8 +34,9 @@ def test_every_source_package_is_declared_in_pyproject():
     assert source_packages() == declared_packages()
 
 
-def test_adapters_import_under_the_package_name_only():
-    spec = importlib.util.find_spec("vlm_dpo_plugins.adapters")
-    assert spec is not None and spec.origin.endswith(str(Path("adapters") / "__init__.py"))
-    top_level = importlib.util.find_spec("adapters")
-    assert top_level is None or "site-packages" not in (top_level.origin or ""), "a top-level 'adapters' was installed"
+@pytest.mark.parametrize("folder", ["adapters", "demo"])
+def test_shipped_folders_import_under_the_package_name_only(folder):
+    spec = importlib.util.find_spec(f"vlm_dpo_plugins.{folder}")
+    assert spec is not None and spec.origin.endswith(str(Path(folder) / "__init__.py"))
+    top_level = importlib.util.find_spec(folder)
+    assert top_level is None or "site-packages" not in (top_level.origin or ""), f"a top-level '{folder}' was installed"

@@ -6,14 +6,13 @@ is the check's own default; the plugin restates it after applying the policy.
 
 from __future__ import annotations
 
-import io
-import os
 from collections.abc import Mapping
 from itertools import compress, groupby
 from pathlib import Path
 from typing import Any
 
 from vlm_dpo_plugins.collation.codes import CHECKS
+from vlm_dpo_plugins.preference_data.images import inspect, locate
 from vlm_dpo_plugins.types import Finding, Severity, TokenizedPair, TokenizedSequence
 
 SIDES = ("chosen", "rejected")
@@ -228,7 +227,11 @@ def _normalised(text: str) -> str:
 
 
 def check_example_images(example: Mapping[str, Any], row: int, verify: bool = True) -> list[Finding]:
-    """Missing or unreadable images of a raw row (``images`` list or single ``image``: paths, bytes, dicts, PIL)."""
+    """Missing or unreadable images of a raw row (``images`` list or single ``image``: paths, bytes, dicts, PIL).
+
+    The same check the file checks and ``vlm-dpo doctor`` run; relative paths start from the working
+    directory, where the framework that hands over the row opens them.
+    """
     if "images" in example:
         if example["images"] is None:
             return []
@@ -239,7 +242,7 @@ def check_example_images(example: Mapping[str, Any], row: int, verify: bool = Tr
         return []
     findings = []
     for field, item in items:
-        problem = image_problem(item, verify)
+        problem = inspect(locate(item, (Path.cwd(),)), verify=verify).problem
         if problem:
             findings.append(finding(
                 "image-unreadable",
@@ -249,38 +252,3 @@ def check_example_images(example: Mapping[str, Any], row: int, verify: bool = Tr
                 row, field,
             ))
     return findings
-
-
-def image_problem(item: Any, verify: bool = True) -> str | None:
-    """Why an image entry cannot be used, or None. In-memory images are trusted; URLs are not fetched."""
-    if item is None:
-        return "the image is None"
-    if isinstance(item, Mapping):  # datasets' undecoded Image feature, ms-swift's {"path"/"bytes"} form
-        if item.get("bytes") is not None:
-            return _unreadable(io.BytesIO(item["bytes"]), "the image bytes") if verify else None
-        if item.get("path") is not None:
-            return image_problem(item["path"], verify)
-        return "the image entry has neither 'bytes' nor 'path'"
-    if isinstance(item, (bytes, bytearray)):
-        return _unreadable(io.BytesIO(item), "the image bytes") if verify else None
-    if isinstance(item, (str, os.PathLike)):
-        location = os.fspath(item)
-        if "://" in location or location.startswith("data:"):
-            return None
-        if not os.path.isfile(location):
-            return f"the image file {location!r} does not exist (working directory {Path.cwd()})"
-        return _unreadable(location, f"the image file {location!r}") if verify else None
-    return None
-
-
-def _unreadable(source: Any, described: str) -> str | None:
-    try:
-        from PIL import Image
-    except ImportError:  # without Pillow only existence is checked
-        return None
-    try:
-        with Image.open(source) as image:
-            image.verify()
-    except Exception as error:
-        return f"{described} cannot be read as an image ({type(error).__name__}: {error})"
-    return None

@@ -4,11 +4,11 @@ LLaMA-Factory and ms-swift read the whole file, open images and drop rows of the
 preprocessing, all before the first batch: a missing image or a line that is not UTF-8 ends
 that step with a traceback naming neither row nor field, and a row the framework drops
 (ms-swift deletes identical pairs, LLaMA-Factory malformed conversations) is gone with a log
-line at best. So the adapters put the file through ``vlm-dpo doctor``'s checks first and let
-the collation policies decide: ``error`` stops before loading with every row, field and fix
-named; ``skip`` leaves the row out (the adapter keeps only ``FileCheck.kept`` of what the
-framework loads) and writes it to the collation report. Warnings are left to the live checks,
-which see the tokens and report each row once.
+line at best. So the adapters put the file through the row checks of ``preference_data.scan``
+(the ones ``vlm-dpo doctor`` runs) first and let the collation policies decide: ``error`` stops
+before loading with every row, field and fix named; ``skip`` leaves the row out (the adapter
+keeps only ``FileCheck.kept`` of what the framework loads) and writes it to the collation report.
+Warnings are left to the live checks, which see the tokens and report each row once.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from vlm_dpo_plugins.collation.policy import PairCheckError, decide
 from vlm_dpo_plugins.collation.report import ReportFile
 from vlm_dpo_plugins.collation.settings import CollationConfig
+from vlm_dpo_plugins.preference_data.scan import scan_file
 from vlm_dpo_plugins.types import Finding, Severity
 
 ORIGIN = "file-check"
@@ -65,14 +66,13 @@ def check_file(
     row_limit: int | None = None,
 ) -> FileCheck:
     """Raises ``PairCheckError`` for the rows whose policy is ``error``; returns the rows kept and left out."""
-    from vlm_dpo_plugins.doctor.data import check_data
-
-    data = check_data(path, images_root=images_root, row_limit=row_limit)
+    data = scan_file(path, images_root=images_root, row_limit=row_limit)
     decided = [decide(finding, config) for finding in data.findings]
     errors, skips = [], []
     for finding, action in decided:
         if action == "skip" and finding.row in data.unreadable_rows:
-            # The framework's loader parses the file as a whole: no row of it can be left out.
+            # The reader makes such a line one bad row, but the framework's loader parses the file as a
+            # whole and fails on it: no row of the file can be left out, so the policy here is stricter.
             finding, action = _unskippable(finding, framework), "error"
         if action == "error":
             errors.append(finding)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlm_dpo_plugins.collation.tokens import TokenFacts
-from vlm_dpo_plugins.doctor.pairs import IMAGE_PLACEHOLDER, Pair
-from vlm_dpo_plugins.doctor.text_checks import finding
 from vlm_dpo_plugins.errors import ConfigError
+from vlm_dpo_plugins.preference_data.pairs import IMAGE_PLACEHOLDER, Pair
+from vlm_dpo_plugins.preference_data.text_checks import finding
 from vlm_dpo_plugins.types import Finding
 
 

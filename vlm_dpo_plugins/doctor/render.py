@@ -7,8 +7,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from vlm_dpo_plugins.doctor.data import DataReport
 from vlm_dpo_plugins.doctor.setup import TrainingSetup
+from vlm_dpo_plugins.preference_data.scan import DataReport
 from vlm_dpo_plugins.runlog.findings import finding_record
 from vlm_dpo_plugins.types import Finding, Severity
 

@@ -21,7 +21,7 @@ from trl_runs import (  # noqa: E402
     make_trainer,
     training_logs,
 )
-from vlm_dpo_plugins.adapters.trl.scenarios import image_grounded_rows  # noqa: E402
+from vlm_dpo_plugins.demo.scenarios import image_grounded_rows  # noqa: E402
 
 # The unfrozen-vision scenario's set-up: 8 image-decided pairs, all in every batch, a rate that moves the vision
 # tower a long way in 30 steps. Only the freeze policy differs between the failing and the healthy run.

@@ -65,8 +65,8 @@ def run_train(options: TrainOptions, out: TextIO | None = None) -> TrainResult:
     import trl
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from vlm_dpo_plugins.adapters.trl.recording import ProgressBar, StepRecorder, table_header, table_row
     from vlm_dpo_plugins.adapters.trl.trainer import VLMDPOTrainer
+    from vlm_dpo_plugins.demo.recording import ProgressBar, StepRecorder, table_header, table_row
 
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +152,7 @@ def _dataset_and_model(options: TrainOptions, output_dir: Path) -> tuple[Any, st
         model_dir = build_tiny_llava(output_dir / "tiny-llava", seed=options.seed)
         rows = trl_conversational_rows(make_preference_examples(options.pairs, seed=options.seed))
         return Dataset.from_list(rows), str(model_dir), f"tiny LLaVA, {options.pairs} synthetic image pairs"
-    from vlm_dpo_plugins.adapters.trl.data import load_preference_dataset
+    from vlm_dpo_plugins.demo.data import load_preference_dataset
 
     dataset = load_preference_dataset(options.data, images_root=options.images_root)
     return dataset, options.model, f"{options.model}, {len(dataset)} pairs from {options.data}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vlm_dpo_plugins.collation.codes import CHECKS
-from vlm_dpo_plugins.doctor.pairs import IMAGE_PLACEHOLDER, Pair
+from vlm_dpo_plugins.preference_data.pairs import IMAGE_PLACEHOLDER, Pair
 from vlm_dpo_plugins.types import Finding, Severity
 
 

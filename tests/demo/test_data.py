@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("trl")
 
 from PIL import Image  # noqa: E402
-from vlm_dpo_plugins.adapters.trl.data import load_preference_dataset  # noqa: E402
+from vlm_dpo_plugins.demo.data import load_preference_dataset  # noqa: E402
 
 from vlm_dpo_plugins.errors import ConfigError  # noqa: E402
 from vlm_dpo_plugins.tiny import make_preference_examples, write_preference_images  # noqa: E402
@@ -201,8 +201,22 @@ def test_unreadable_jsonl_line_names_row_and_line(tmp_path, examples, image_name
     message = load_error(path)
     assert str(path) in message
     assert "1 problem(s)" in message
-    assert "row 2 (line 4): not valid JSON" in message
-    assert "Fix: each line must hold one complete JSON object" in message
+    assert "row 2 (line 4): the line is not valid JSON" in message
+    assert "Fix: make the line one complete JSON object, or remove it" in message
+
+
+def test_a_line_that_is_not_utf8_is_one_bad_row_and_the_other_rows_are_still_checked(tmp_path, examples, image_names):
+    rows = plain_rows(examples, image_names)
+    rows[3]["images"] = ["images/missing.png"]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b"color", b"col\xe0r", 1)  # a Latin-1 byte: not UTF-8
+    path.write_bytes(b"".join(lines))
+    message = load_error(path)
+    assert "2 problem(s)" in message
+    assert "row 1 (line 2): the line is not UTF-8 (invalid continuation byte at byte" in message
+    assert "Fix: re-encode the line as UTF-8, or remove it" in message
+    assert "row 3 (line 4), field 'images[0]': the image file" in message  # the rows after it are still read
 
 
 def test_json_file_holding_jsonl_suggests_the_jsonl_extension(tmp_path, examples, image_names):
@@ -299,13 +313,13 @@ def test_missing_image_names_the_path_tried_and_images_root(tmp_path, examples, 
     rows = plain_rows(examples, image_names)
     rows[1]["images"] = ["images/missing.png"]
     message = load_error(write_jsonl(tmp_path / "pairs.jsonl", rows))
-    assert "row 1 (line 2), field 'images[0]': image file not found: tried " in message
-    assert str(tmp_path / "images" / "missing.png") in message
+    missing = tmp_path / "images" / "missing.png"
+    assert f"row 1 (line 2), field 'images[0]': the image file '{missing}' does not exist" in message
     assert f"relative paths resolve against the data file's folder {tmp_path}" in message
     assert "--images-root DIR" in message
 
     message = load_error(write_jsonl(tmp_path / "pairs.jsonl", rows), images_root=tmp_path / "pics")
-    assert str(tmp_path / "pics" / "images" / "missing.png") in message
+    assert f"the image file '{tmp_path / 'pics' / 'images' / 'missing.png'}' does not exist" in message
     assert f"relative paths resolve against --images-root {tmp_path / 'pics'}" in message
 
 
@@ -314,9 +328,9 @@ def test_image_pillow_cannot_open(tmp_path, examples, image_names):
     rows = plain_rows(examples, image_names)
     rows[2]["images"] = ["images/broken.png"]
     message = load_error(write_jsonl(tmp_path / "pairs.jsonl", rows))
-    assert "row 2 (line 3), field 'images[0]': Pillow cannot open " in message
-    assert "broken.png: UnidentifiedImageError" in message
-    assert "Fix: replace the file with a readable image" in message
+    assert "row 2 (line 3), field 'images[0]': the image file " in message
+    assert "broken.png' cannot be read as an image (UnidentifiedImageError" in message
+    assert "replace the file with a readable image" in message
 
 
 def test_every_problem_is_collected_and_the_list_is_capped_at_twenty(tmp_path, examples, image_names):

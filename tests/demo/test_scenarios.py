@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("trl")
 
-from vlm_dpo_plugins.adapters.trl.scenarios import PLUGINS, SCENARIOS, STOCK, run_scenario  # noqa: E402
+from vlm_dpo_plugins.demo.scenarios import PLUGINS, SCENARIOS, STOCK, run_scenario  # noqa: E402
 
 from vlm_dpo_plugins.cli import main  # noqa: E402
 from vlm_dpo_plugins.errors import ConfigError  # noqa: E402

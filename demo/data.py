@@ -5,31 +5,30 @@ The result has TRL's conversational vision-preference columns (``images``,
 builds) plus ``row_index``, the row's position in the file, which the collation
 checks use to name rows. Images are stored as paths and decoded only when a batch
 is collated, but every one is opened once here, so a wrong path fails before the
-model is loaded rather than hours into a run. See docs/data-format.md.
+model is loaded rather than hours into a run. The file is read and the images are
+checked by ``preference_data`` exactly as ``vlm-dpo doctor`` and the other adapters'
+file checks do: a line that is not UTF-8 or not JSON is one bad row. See docs/data-format.md.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
-from PIL import Image
 
 from vlm_dpo_plugins.errors import ConfigError
+from vlm_dpo_plugins.preference_data.images import ImageTarget, check_images, locate
+from vlm_dpo_plugins.preference_data.rows import BadRow, json_type, read_rows
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant", "tool")
 PART_TYPES = ("text", "image")
 MESSAGE_FIELDS = (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant"))
 MAX_LISTED_PROBLEMS = 20
-MAX_IMAGE_CHECK_THREADS = 16
-MISSING = "missing"
 
 _PART = {"type": datasets.Value("string"), "text": datasets.Value("string")}
 _MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.List(_PART)})
@@ -76,8 +75,12 @@ class ImageUse:
     row: int
     line: int | None
     field: str
-    written: str
-    resolved: Path
+    target: ImageTarget
+
+    @property
+    def column_value(self) -> str:
+        """What the ``images`` column holds: the resolved path, or the URL datasets fetches when it decodes."""
+        return str(self.target.path) if self.target.path is not None else self.target.url
 
 
 def load_preference_dataset(
@@ -96,17 +99,21 @@ def load_preference_dataset(
     problems: list[Problem] = []
     columns: dict[str, list] = {name: [] for name in FEATURES}
     image_uses: list[ImageUse] = []
-    for row, line, raw in read_raw_rows(data_path):
-        report = RowReport(row, line, problems)
-        parsed = parse_row(raw, report, lambda written: resolve(written, root))
+    rows = 0
+    for raw in read_rows(data_path):
+        rows += 1
+        report = RowReport(raw.index, raw.line, problems)
+        parsed = parse_row(raw.value, report, lambda written: locate(written, (root,)))
         if parsed is None:
             continue
         uses, fields = parsed
         image_uses.extend(uses)
         for name, value in fields.items():
             columns[name].append(value)
-        columns["images"].append([str(use.resolved) for use in uses])
-        columns["row_index"].append(row)
+        columns["images"].append([use.column_value for use in uses])
+        columns["row_index"].append(raw.index)
+    if not rows:
+        raise ConfigError(f"preference data file {data_path} holds no rows. Fix: add at least one preference pair")
 
     problems.extend(image_problems(image_uses, root_description))
     if problems:
@@ -114,71 +121,13 @@ def load_preference_dataset(
     return datasets.Dataset.from_dict(columns, features=FEATURES)
 
 
-# ---------------------------------------------------------------- reading the file
-
-
-def read_raw_rows(path: Path) -> list[tuple[int, int | None, Any]]:
-    """``(row, line, parsed JSON)`` per row; a JSONL line that does not parse gives an ``_Unparsed``."""
-    if not path.is_file():
-        raise ConfigError(f"preference data file not found: tried {path.absolute()}. Fix: pass --data FILE.jsonl")
-    if path.suffix not in (".jsonl", ".json"):
-        raise ConfigError(
-            f"preference data file {path} has an unsupported extension '{path.suffix}'. "
-            "Fix: use .jsonl (one JSON object per line) or .json (a list of objects)"
-        )
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read preference data file {path}: {error}. Fix: save it as UTF-8 JSON") from None
-    rows = list(jsonl_rows(text) if path.suffix == ".jsonl" else json_rows(text, path))
-    if not rows:
-        raise ConfigError(f"preference data file {path} holds no rows. Fix: add at least one preference pair")
-    return rows
-
-
-@dataclass(frozen=True)
-class _Unparsed:
-    reason: str
-
-
-def jsonl_rows(text: str) -> Iterator[tuple[int, int | None, Any]]:
-    row = 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            value = _Unparsed(f"not valid JSON ({error.msg} at column {error.colno})")
-        yield row, number, value
-        row += 1
-
-
-def json_rows(text: str, path: Path) -> Iterator[tuple[int, int | None, Any]]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        hint = " If it holds one object per line, name it .jsonl." if error.msg == "Extra data" else ""
-        raise ConfigError(
-            f"preference data file {path} is not valid JSON: {error.msg} at line {error.lineno}, "
-            f"column {error.colno}. Fix: correct the JSON there.{hint}"
-        ) from None
-    if not isinstance(value, list):
-        raise ConfigError(
-            f"preference data file {path} holds a JSON {json_type(value)}, not a list of rows. "
-            "Fix: a .json file must hold [ {row}, {row}, ... ]; for one row per line use .jsonl"
-        )
-    for row, item in enumerate(value):
-        yield row, None, item
-
-
 # ---------------------------------------------------------------- one row
 
 
-def parse_row(raw: Any, report: RowReport, resolve_image: Callable[[str], Path]):
+def parse_row(raw: Any, report: RowReport, locate_image: Callable[[str], ImageTarget]):
     """The row's message columns and image uses, or None after reporting why the row is unusable."""
-    if isinstance(raw, _Unparsed):
-        report.add(None, raw.reason, "each line must hold one complete JSON object")
+    if isinstance(raw, BadRow):
+        report.add(None, raw.reason, raw.fix)
         return None
     if not isinstance(raw, dict):
         report.add(
@@ -201,7 +150,7 @@ def parse_row(raw: Any, report: RowReport, resolve_image: Callable[[str], Path])
     if not check_image_parts(fields, image_field, len(written_paths), report):
         return None
     uses = [
-        ImageUse(report.row, report.line, image_field_name(image_field, index), written, resolve_image(written))
+        ImageUse(report.row, report.line, image_field_name(image_field, index), locate_image(written))
         for index, written in enumerate(written_paths)
     ]
     return uses, {name: [strip_source(message) for message in messages] for name, messages in fields.items()}
@@ -366,53 +315,21 @@ def strip_source(message: dict) -> dict:
 # ---------------------------------------------------------------- images
 
 
-def resolve(written: str, root: Path) -> Path:
-    path = Path(written)
-    return (path if path.is_absolute() else root / path).absolute()
-
-
 def image_problems(uses: list[ImageUse], root_description: str) -> list[Problem]:
-    """Open every distinct image once, in threads (thousands of files, mostly I/O wait)."""
-    distinct = sorted({use.resolved for use in uses})
-    if not distinct:
-        return []
-    with ThreadPoolExecutor(max_workers=min(MAX_IMAGE_CHECK_THREADS, len(distinct))) as pool:
-        failures = dict(zip(distinct, pool.map(why_unreadable, distinct)))
+    """Every distinct image opened once (``preference_data.images``, the check doctor runs)."""
+    results = check_images({use.target.key: use.target for use in uses})
     return [
-        image_problem(use, failures[use.resolved], root_description)
-        for use in uses
-        if failures[use.resolved] is not None
-    ]
-
-
-def image_problem(use: ImageUse, failure: str, root_description: str) -> Problem:
-    if failure == MISSING:
-        searched = "" if Path(use.written).is_absolute() else f" (relative paths resolve against {root_description})"
-        return Problem(
+        Problem(
             use.row,
             use.line,
             use.field,
-            f"image file not found: tried {use.resolved}{searched}",
-            "correct the path, or pass --images-root DIR (the folder relative image paths start from)",
+            results[use.target.key].problem,
+            f"correct the path (relative paths resolve against {root_description}; --images-root DIR sets "
+            "that folder) or replace the file with a readable image (PNG, JPEG, ...), or drop the row",
         )
-    return Problem(
-        use.row,
-        use.line,
-        use.field,
-        f"Pillow cannot open {use.resolved}: {failure}",
-        "replace the file with a readable image (PNG, JPEG, ...), or drop the row",
-    )
-
-
-def why_unreadable(path: Path) -> str | None:
-    if not path.exists():
-        return MISSING
-    try:
-        with Image.open(path) as image:
-            image.verify()  # reads the structure and checksums without decoding every pixel
-    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
-        return f"{type(error).__name__}: {error}"
-    return None
+        for use in uses
+        if results[use.target.key].problem
+    ]
 
 
 # ---------------------------------------------------------------- messages
@@ -425,11 +342,6 @@ def summarise(path: Path, problems: list[Problem]) -> str:
     if len(ordered) > MAX_LISTED_PROBLEMS:
         lines.append(f"  ... and {len(ordered) - MAX_LISTED_PROBLEMS} more")
     return "\n".join(lines)
-
-
-def json_type(value: Any) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
-    return names.get(type(value), "number")
 
 
 def describe_value(value: Any) -> str:

@@ -6,7 +6,7 @@ stock ``trl.DPOTrainer`` (TRL's defaults: everything trainable, no checks) and w
 verdict made only of what was measured, and writes each run's ``metrics.jsonl`` and
 one ``comparison.png`` of both.
 
-    from vlm_dpo_plugins.adapters.trl.scenarios import run_scenario
+    from vlm_dpo_plugins.demo.scenarios import run_scenario
     comparison = run_scenario("bf16-overflow", "scenarios")
     comparison.measured["plugin_skipped_steps"]     # 1
 
@@ -187,8 +187,8 @@ def _train(label: str, plan: RunPlan, model_dir: Path, run_dir: Path, seed: int,
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from vlm_dpo_plugins.adapters.trl.recording import StepRecorder
     from vlm_dpo_plugins.adapters.trl.trainer import VLMDPOTrainer
+    from vlm_dpo_plugins.demo.recording import StepRecorder
 
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"

@@ -13,7 +13,7 @@ pytest.importorskip("trl")
 import torch  # noqa: E402
 from framework_cli import console_script, isolated_env  # noqa: E402
 from transformers import AutoModelForImageTextToText  # noqa: E402
-from vlm_dpo_plugins.adapters.trl.train_command import TrainOptions, run_train  # noqa: E402
+from vlm_dpo_plugins.demo.train_command import TrainOptions, run_train  # noqa: E402
 
 from vlm_dpo_plugins.cli import main  # noqa: E402
 from vlm_dpo_plugins.runlog.metrics import read_metrics  # noqa: E402
