@@ -1,4 +1,4 @@
-"""One configuration object for every plugin, loaded from a dict or a YAML file.
+"""One configuration object for every plugin, loaded from a dict or a YAML file, in the sections plugins declare.
 
 The defaults already fix the known failure modes (frozen vision tower and projector,
 gradient clipping, non-finite step skipping, non-reentrant checkpointing, fp32
@@ -13,67 +13,89 @@ import difflib
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from vlm_dpo_plugins.collation.settings import CollationConfig
-from vlm_dpo_plugins.diagnostics.settings import DiagnosticsConfig
 from vlm_dpo_plugins.errors import ConfigError
-from vlm_dpo_plugins.freeze.settings import FreezeConfig
-from vlm_dpo_plugins.guards.settings import GuardsConfig
-from vlm_dpo_plugins.losses.settings import LossConfig
-from vlm_dpo_plugins.sharing.settings import SharingConfig
 from vlm_dpo_plugins.validation import FieldError, nearest
 
+SectionTypes = Mapping[str, type]
 
-@dataclass
+
 class VLMDPOConfig:
-    freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    collation: CollationConfig = field(default_factory=CollationConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    guards: GuardsConfig = field(default_factory=GuardsConfig)
-    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
-    sharing: SharingConfig = field(default_factory=SharingConfig)
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Sections declared by third-party plugins through ``vlm_dpo_config_sections``, already validated."""
+    """The validated plugin configuration: one section per plugin that declares one (``vlm_dpo_config_sections``).
+
+    Sections are read as attributes (``config.guards.max_grad_norm``). The built-in plugins declare theirs like any
+    third-party plugin does, so a blocked plugin's section is simply absent (``section(name)`` is then None).
+    """
+
+    def __init__(self, **sections: Any) -> None:
+        for name, section in sections.items():
+            if not dataclasses.is_dataclass(section) or isinstance(section, type):
+                raise ConfigError(f"config section {name!r} must be a dataclass instance, got {section!r}")
+        object.__setattr__(self, "_sections", dict(sections))
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("_sections", {})
+        if name in sections:
+            return sections[name]
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise ConfigError(
+            f"the plugin config has no section {name!r}: no loaded plugin declares it (is that plugin blocked with "
+            f"VLM_DPO_BLOCK_PLUGINS?); sections: {sorted(sections)}"
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("VLMDPOConfig is immutable: use replace(section=...)")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, VLMDPOConfig) and self._sections == other._sections
+
+    def __repr__(self) -> str:
+        return f"VLMDPOConfig({', '.join(f'{name}={section!r}' for name, section in self._sections.items())})"
+
+    @property
+    def sections(self) -> Mapping[str, Any]:
+        return dict(self._sections)
+
+    def section(self, name: str) -> Any | None:
+        """The section ``name``, or None when no loaded plugin declares it."""
+        return self._sections.get(name)
+
+    def replace(self, **sections: Any) -> VLMDPOConfig:
+        unknown = set(sections) - set(self._sections)
+        if unknown:
+            raise ConfigError(f"no config section(s) {sorted(unknown)} to replace; sections: {sorted(self._sections)}")
+        return VLMDPOConfig(**{**self._sections, **sections})
 
     @classmethod
-    def from_dict(
-        cls, data: Mapping[str, Any] | None, *, extra_sections: Mapping[str, type] | None = None
-    ) -> VLMDPOConfig:
+    def from_dict(cls, data: Mapping[str, Any] | None, *, sections: SectionTypes) -> VLMDPOConfig:
+        """Every declared section built from ``data`` (defaults where absent); an unknown key names the nearest."""
         data = dict(data or {})
-        extra_sections = dict(extra_sections or {})
-        builtin = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        clash = builtin & set(extra_sections)
-        if clash:
-            raise ConfigError(f"plugin config section(s) {sorted(clash)} clash with built-in sections")
-        extras = {}
-        for key in [key for key in data if key in extra_sections]:
-            extras[key] = _build(extra_sections[key], data.pop(key), key)
-        _reject_unknown(data, builtin | set(extra_sections), prefix="")
-        sections = {name: _build(_hint(cls, name), value, name) for name, value in data.items()}
-        return cls(**sections, extra=extras)
+        _reject_unknown(data, set(sections), prefix="")
+        return cls(**{name: _build(kind, data.get(name), name) for name, kind in sections.items()})
 
     @classmethod
-    def from_yaml(cls, path: str | Path, *, extra_sections: Mapping[str, type] | None = None) -> VLMDPOConfig:
-        import yaml
-
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from error
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
-        return cls.from_dict(data, extra_sections=extra_sections)
+    def from_yaml(cls, path: str | Path, *, sections: SectionTypes) -> VLMDPOConfig:
+        return cls.from_dict(read_yaml(path), sections=sections)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(section) for name, section in self._sections.items()}
 
 
-def _hint(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A plugin config file's top-level mapping, or a ``ConfigError`` naming the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return dict(data)
 
 
 def _reject_unknown(data: Mapping[str, Any], valid: set[str], prefix: str) -> None:

@@ -12,36 +12,28 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.config import VLMDPOConfig, read_yaml
 
 PluginSource = VLMDPOConfig | Mapping[str, Any] | str | os.PathLike | None
-SECTIONS = ("freeze", "collation", "loss", "guards", "diagnostics", "sharing")
 
 
 def load_plugin_config(manager: Any, source: PluginSource) -> tuple[VLMDPOConfig, dict[str, set[str]]]:
     """The validated plugin config and, per section, the keys the user wrote."""
     if isinstance(source, VLMDPOConfig):
-        manager.validate_loss_type(source)
-        return source, _non_default_keys(source)
-    if source is None or isinstance(source, Mapping):
-        raw = dict(source or {})
-    else:
-        import yaml
-
-        raw = yaml.safe_load(Path(source).read_text()) or {}
-    config = manager.load_config(source)
+        config = manager.load_config(source)
+        return config, _non_default_keys(config)
+    raw = dict(source or {}) if source is None or isinstance(source, Mapping) else read_yaml(source)
+    config = manager.load_config(raw)
     written = {section: set(values) for section, values in raw.items() if isinstance(values, Mapping)}
     return config, written
 
 
 def _non_default_keys(config: VLMDPOConfig) -> dict[str, set[str]]:
-    defaults = VLMDPOConfig()
     written: dict[str, set[str]] = {}
-    for section in SECTIONS:
-        ours, default = getattr(config, section), getattr(defaults, section)
-        names = (entry.name for entry in dataclasses.fields(ours))
-        written[section] = {name for name in names if getattr(ours, name) != getattr(default, name)}
+    for name, section in config.sections.items():
+        default = type(section)()
+        fields = (entry.name for entry in dataclasses.fields(section))
+        written[name] = {field for field in fields if getattr(section, field) != getattr(default, field)}
     return written

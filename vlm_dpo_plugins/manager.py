@@ -9,6 +9,7 @@ Environment variables (read when a manager is created):
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.metadata
 import os
@@ -19,7 +20,7 @@ from typing import Any
 import pluggy
 
 from vlm_dpo_plugins import hookspecs
-from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.config import VLMDPOConfig, read_yaml
 from vlm_dpo_plugins.errors import ConfigError, PluginError
 from vlm_dpo_plugins.markers import PROJECT_NAME, hookimpl
 
@@ -36,6 +37,7 @@ def builtin_plugins() -> dict[str, object]:
     from vlm_dpo_plugins.guards.deepspeed import DeepSpeedTuning
     from vlm_dpo_plugins.guards.plugin import StabilityGuards
     from vlm_dpo_plugins.losses.plugin import LossVariants
+    from vlm_dpo_plugins.sharing.plugin import PromptSharing
 
     return {
         "freeze": FreezePolicy(),
@@ -44,6 +46,7 @@ def builtin_plugins() -> dict[str, object]:
         "guards": StabilityGuards(),
         "deepspeed": DeepSpeedTuning(),
         "diagnostics": Diagnostics(),
+        "sharing": PromptSharing(),
     }
 
 
@@ -149,17 +152,54 @@ class VLMDPOPluginManager(pluggy.PluginManager):
 
     # -- config -----------------------------------------------------------
 
-    def load_config(self, data: Mapping[str, Any] | str | os.PathLike | None = None) -> VLMDPOConfig:
-        """Build and validate the config from a dict or YAML path, with the sections plugins declare."""
+    def config_sections(self) -> dict[str, type]:
+        """Every config section the loaded plugins declare, by name; one name declared twice names both plugins."""
         sections: dict[str, type] = {}
-        for contribution in self.hook.vlm_dpo_config_sections():
-            sections.update(contribution or {})
-        if data is None or isinstance(data, Mapping):
-            config = VLMDPOConfig.from_dict(data, extra_sections=sections)
+        owners: dict[str, str] = {}
+        for implementation in self.hook.vlm_dpo_config_sections.get_hookimpls():
+            declared = implementation.function() or {}
+            owner = implementation.plugin_name
+            if not isinstance(declared, Mapping):
+                raise PluginError(f"plugin '{owner}': vlm_dpo_config_sections returned {type(declared).__name__}")
+            for name, kind in declared.items():
+                if not (isinstance(name, str) and isinstance(kind, type) and dataclasses.is_dataclass(kind)):
+                    raise PluginError(
+                        f"plugin '{owner}': vlm_dpo_config_sections must map section names to dataclass types, "
+                        f"got {name!r}: {kind!r}"
+                    )
+                if name in owners:
+                    raise PluginError(f"plugins '{owners[name]}' and '{owner}' both declare the config section {name!r}")
+                owners[name], sections[name] = owner, kind
+        return sections
+
+    def load_config(self, data: VLMDPOConfig | Mapping[str, Any] | str | os.PathLike | None = None) -> VLMDPOConfig:
+        """Build and validate the config from a dict or YAML path, in the sections the plugins declare.
+
+        A ``VLMDPOConfig`` built by hand gets the declared sections it lacks, at their defaults.
+        """
+        sections = self.config_sections()
+        if isinstance(data, VLMDPOConfig):
+            unknown = sorted(set(data.sections) - set(sections))
+            if unknown:
+                raise ConfigError(f"config section(s) {unknown} belong to no loaded plugin; sections: {sorted(sections)}")
+            defaults = VLMDPOConfig.from_dict({}, sections=sections).sections
+            config = VLMDPOConfig(**{**defaults, **data.sections})
         else:
-            config = VLMDPOConfig.from_yaml(data, extra_sections=sections)
+            raw = dict(data or {}) if data is None or isinstance(data, Mapping) else read_yaml(data)
+            blocked = sorted(name for name, plugin in self.list_name_plugin() if plugin is None)
+            orphans = sorted(set(raw) - set(sections))
+            if orphans and blocked:
+                raise ConfigError(
+                    f"config section(s) {orphans} belong to no loaded plugin; blocked plugins: {blocked} "
+                    f"({BLOCK_PLUGINS_ENV}): remove the section(s) or unblock the plugin"
+                )
+            config = VLMDPOConfig.from_dict(raw, sections=sections)
         self.validate_loss_type(config)
         return config
+
+    def default_config(self) -> VLMDPOConfig:
+        """Every declared section at its defaults: the fixes, with nothing configured."""
+        return self.load_config(None)
 
     def loss_functions(self) -> dict[str, Any]:
         registry: dict[str, Any] = {}
@@ -171,6 +211,8 @@ class VLMDPOPluginManager(pluggy.PluginManager):
         return registry
 
     def validate_loss_type(self, config: VLMDPOConfig) -> None:
+        if config.section("loss") is None:
+            return  # the loss plugin is blocked: the framework computes its own loss
         names = sorted(self.loss_functions())
         if config.loss.type not in names:
             close = difflib.get_close_matches(config.loss.type, names, n=1, cutoff=0.5)

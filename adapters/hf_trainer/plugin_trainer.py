@@ -149,9 +149,10 @@ class PluginTrainerMixin:
 
     def _warn_about_groups_the_framework_keeps_frozen(self) -> None:
         """A group the policy trains, but of which the framework made nothing trainable, stays frozen: say so."""
-        if not self.framework_limits_every_parameter:
+        freeze = self.vlm_dpo_config.section("freeze")
+        if not self.framework_limits_every_parameter or freeze is None:
             return
-        for group in sorted(self.vlm_dpo_config.freeze.groups_ever_trained()):
+        for group in sorted(freeze.groups_ever_trained()):
             names = self._groups.get(group, [])
             if names and not any(name in self._framework_trainable for name in names):
                 logger.warning(

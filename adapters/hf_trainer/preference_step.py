@@ -69,9 +69,9 @@ class PreferenceStep:
         self.reference_pass = reference_pass and needs.reference
         self.sharing: PairSharing | None = None
         self.feature_reuse: ReferenceFeatureReuse | None = None
-        sharing = config.sharing
+        sharing = config.section("sharing")
         # The framework's own loss runs its own forwards; extra rows repeat the chosen rows with other inputs.
-        if framework_computes_loss or self.extra_rows or not (sharing.prompt or sharing.vision_features):
+        if framework_computes_loss or self.extra_rows or sharing is None or not (sharing.prompt or sharing.vision_features):
             return
         self.sharing = PairSharing(model, sharing)
         if self.reference_pass and sharing.vision_features:

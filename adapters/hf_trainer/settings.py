@@ -84,6 +84,8 @@ def reconcile_shared(
     """``{plugin_key: value}`` for every row that applies: the written side's value, the plugin's when neither."""
     chosen: dict[str, Any] = {}
     for setting in table:
+        if config.section(setting.section) is None:
+            continue  # its plugin is blocked: the framework's own value stands
         plugin_value = getattr(getattr(config, setting.section), setting.name)
         framework_value = setting.read(args)
         if setting.written is not None:
@@ -110,7 +112,7 @@ def with_values(config: VLMDPOConfig, values: Mapping[str, Any], invalid: Callab
         }
     except FieldError as error:
         raise ConfigError(invalid(error)) from error
-    return dataclasses.replace(config, **sections)
+    return config.replace(**sections)
 
 
 def reconcile_freeze_flags(
@@ -125,10 +127,12 @@ def reconcile_freeze_flags(
 
     Both written: a flag that disagrees with ``freeze.trainable`` about its group is an error naming both.
     """
-    freeze = config.freeze
+    freeze = config.section("freeze")
+    if freeze is None:
+        return config  # the freeze policy is blocked: the framework's flags decide alone
     if "trainable" not in plugin_written.get("freeze", set()):
         trainable = tuple(group for group, flag in flags.items() if not frozen_by_flag(flag))
-        return dataclasses.replace(config, freeze=dataclasses.replace(freeze, trainable=trainable))
+        return config.replace(freeze=dataclasses.replace(freeze, trainable=trainable))
     for group, flag in flags.items():
         frozen = bool(frozen_by_flag(flag))
         if flag in framework_written and frozen == (group in freeze.trainable):
@@ -145,16 +149,21 @@ def frozen_flags(config: VLMDPOConfig, flags: Mapping[str, str]) -> dict[str, bo
     So LoRA targets and full-tuning ``requires_grad`` cover the unfreeze stages; the policy freezes the later
     stages' groups again at step 0.
     """
+    if config.section("freeze") is None:
+        return {}
     ever_trained = config.freeze.groups_ever_trained()
     return {flag: group not in ever_trained for group, flag in flags.items()}
 
 
-def framework_max_grad_norm(config: VLMDPOConfig, uses_deepspeed: bool) -> float:
+def framework_max_grad_norm(config: VLMDPOConfig, uses_deepspeed: bool, current: float) -> float:
     """What the framework's own ``max_grad_norm`` becomes: the guards clip, per group, inside the guarded step.
 
     Under DeepSpeed the engine clips (its ``"gradient_clipping": "auto"`` reads this value) and steps inside
-    ``backward``; everywhere else the framework's clipping is off so the gradients are not clipped twice.
+    ``backward``; everywhere else the framework's clipping is off so the gradients are not clipped twice. With the
+    guards blocked the framework clips as it would alone (``current``).
     """
+    if config.section("guards") is None:
+        return current
     if uses_deepspeed:
         return config.guards.max_grad_norm or 0.0
     return 0.0

@@ -159,5 +159,7 @@ def _write_back(settings: Reconciled, arguments: Arguments, reads_reference: Cal
         # A reference model is built (full tuning) or the adapter disabled (LoRA) only when the variant reads it.
         finetuning_args.use_ref_model = reads_reference(config.loss.type)
         finetuning_args.dpo_label_smoothing = config.loss.label_smoothing if config.loss.type == "sigmoid" else 0.0
-    arguments.model.use_reentrant_gc = not config.guards.non_reentrant_checkpointing
-    arguments.training.max_grad_norm = framework_max_grad_norm(config, bool(arguments.training.deepspeed))
+    if config.section("guards") is not None:
+        arguments.model.use_reentrant_gc = not config.guards.non_reentrant_checkpointing
+    training = arguments.training
+    training.max_grad_norm = framework_max_grad_norm(config, bool(training.deepspeed), training.max_grad_norm)

@@ -91,7 +91,8 @@ def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, Set[str]], 
     config = shared.reconcile_freeze_flags(
         config, FREEZE_FLAGS, lambda flag: getattr(args, flag), swift_written, written, KEY_NAMES
     )
-    config = dataclasses.replace(config, freeze=_learning_rates(args, config, swift_written))
+    if config.section("freeze") is not None:
+        config = config.replace(freeze=_learning_rates(args, config, swift_written))
     reconciled = shared.Reconciled(config, framework_computes_loss, notes)
     _write_back(reconciled, args)
     return reconciled
@@ -125,4 +126,6 @@ def _write_back(settings: shared.Reconciled, args: Any) -> None:
         target.beta = config.loss.beta
         # With the registry's loss swift's code does not run; the registry reads loss.label_smoothing.
         target.label_smoothing = config.loss.label_smoothing if settings.framework_computes_loss else 0.0
-        target.max_grad_norm = shared.framework_max_grad_norm(config, bool(training_args.deepspeed))
+        target.max_grad_norm = shared.framework_max_grad_norm(
+            config, bool(training_args.deepspeed), training_args.max_grad_norm
+        )

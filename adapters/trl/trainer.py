@@ -40,7 +40,8 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept, with_row_index
 from vlm_dpo_plugins.adapters.hf_trainer.preference_step import preference_metrics
-from vlm_dpo_plugins.adapters.hf_trainer.run import apply_ddp_plan, checkpointing_kwargs, run_context
+from vlm_dpo_plugins.adapters.hf_trainer.run import apply_ddp_plan, checkpointing_kwargs, run_context, start_run
+from vlm_dpo_plugins.adapters.hf_trainer.settings import framework_max_grad_norm
 from vlm_dpo_plugins.adapters.trl.batch import collated_outputs, completion_labels, model_inputs, summed_logps
 from vlm_dpo_plugins.adapters.trl.checkpoint_format import reload_if_keys_were_renamed, runtime_format_saves
 from vlm_dpo_plugins.adapters.trl.metrics import record_token_metrics
@@ -69,20 +70,12 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         self.plugins = plugin_manager or create_plugin_manager()
         config, written = load_plugin_config(self.plugins, vlm_dpo_config)
         dpo_args = copy.copy(arguments["args"] or _default_args(model))
-        settings = reconcile(dpo_args, config, written)
-        for note in settings.notes:
-            logger.info("vlm-dpo: %s", note)
-        self.vlm_dpo_config: VLMDPOConfig = settings.config
-        self._trl_computes_loss = settings.framework_computes_loss
-        self.plugins.hook.vlm_dpo_configure(config=self.vlm_dpo_config)
-
         context = self._run_context(dpo_args, uses_peft=peft_config is not None or is_peft_model(model))
+        self._vlm_dpo_run = start_run(self.plugins, reconcile(dpo_args, config, written), context, "vlm_dpo_config")
+        self.vlm_dpo_config: VLMDPOConfig = self._vlm_dpo_run.config
+        self._trl_computes_loss = self._vlm_dpo_run.framework_computes_loss
         self._plan_checkpointing(dpo_args, context)
-        self._guard_max_grad_norm = self.vlm_dpo_config.guards.max_grad_norm
-        if not context.uses_deepspeed:
-            dpo_args.max_grad_norm = 0.0  # the guards clip, per group, inside the guarded step
-        elif self._guard_max_grad_norm is not None:
-            dpo_args.max_grad_norm = self._guard_max_grad_norm  # DeepSpeed's "gradient_clipping": "auto"
+        dpo_args.max_grad_norm = framework_max_grad_norm(self.vlm_dpo_config, context.uses_deepspeed, dpo_args.max_grad_norm)
         arguments["args"] = dpo_args
         self._optimizer_passed_in = (arguments["optimizers"] or (None,))[0] is not None
         arguments["peft_config"] = self._lora_targets_from_policy(model, peft_config)

@@ -13,7 +13,7 @@ from vlm_dpo_plugins.collation.pairs import (
     pairs_from_labelled_rows,
 )
 from vlm_dpo_plugins.collation.tokens import TokenFacts
-from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.manager import create_plugin_manager
 from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.manager import create_plugin_manager
 from vlm_dpo_plugins.types import Severity, SpecialTokens, TokenizedPair, TokenizedSequence
@@ -271,13 +271,13 @@ def test_missing_and_unreadable_images_name_the_row_and_the_entry(tmp_path):
 
 def test_policies_are_validated_with_the_nearest_check_name():
     with pytest.raises(ConfigError, match=r"'collation.policy.identical-pairs' is not a check; .*did you mean 'identical-pair'"):
-        VLMDPOConfig.from_dict({"collation": {"policy": {"identical-pairs": "skip"}}})
+        _load({"collation": {"policy": {"identical-pairs": "skip"}}})
     with pytest.raises(ConfigError, match=r"'collation.policy.identical-pair' is 'drop'; expected one of"):
-        VLMDPOConfig.from_dict({"collation": {"policy": {"identical-pair": "drop"}}})
-    config = VLMDPOConfig.from_dict({"collation": {"policy": {"identical-pair": "warn"}, "default_policy": "skip"}})
+        _load({"collation": {"policy": {"identical-pair": "drop"}}})
+    config = _load({"collation": {"policy": {"identical-pair": "warn"}, "default_policy": "skip"}})
     assert config.collation.policy_for("identical-pair") == "warn"
     assert config.collation.policy_for("near-identical-pair") == "skip"
-    assert VLMDPOConfig.from_dict({}).collation.policy_for("near-identical-pair") == "warn"
+    assert _load({}).collation.policy_for("near-identical-pair") == "warn"
 
 
 def test_the_builtin_answers_the_pair_hook_and_can_be_switched_off():
@@ -286,3 +286,7 @@ def test_the_builtin_answers_the_pair_hook_and_can_be_switched_off():
     assert [f.code for batch in manager.hook.vlm_dpo_check_pair(pair=identical) for f in batch] == ["identical-pair"]
     manager.hook.vlm_dpo_configure(config=manager.load_config({"collation": {"enabled": False}}))
     assert [f for batch in manager.hook.vlm_dpo_check_pair(pair=identical) for f in batch] == []
+
+
+def _load(data):
+    return create_plugin_manager(load_entry_points=False).load_config(data)

@@ -5,12 +5,18 @@ from typing import Literal
 
 import pytest
 
+from vlm_dpo_plugins import hookimpl
 from vlm_dpo_plugins.config import VLMDPOConfig
-from vlm_dpo_plugins.errors import ConfigError
+from vlm_dpo_plugins.errors import ConfigError, PluginError
+from vlm_dpo_plugins.manager import create_plugin_manager
+
+
+def load(data, **plugins):
+    return create_plugin_manager(load_entry_points=False, extra_plugins=plugins).load_config(data)
 
 
 def test_empty_config_has_the_fixing_defaults():
-    config = VLMDPOConfig.from_dict({})
+    config = load({})
     assert config.freeze.trainable == ("language",)  # vision tower and projector frozen
     assert config.guards.max_grad_norm == 1.0
     assert config.guards.skip_nonfinite and config.guards.non_reentrant_checkpointing
@@ -37,12 +43,12 @@ def test_empty_config_has_the_fixing_defaults():
 )
 def test_bad_config_names_the_key_and_the_fix(data, message):
     with pytest.raises(ConfigError) as error:
-        VLMDPOConfig.from_dict(data)
+        load(data)
     assert message in str(error.value)
 
 
 def test_values_are_converted_and_nested_sections_built():
-    config = VLMDPOConfig.from_dict(
+    config = load(
         {
             "freeze": {"learning_rates": {"projector": "2e-5"}, "unfreeze": [{"at_step": 10, "groups": ["projector"]}]},
             "guards": {"max_grad_norm": None},
@@ -58,28 +64,75 @@ def test_values_are_converted_and_nested_sections_built():
 def test_yaml_file_loads_and_bad_yaml_names_the_file(tmp_path):
     good = tmp_path / "plugins.yaml"
     good.write_text("loss:\n  type: hinge\n  beta: 0.2\nfreeze:\n  trainable: [language, projector]\n")
-    config = VLMDPOConfig.from_yaml(good)
+    config = create_plugin_manager(load_entry_points=False).load_config(good)
     assert (config.loss.type, config.loss.beta, config.freeze.trainable) == ("hinge", 0.2, ("language", "projector"))
     listing = tmp_path / "list.yaml"
     listing.write_text("- loss\n")
     with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
-        VLMDPOConfig.from_yaml(listing)
+        create_plugin_manager(load_entry_points=False).load_config(listing)
+
+
+@dataclass
+class Spike:
+    factor: float = 4.0
+    action: Literal["skip", "warn"] = "skip"
+
+
+class SpikeSection:
+    @hookimpl
+    def vlm_dpo_config_sections(self):
+        return {"spike": Spike}
 
 
 def test_plugin_declared_section_is_validated_like_a_builtin():
-    @dataclass
-    class Spike:
-        factor: float = 4.0
-        action: Literal["skip", "warn"] = "skip"
-
-    config = VLMDPOConfig.from_dict({"spike": {"factor": 3, "action": "warn"}}, extra_sections={"spike": Spike})
-    assert config.extra["spike"] == Spike(factor=3.0, action="warn")
+    config = load({"spike": {"factor": 3, "action": "warn"}}, spike=SpikeSection())
+    assert config.spike == Spike(factor=3.0, action="warn")
+    assert load({}, spike=SpikeSection()).spike == Spike()
     with pytest.raises(ConfigError, match=r"'spike.action' is 'wran'; expected one of \['skip', 'warn'\]; did you mean 'warn'"):
-        VLMDPOConfig.from_dict({"spike": {"action": "wran"}}, extra_sections={"spike": Spike})
+        load({"spike": {"action": "wran"}}, spike=SpikeSection())
     with pytest.raises(ConfigError, match="unknown config key 'spike.factr'; did you mean 'spike.factor'"):
-        VLMDPOConfig.from_dict({"spike": {"factr": 3}}, extra_sections={"spike": Spike})
-    with pytest.raises(ConfigError, match="clash with built-in sections"):
-        VLMDPOConfig.from_dict({}, extra_sections={"loss": Spike})
+        load({"spike": {"factr": 3}}, spike=SpikeSection())
+
+
+def test_the_builtin_sections_come_from_their_plugins():
+    manager = create_plugin_manager(load_entry_points=False)
+    assert set(manager.config_sections()) == {"freeze", "collation", "loss", "guards", "diagnostics", "sharing"}
+    blocked = create_plugin_manager(load_entry_points=False, block=["guards"])
+    config = blocked.load_config({})
+    assert config.section("guards") is None
+    with pytest.raises(ConfigError, match=r"no section 'guards': no loaded plugin declares it \(is that plugin blocked"):
+        config.guards
+    with pytest.raises(ConfigError, match=r"\['guards'\] belong to no loaded plugin; blocked plugins: \['guards'\]"):
+        blocked.load_config({"guards": {"max_grad_norm": 2.0}})
+
+
+def test_a_section_two_plugins_declare_names_both():
+    class LossSection:
+        @hookimpl
+        def vlm_dpo_config_sections(self):
+            return {"loss": Spike}
+
+    with pytest.raises(PluginError, match="plugins 'losses' and 'mine' both declare the config section 'loss'"):
+        load({}, mine=LossSection())
+
+
+def test_a_section_declared_as_something_else_than_a_dataclass_names_the_plugin():
+    class Broken:
+        @hookimpl
+        def vlm_dpo_config_sections(self):
+            return {"spike": {"factor": 4.0}}
+
+    with pytest.raises(PluginError, match="plugin 'broken': vlm_dpo_config_sections must map section names"):
+        load({}, broken=Broken())
+
+
+def test_a_hand_built_config_gets_the_sections_it_lacks():
+    from vlm_dpo_plugins.guards.settings import GuardsConfig
+
+    config = load(VLMDPOConfig(guards=GuardsConfig(max_grad_norm=2.0)))
+    assert config.guards.max_grad_norm == 2.0 and config.loss.type == "sigmoid"
+    with pytest.raises(ConfigError, match=r"config section\(s\) \['spike'\] belong to no loaded plugin"):
+        load(VLMDPOConfig(spike=Spike()))
 
 
 def test_the_readme_example_config_is_valid():

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 def configured(guards=None, block=()):
     manager = create_plugin_manager(load_entry_points=False, block=block)
-    manager.hook.vlm_dpo_configure(config=manager.load_config({"guards": guards or {}}))
+    manager.hook.vlm_dpo_configure(config=manager.load_config({"guards": guards} if guards else {}))
     return manager
 
 

@@ -16,7 +16,7 @@ from vlm_dpo_plugins.errors import ConfigError, PluginError
 from vlm_dpo_plugins.manager import BLOCK_PLUGINS_ENV, LOAD_PLUGINS_ENV, create_plugin_manager
 from vlm_dpo_plugins.types import PreferenceLogps
 
-BUILTINS = ["freeze", "collation", "losses", "guards", "deepspeed", "diagnostics", "loss-registry"]
+BUILTINS = ["freeze", "collation", "losses", "guards", "deepspeed", "diagnostics", "sharing", "loss-registry"]
 THIRD_PARTY_PLUGIN = textwrap.dedent(
     """
     import torch

@@ -33,6 +33,10 @@ Collate = Callable[[list[Mapping[str, Any]]], dict[str, Any]]
 
 
 class PairChecks:
+    @hookimpl
+    def vlm_dpo_config_sections(self) -> Mapping[str, type]:
+        return {"collation": CollationConfig}
+
     def __init__(self) -> None:
         self.config = CollationConfig()
         self.summary = CollationSummary()

@@ -26,6 +26,10 @@ from vlm_dpo_plugins.types import Finding, PluginState, RunContext, StepSignals
 
 
 class Diagnostics:
+    @hookimpl
+    def vlm_dpo_config_sections(self) -> Mapping[str, type]:
+        return {"diagnostics": DiagnosticsConfig}
+
     def __init__(self) -> None:
         self.beta: float | None = None
         self.model_type: str | None = None
@@ -56,8 +60,9 @@ class Diagnostics:
     @hookimpl
     def vlm_dpo_configure(self, config: VLMDPOConfig) -> None:
         self.set_up(config.diagnostics)
-        self.beta = config.loss.beta
-        self.unfreeze_steps = frozenset(stage.at_step for stage in config.freeze.unfreeze)
+        loss, freeze = config.section("loss"), config.section("freeze")
+        self.beta = loss.beta if loss is not None else self.beta
+        self.unfreeze_steps = frozenset(stage.at_step for stage in freeze.unfreeze) if freeze is not None else frozenset()
 
     @hookimpl
     def vlm_dpo_train_begin(self, model: torch.nn.Module, context: RunContext) -> None:

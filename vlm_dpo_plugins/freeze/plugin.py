@@ -24,6 +24,10 @@ _SHOWN_UNMATCHED = 5
 
 
 class FreezePolicy:
+    @hookimpl
+    def vlm_dpo_config_sections(self) -> Mapping[str, type]:
+        return {"freeze": FreezeConfig}
+
     def __init__(self) -> None:
         self.config = FreezeConfig()
         self.groups: ParameterGroups | None = None

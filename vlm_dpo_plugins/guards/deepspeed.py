@@ -36,7 +36,9 @@ class DeepSpeedTuning:
 
     @hookimpl
     def vlm_dpo_configure(self, config: VLMDPOConfig) -> None:
-        self.enabled = config.guards.tune_deepspeed_buckets
+        guards = config.section("guards")
+        # Its setting lives in the guards' section: with the guards blocked, DeepSpeed keeps its own sizes.
+        self.enabled = guards is not None and guards.tune_deepspeed_buckets
 
     @hookimpl
     def vlm_dpo_deepspeed_overrides(

@@ -40,6 +40,10 @@ LIKELY_CAUSES = (
 
 
 class StabilityGuards:
+    @hookimpl
+    def vlm_dpo_config_sections(self) -> Mapping[str, type]:
+        return {"guards": GuardsConfig}
+
     def __init__(self) -> None:
         self.configure(GuardsConfig())
         self.skipped_steps = 0
@@ -56,7 +60,9 @@ class StabilityGuards:
     @hookimpl
     def vlm_dpo_configure(self, config: VLMDPOConfig) -> None:
         self.configure(config.guards)
-        self.frozen_groups = not {"vision", "projector", "language"} <= set(config.freeze.trainable)
+        freeze = config.section("freeze")
+        # With the freeze policy blocked nothing is known to be frozen but what PEFT freezes (RunContext.uses_peft).
+        self.frozen_groups = freeze is not None and not {"vision", "projector", "language"} <= set(freeze.trainable)
 
     # -- clipping and the skip vote ------------------------------------------
 

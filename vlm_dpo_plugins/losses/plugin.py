@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 
 from vlm_dpo_plugins.losses.extra_rows import ExtraRows
 from vlm_dpo_plugins.losses.mdpo import CORRUPTED_IMAGE_ROWS
+from vlm_dpo_plugins.losses.settings import LossConfig
 from vlm_dpo_plugins.losses.registry import BUILTIN_LOSS_INPUTS, BUILTIN_LOSSES
 from vlm_dpo_plugins.markers import hookimpl
 from vlm_dpo_plugins.types import LossInputs
@@ -14,6 +15,10 @@ EXTRA_ROWS = {key: CORRUPTED_IMAGE_ROWS for key in (CORRUPTED_IMAGE_ROWS.policy_
 
 
 class LossVariants:
+    @hookimpl
+    def vlm_dpo_config_sections(self) -> Mapping[str, type]:
+        return {"loss": LossConfig}
+
     @hookimpl
     def vlm_dpo_loss_functions(self) -> Mapping[str, Callable]:
         return BUILTIN_LOSSES

@@ -177,11 +177,11 @@ def test_swifts_loss_reads_fp32_log_probs_of_low_precision_logits() -> None:
 
     from vlm_dpo_plugins.adapters.swift.trainer import PluginDPOTrainer
 
-    from vlm_dpo_plugins.config import VLMDPOConfig
+    from vlm_dpo_plugins.manager import create_plugin_manager
 
     trainer = object.__new__(PluginDPOTrainer)
     trainer.template = SimpleNamespace(sequence_parallel_size=1)
-    trainer.vlm_dpo_config = VLMDPOConfig()
+    trainer.vlm_dpo_config = create_plugin_manager(load_entry_points=False).default_config()
     generator = torch.Generator().manual_seed(0)
     logits = (torch.randn(3, 7, 50, generator=generator) * 8).to(torch.bfloat16)
     labels = torch.randint(0, 50, (3, 7), generator=generator)
