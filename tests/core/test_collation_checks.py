@@ -13,7 +13,6 @@ from vlm_dpo_plugins.collation.pairs import (
     pairs_from_labelled_rows,
 )
 from vlm_dpo_plugins.collation.tokens import TokenFacts
-from vlm_dpo_plugins.manager import create_plugin_manager
 from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.manager import create_plugin_manager
 from vlm_dpo_plugins.types import Severity, SpecialTokens, TokenizedPair, TokenizedSequence
