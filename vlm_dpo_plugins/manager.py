@@ -168,7 +168,9 @@ class VLMDPOPluginManager(pluggy.PluginManager):
                         f"got {name!r}: {kind!r}"
                     )
                 if name in owners:
-                    raise PluginError(f"plugins '{owners[name]}' and '{owner}' both declare the config section {name!r}")
+                    raise PluginError(
+                        f"plugins '{owners[name]}' and '{owner}' both declare the config section {name!r}"
+                    )
                 owners[name], sections[name] = owner, kind
         return sections
 
@@ -181,7 +183,9 @@ class VLMDPOPluginManager(pluggy.PluginManager):
         if isinstance(data, VLMDPOConfig):
             unknown = sorted(set(data.sections) - set(sections))
             if unknown:
-                raise ConfigError(f"config section(s) {unknown} belong to no loaded plugin; sections: {sorted(sections)}")
+                raise ConfigError(
+                    f"config section(s) {unknown} belong to no loaded plugin; sections: {sorted(sections)}"
+                )
             defaults = VLMDPOConfig.from_dict({}, sections=sections).sections
             config = VLMDPOConfig(**{**defaults, **data.sections})
         else:

@@ -71,7 +71,12 @@ class PreferenceStep:
         self.feature_reuse: ReferenceFeatureReuse | None = None
         sharing = config.section("sharing")
         # The framework's own loss runs its own forwards; extra rows repeat the chosen rows with other inputs.
-        if framework_computes_loss or self.extra_rows or sharing is None or not (sharing.prompt or sharing.vision_features):
+        if (
+            framework_computes_loss
+            or self.extra_rows
+            or sharing is None
+            or not (sharing.prompt or sharing.vision_features)
+        ):
             return
         self.sharing = PairSharing(model, sharing)
         if self.reference_pass and sharing.vision_features:
@@ -140,7 +145,10 @@ def preference_metrics(
     (LLaMA-Factory averages logged values over ranks itself).
     """
     collect = gather or (lambda tensor: tensor)
-    chosen, rejected = collect(output.chosen_rewards.detach().float()), collect(output.rejected_rewards.detach().float())
+    chosen, rejected = (
+        collect(output.chosen_rewards.detach().float()),
+        collect(output.rejected_rewards.detach().float()),
+    )
     metrics = {
         "rewards/chosen": chosen.mean().item(),
         "rewards/rejected": rejected.mean().item(),

@@ -62,7 +62,10 @@ SHARED_SETTINGS = (
     SharedSetting("loss.label_smoothing", "dpo_label_smoothing", read=lambda args: args.finetuning.dpo_label_smoothing),
     SharedSetting("loss.simpo_gamma", "simpo_gamma", read=lambda args: args.finetuning.simpo_gamma),
     SharedSetting(
-        "guards.max_grad_norm", "max_grad_norm", read=lambda args: args.training.max_grad_norm, to_plugin=positive_or_none
+        "guards.max_grad_norm",
+        "max_grad_norm",
+        read=lambda args: args.training.max_grad_norm,
+        to_plugin=positive_or_none,
     ),
     SharedSetting(
         "guards.non_reentrant_checkpointing",

@@ -14,7 +14,13 @@ import functools
 import logging
 from typing import Any
 
-from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun, apply_ddp_plan, checkpointing_kwargs, run_context, start_run
+from vlm_dpo_plugins.adapters.hf_trainer.run import (
+    PluginRun,
+    apply_ddp_plan,
+    checkpointing_kwargs,
+    run_context,
+    start_run,
+)
 from vlm_dpo_plugins.adapters.llamafactory.config_section import ParsedSection, latest
 from vlm_dpo_plugins.adapters.llamafactory.data_checks import checked_loading
 from vlm_dpo_plugins.adapters.llamafactory.settings import reconcile

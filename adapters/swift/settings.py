@@ -60,7 +60,9 @@ def written_arguments(argv: Iterable[str]) -> set[str]:
     return names
 
 
-def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, Set[str]], swift_written: Set[str]) -> shared.Reconciled:
+def reconcile(
+    args: Any, config: VLMDPOConfig, written: Mapping[str, Set[str]], swift_written: Set[str]
+) -> shared.Reconciled:
     """Merge swift's parsed ``RLHFArguments`` (changed in place) and ``config`` (replaced) into one set."""
     notes: list[str] = []
     framework_computes_loss = "type" not in written.get("loss", set())

@@ -15,7 +15,13 @@ import os
 import sys
 from typing import Any
 
-from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun, apply_ddp_plan, checkpointing_kwargs, run_context, start_run
+from vlm_dpo_plugins.adapters.hf_trainer.run import (
+    PluginRun,
+    apply_ddp_plan,
+    checkpointing_kwargs,
+    run_context,
+    start_run,
+)
 from vlm_dpo_plugins.adapters.swift.data_checks import checked_files
 from vlm_dpo_plugins.adapters.swift.settings import reconcile, written_arguments
 

@@ -101,7 +101,10 @@ def _loss_type(args: Any, config: VLMDPOConfig, loss_written: set[str], trl_set:
         return config.loss.type, False, []
     if trl_only_type or trl_options:
         reason = f"loss_type={trl_loss}" if trl_only_type else ", ".join(trl_options)
-        note = f"TRL computes the loss ({reason} is TRL's own); the plugins' loss variants are not used, every other hook runs"
+        note = (
+            f"TRL computes the loss ({reason} is TRL's own); the plugins' loss variants are not used, every other "
+            "hook runs"
+        )
         return config.loss.type, True, [note]
     return (trl_loss[0] if "loss_type" in trl_set else config.loss.type), False, []
 

@@ -75,7 +75,9 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         self.vlm_dpo_config: VLMDPOConfig = self._vlm_dpo_run.config
         self._trl_computes_loss = self._vlm_dpo_run.framework_computes_loss
         self._plan_checkpointing(dpo_args, context)
-        dpo_args.max_grad_norm = framework_max_grad_norm(self.vlm_dpo_config, context.uses_deepspeed, dpo_args.max_grad_norm)
+        dpo_args.max_grad_norm = framework_max_grad_norm(
+            self.vlm_dpo_config, context.uses_deepspeed, dpo_args.max_grad_norm
+        )
         arguments["args"] = dpo_args
         self._optimizer_passed_in = (arguments["optimizers"] or (None,))[0] is not None
         arguments["peft_config"] = self._lora_targets_from_policy(model, peft_config)

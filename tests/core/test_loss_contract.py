@@ -1,4 +1,4 @@
-"""The loss hooks' contract: a variant registered alone trains, extras come from declared rows, state keys are unique."""
+"""The loss hooks' contract: a variant registered alone trains, extras come from declared rows, unique state keys."""
 
 from __future__ import annotations
 
@@ -54,7 +54,9 @@ def test_a_wrapper_of_compute_loss_sees_a_registry_only_variant():
 
 def test_an_extras_key_nobody_provides_rows_for_is_named():
     manager = create_plugin_manager(load_entry_points=False)
-    with pytest.raises(PluginError, match=r"loss.type 'mine' reads PreferenceLogps.extras\['no_image'\], but no plugin"):
+    with pytest.raises(
+        PluginError, match=r"loss.type 'mine' reads PreferenceLogps.extras\['no_image'\], but no plugin"
+    ):
         resolve(manager, LossInputs(extras=("no_image",)), "mine")
 
 

@@ -62,7 +62,8 @@ class Diagnostics:
         self.set_up(config.diagnostics)
         loss, freeze = config.section("loss"), config.section("freeze")
         self.beta = loss.beta if loss is not None else self.beta
-        self.unfreeze_steps = frozenset(stage.at_step for stage in freeze.unfreeze) if freeze is not None else frozenset()
+        stages = freeze.unfreeze if freeze is not None else ()
+        self.unfreeze_steps = frozenset(stage.at_step for stage in stages)
 
     @hookimpl
     def vlm_dpo_train_begin(self, model: torch.nn.Module, context: RunContext) -> None:

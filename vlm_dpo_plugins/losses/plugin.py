@@ -11,7 +11,7 @@ from vlm_dpo_plugins.losses.registry import BUILTIN_LOSS_INPUTS, BUILTIN_LOSSES
 from vlm_dpo_plugins.markers import hookimpl
 from vlm_dpo_plugins.types import LossInputs
 
-EXTRA_ROWS = {key: CORRUPTED_IMAGE_ROWS for key in (CORRUPTED_IMAGE_ROWS.policy_key, CORRUPTED_IMAGE_ROWS.reference_key)}
+EXTRA_ROWS = {CORRUPTED_IMAGE_ROWS.policy_key: CORRUPTED_IMAGE_ROWS, CORRUPTED_IMAGE_ROWS.reference_key: CORRUPTED_IMAGE_ROWS}
 
 
 class LossVariants:

@@ -53,7 +53,9 @@ def test_a_variant_an_installed_plugin_only_registers_trains(swift_dpo, swift_ti
     path = tmp_path / "vlm_dpo.yaml"
     path.write_text(yaml.safe_dump({"loss": {"type": VARIANT}}))
     env = {"VLM_DPO_CONFIG": str(path), **install_variant_plugin(tmp_path / "plugins")}
-    run = swift_dpo(swift_tiny_models["qwen2_vl"], max_steps=2, extra_args=["--external_plugins", plugin_file], env_extra=env)
+    run = swift_dpo(
+        swift_tiny_models["qwen2_vl"], max_steps=2, extra_args=["--external_plugins", plugin_file], env_extra=env
+    )
     assert run.returncode == 0, run.tail()
     assert f"loss '{VARIANT}'" in run.stdout + run.stderr, run.tail()
     assert run.logged_steps()[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-4)
