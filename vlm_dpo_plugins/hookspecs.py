@@ -22,6 +22,7 @@ from vlm_dpo_plugins.markers import hookspec
 if TYPE_CHECKING:
     import torch
 
+    from vlm_dpo_plugins.collation.checkers import PairCheckers
     from vlm_dpo_plugins.config import VLMDPOConfig
     from vlm_dpo_plugins.losses.extra_rows import ExtraRows
     from vlm_dpo_plugins.types import (
@@ -119,9 +120,9 @@ def vlm_dpo_check_batch(batch: Mapping[str, torch.Tensor], step: int) -> Sequenc
 
 @hookspec(firstresult=True)
 def vlm_dpo_collate(
-    examples: list[Mapping[str, Any]], collate: Callable[[list[Mapping[str, Any]]], dict[str, Any]]
+    examples: list[Mapping[str, Any]], collate: Callable[[list[Mapping[str, Any]]], dict[str, Any]], checks: PairCheckers
 ) -> dict[str, Any] | None:
-    """Build a batch from ``examples``; the default calls the framework's ``collate``, wrappers transform its result."""
+    """Build a batch from ``examples`` with the framework's ``collate``; ``checks`` runs every plugin's checks."""
 
 
 # ---------------------------------------------------------------------------

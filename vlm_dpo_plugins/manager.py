@@ -252,8 +252,4 @@ def create_plugin_manager(
     if load_entry_points:
         manager.load_entry_points(allowed=_names_from_env(LOAD_PLUGINS_ENV))
     manager.check_pending()
-    collation = manager.get_plugin("collation")
-    if collation is not None:
-        # It runs the other plugins' pair checks inside the collation, so it needs the final plugin set.
-        collation.bind(manager)
     return manager

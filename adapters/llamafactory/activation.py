@@ -17,47 +17,31 @@ stage (``tuner.py`` imports all workflows), while TRL and the trainer are needed
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 from types import ModuleType
 from typing import Any
 
-WRAPPED_MARK = "__vlm_dpo_wrapped__"
-logger = logging.getLogger("vlm_dpo_plugins.adapters.llamafactory")
+from vlm_dpo_plugins.adapters.hf_trainer.activation import SupportedReleases, framework_logging, wrap_once
+
+RELEASES = SupportedReleases("LLaMA-Factory", "llamafactory", minimum="0.9.5", below="0.10", tested="0.9.5")
+SUPPORTED_RANGE = RELEASES.range
 
 
 def activate(dpo_package: ModuleType | None = None) -> bool:
     """Wrap LLaMA-Factory's parser and DPO workflow; True when active. Calling it again changes nothing."""
     import llamafactory
-    from vlm_dpo_plugins.adapters.llamafactory.version import SUPPORTED_RANGE, is_supported
 
-    if not is_supported(llamafactory.__version__):
-        logger.warning(
-            "vlm-dpo: LLaMA-Factory %s is outside the supported range %s; the adapter stays off and "
-            "LLaMA-Factory trains as it would without it (pip install 'llamafactory%s')",
-            llamafactory.__version__,
-            SUPPORTED_RANGE,
-            SUPPORTED_RANGE,
-        )
+    if RELEASES.stays_off(llamafactory.__version__):
         return False
     dpo_package = dpo_package or sys.modules["llamafactory.train.dpo"]
     from llamafactory.hparams import parser
     from vlm_dpo_plugins.adapters.llamafactory.config_section import split_section
     from vlm_dpo_plugins.adapters.llamafactory.workflow import plugin_run_dpo
 
-    _wrap(parser, "_parse_args", _parse_args_without_section(parser, split_section))
-    _wrap(dpo_package, "run_dpo", plugin_run_dpo)
+    wrap_once(parser, "_parse_args", _parse_args_without_section(parser, split_section))
+    wrap_once(dpo_package, "run_dpo", plugin_run_dpo)
     configure_logging()
     return True
-
-
-def _wrap(owner: ModuleType, name: str, make_wrapper: Any) -> None:
-    current = getattr(owner, name)
-    if getattr(current, WRAPPED_MARK, False):
-        return
-    wrapper = make_wrapper(current)
-    setattr(wrapper, WRAPPED_MARK, True)
-    setattr(owner, name, wrapper)
 
 
 def _parse_args_without_section(parser: ModuleType, split_section: Any) -> Any:
@@ -73,6 +57,4 @@ def _parse_args_without_section(parser: ModuleType, split_section: Any) -> Any:
 
 def configure_logging() -> None:
     """LLaMA-Factory's own line format: ``[LEVEL|logger] message``."""
-    from vlm_dpo_plugins.adapters.hf_trainer.console import configure_logging as configure
-
-    configure("[%(levelname)s|%(name)s] %(message)s")
+    framework_logging("[%(levelname)s|%(name)s] %(message)s")

@@ -25,6 +25,7 @@ from vlm_dpo_plugins.adapters.llamafactory.config_section import ParsedSection, 
 from vlm_dpo_plugins.adapters.llamafactory.data_checks import checked_loading
 from vlm_dpo_plugins.adapters.llamafactory.settings import reconcile
 
+from vlm_dpo_plugins.collation.wrapper import collation_report
 from vlm_dpo_plugins.config_source import load_plugin_config
 from vlm_dpo_plugins.manager import create_plugin_manager
 from vlm_dpo_plugins.types import LossInputs
@@ -44,11 +45,11 @@ def plugin_run_dpo(stock_run_dpo: Any) -> Any:
 
         stock_trainer = trainer_module.CustomDPOTrainer
         trainer_module.CustomDPOTrainer = functools.partial(PluginDPOTrainer, vlm_dpo_run=run)
-        collation = run.plugins.get_plugin("collation")
+        report = collation_report(run.plugins)
         try:
-            if collation is None:  # blocked: no checks at all
+            if report is None:  # the collation checks are blocked: no checks at all
                 return stock_run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
-            with checked_loading(run.config.collation, data_args, training_args, collation.report) as run.checked_files:
+            with checked_loading(run.config.collation, data_args, training_args, report) as run.checked_files:
                 return stock_run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
         finally:
             trainer_module.CustomDPOTrainer = stock_trainer

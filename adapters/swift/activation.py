@@ -18,27 +18,21 @@ import functools
 import logging
 from typing import Any
 
+from vlm_dpo_plugins.adapters.hf_trainer.activation import SupportedReleases, framework_logging, wrap_once
+
 TRAINER_PATH = "vlm_dpo_plugins.adapters.swift.trainer.PluginDPOTrainer"
 STOCK_TRAINER_PATH = "swift.rlhf_trainers.DPOTrainer"
-WRAPPED_MARK = "__vlm_dpo_wrapped__"
+RELEASES = SupportedReleases("ms-swift", "ms-swift", minimum="4.6", below="5", tested="4.6.0")
+SUPPORTED_RANGE = RELEASES.range
 logger = logging.getLogger("vlm_dpo_plugins.adapters.swift")
 
 
 def activate() -> bool:
     """Point swift's DPO trainer at the plugin subclass; True when active. Calling it again changes nothing."""
     import swift
-    from vlm_dpo_plugins.adapters.hf_trainer.console import configure_logging
-    from vlm_dpo_plugins.adapters.swift.version import SUPPORTED_RANGE, is_supported
 
-    configure_logging("[%(levelname)s:%(name)s] %(message)s")  # swift's own line format
-    if not is_supported(swift.__version__):
-        logger.warning(
-            "vlm-dpo: ms-swift %s is outside the supported range %s; the adapter stays off and swift trains as it "
-            "would without it (pip install 'ms-swift%s')",
-            swift.__version__,
-            SUPPORTED_RANGE,
-            SUPPORTED_RANGE,
-        )
+    framework_logging("[%(levelname)s:%(name)s] %(message)s")  # swift's own line format
+    if RELEASES.stays_off(swift.__version__):
         return False
     from swift.pipelines.train.rlhf import SwiftRLHF
     from swift.trainers import TrainerFactory
@@ -51,43 +45,35 @@ def activate() -> bool:
         )
         return False
     mapping["dpo"] = TRAINER_PATH
-    _wrap_prepare_model(SwiftRLHF)
-    _wrap_get_dataset(SwiftRLHF)
+    wrap_once(SwiftRLHF, "prepare_model", _prepare_model, unwrap=lambda held: held.__func__)
+    wrap_once(SwiftRLHF, "_get_dataset", _get_dataset)
     return True
 
 
-def _wrap_prepare_model(pipeline: type) -> None:
-    stock = pipeline.__dict__["prepare_model"]  # a classmethod object
-    if getattr(stock.__func__, WRAPPED_MARK, False):
-        return
-    stock_function = stock.__func__
+def _prepare_model(stock: Any) -> Any:
+    """Swift applies LoRA or the full-tuning freeze from its arguments here: the run is prepared just before."""
 
-    @functools.wraps(stock_function)
+    @functools.wraps(stock)
     def prepare_model(cls: Any, args: Any, model: Any, *positional: Any, **kwargs: Any) -> Any:
         if getattr(args, "rlhf_type", None) == "dpo":
             from vlm_dpo_plugins.adapters.swift.workflow import prepare_run
 
             prepare_run(args)
-        return stock_function(cls, args, model, *positional, **kwargs)
+        return stock(cls, args, model, *positional, **kwargs)
 
-    setattr(prepare_model, WRAPPED_MARK, True)
-    pipeline.prepare_model = classmethod(prepare_model)
+    return prepare_model
 
 
-def _wrap_get_dataset(pipeline: type) -> None:
-    stock = pipeline.__dict__["_get_dataset"]
-    if getattr(stock, WRAPPED_MARK, False):
-        return
-
+def _get_dataset(stock: Any) -> Any:
     @functools.wraps(stock)
-    def _get_dataset(self: Any) -> Any:
+    def get_dataset(self: Any) -> Any:
         if getattr(self.args, "rlhf_type", None) != "dpo":
             return stock(self)
         from vlm_dpo_plugins.adapters.swift.data_checks import checked_loading
-        from vlm_dpo_plugins.adapters.swift.workflow import plugin_config
+        from vlm_dpo_plugins.adapters.swift.workflow import current_run
 
-        with checked_loading(self.args, plugin_config().collation):
+        run = current_run(self.args)
+        with checked_loading(self.args, run.plugins, run.config.collation) as run.checked_files:
             return stock(self)
 
-    setattr(_get_dataset, WRAPPED_MARK, True)
-    pipeline._get_dataset = _get_dataset
+    return get_dataset

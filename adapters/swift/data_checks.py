@@ -21,27 +21,19 @@ from typing import Any
 from vlm_dpo_plugins.collation.file_checks import CheckedFiles, check_file
 from vlm_dpo_plugins.collation.report import ReportFile
 from vlm_dpo_plugins.collation.settings import CollationConfig
+from vlm_dpo_plugins.collation.wrapper import collation_report
 
 FRAMEWORK = "ms-swift"
 logger = logging.getLogger("vlm_dpo_plugins.adapters.swift")
 
-_last: tuple[CheckedFiles, ReportFile] | None = None
-"""The files the last dataset load checked, and the report it wrote: the trainer of that run takes them."""
-
-
-def checked_files() -> tuple[CheckedFiles, ReportFile] | None:
-    return _last
-
-
 @contextlib.contextmanager
-def checked_loading(args: Any, config: CollationConfig) -> Iterator[CheckedFiles]:
+def checked_loading(args: Any, plugins: Any, config: CollationConfig) -> Iterator[CheckedFiles]:
     """While swift reads its ``--dataset`` files, each is checked first and read without its skipped rows."""
-    global _last
     from swift.dataset import loader
 
-    files, report = CheckedFiles(FRAMEWORK), ReportFile()
-    _last = None
-    if not (config.enabled and config.check_files):
+    files = CheckedFiles(FRAMEWORK)
+    report = collation_report(plugins)
+    if report is None or not (config.enabled and config.check_files):
         yield files
         return
     report_path = ReportFile.resolve(config.report_path, args.output_dir)
@@ -72,7 +64,6 @@ def checked_loading(args: Any, config: CollationConfig) -> Iterator[CheckedFiles
         yield files
     finally:
         loader.hf_load_dataset = stock
-    _last = (files, report)
 
 
 def _checkable_file(entry: str) -> Path | None:

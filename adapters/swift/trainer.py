@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from vlm_dpo_plugins.adapters.swift.workflow import take_run
 
 from vlm_dpo_plugins.collation.policy import decide
 from vlm_dpo_plugins.collation.report import CollationSummary
+from vlm_dpo_plugins.collation.wrapper import record_findings
 from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.sharing.logits import response_logit_means
 from vlm_dpo_plugins.types import Finding, Severity
@@ -97,10 +97,7 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
 
     def _add_prescan_findings(self, summary: CollationSummary) -> None:
         decided = [decide(finding, self.vlm_dpo_config.collation) for finding in self._encode_findings]
-        summary.add(decided, 0)
-        collation = self.plugins.get_plugin("collation")
-        if collation is not None and summary.report_path:
-            collation.report.write(decided, Path(summary.report_path), "scan")
+        record_findings(self.plugins, decided, summary, "scan")
 
     def _select_rows(self, positions: list[int]) -> Any:
         from swift.dataset import LazyLLMDataset

@@ -1,9 +1,9 @@
-"""One swift DPO run with the plugins: settings reconciled before swift prepares the model.
+"""One swift DPO run with the plugins: one plugin manager from the data checks to the trainer.
 
-``prepare_run(args)`` runs right before ``SwiftRLHF.prepare_model`` (LoRA, full-tuning
-freeze): the plugin config (``VLM_DPO_CONFIG``) is reconciled with swift's arguments
-(``settings.py``), the checkpointing/DDP plan written into the training arguments swift's
-trainer reads, and the run kept for the trainer that swift builds next from
+Swift reads its ``--dataset`` files first (checked by ``data_checks.py`` with this run's plugins), then
+``prepare_run(args)`` runs right before ``SwiftRLHF.prepare_model`` (LoRA, full-tuning freeze): the plugin config
+(``VLM_DPO_CONFIG``) is reconciled with swift's arguments (``settings.py``), the checkpointing/DDP plan written
+into the training arguments swift's trainer reads, and the run kept for the trainer swift builds next from
 ``TRAINER_MAPPING['dpo']``.
 """
 
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.run import (
@@ -22,7 +23,6 @@ from vlm_dpo_plugins.adapters.hf_trainer.run import (
     run_context,
     start_run,
 )
-from vlm_dpo_plugins.adapters.swift.data_checks import checked_files
 from vlm_dpo_plugins.adapters.swift.settings import reconcile, written_arguments
 
 from vlm_dpo_plugins.collation.file_checks import CheckedFiles
@@ -33,18 +33,38 @@ from vlm_dpo_plugins.manager import create_plugin_manager
 CONFIG_VARIABLE = "VLM_DPO_CONFIG"
 logger = logging.getLogger("vlm_dpo_plugins.adapters.swift")
 
-_pending: tuple[PluginRun, Any] | None = None
-"""The run prepared last, with the training arguments it was prepared for."""
+
+@dataclass
+class SwiftRun:
+    """One swift run's plugins, keyed by swift's arguments object, from the data checks to the trainer."""
+
+    args: Any
+    plugins: Any
+    config: VLMDPOConfig
+    written: dict[str, set[str]]
+    checked_files: CheckedFiles | None = None
+    prepared: tuple[PluginRun, Any] | None = None
+    """The run ``prepare_run`` made last, with the training arguments it was made for."""
+
+
+_current: SwiftRun | None = None
+
+
+def current_run(args: Any) -> SwiftRun:
+    """This swift run's plugins and config, made on first use (the data checks, or ``prepare_run``)."""
+    global _current
+    if _current is None or _current.args is not args:
+        plugins = create_plugin_manager()
+        config, written = load_plugin_config(plugins, os.environ.get(CONFIG_VARIABLE) or None)
+        _current = SwiftRun(args, plugins, config, written)
+    return _current
 
 
 def prepare_run(args: Any) -> PluginRun:
-    global _pending
     import swift
 
-    source = os.environ.get(CONFIG_VARIABLE) or None
-    plugins = create_plugin_manager()
-    config, written = load_plugin_config(plugins, source)
-    reconciled = reconcile(args, config, written, written_arguments(_command_line()))
+    current = current_run(args)
+    reconciled = reconcile(args, current.config, current.written, written_arguments(_command_line()))
     training_args = args.training_args
     context = run_context(
         "swift",
@@ -53,38 +73,25 @@ def prepare_run(args: Any) -> PluginRun:
         uses_peft=args.tuner_type != "full",
         gradient_checkpointing=bool(training_args.gradient_checkpointing),
     )
-    run = start_run(plugins, reconciled, context, f"{CONFIG_VARIABLE}={source}" if source else "defaults")
+    source = os.environ.get(CONFIG_VARIABLE)
+    run = start_run(current.plugins, reconciled, context, f"{CONFIG_VARIABLE}={source}" if source else "defaults")
     _warn_about_unsynchronised_cpu_ranks(training_args)
     # Swift forces its ``use_reentrant`` on every checkpoint call, read from ``gradient_checkpointing_kwargs``.
-    planned = checkpointing_kwargs(plugins, context)
+    planned = checkpointing_kwargs(current.plugins, context)
     if planned:
         training_args.gradient_checkpointing_kwargs = {**(training_args.gradient_checkpointing_kwargs or {}), **planned}
-    apply_ddp_plan(plugins, context, training_args)
-    run.checked_files = _take_checked_files(plugins)
-    _pending = (run, training_args)
+    apply_ddp_plan(current.plugins, context, training_args)
+    run.checked_files = current.checked_files
+    current.prepared = (run, training_args)
     return run
-
-
-def plugin_config() -> VLMDPOConfig:
-    """The plugin config as ``VLM_DPO_CONFIG`` names it, for the steps before swift prepares the model."""
-    return load_plugin_config(create_plugin_manager(), os.environ.get(CONFIG_VARIABLE) or None)[0]
-
-
-def _take_checked_files(plugins: Any) -> CheckedFiles | None:
-    checked = checked_files()
-    collation = plugins.get_plugin("collation")
-    if checked is None or collation is None:
-        return None
-    files, report = checked
-    collation.report.started |= report.started  # the run's report goes on after the file checks' lines
-    return files
 
 
 def take_run(training_args: Any) -> PluginRun | None:
     """The run prepared for these training arguments (once), or None when swift's pipeline did not prepare one."""
-    global _pending
-    pending, _pending = _pending, None
-    return pending[0] if pending is not None and pending[1] is training_args else None
+    if _current is None or _current.prepared is None or _current.prepared[1] is not training_args:
+        return None
+    run, _current.prepared = _current.prepared[0], None
+    return run
 
 
 def _command_line() -> list[str]:

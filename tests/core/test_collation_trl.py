@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from vlm_dpo_plugins.collation.policy import PairCheckError
+from vlm_dpo_plugins.collation.wrapper import HookedCollator
 from vlm_dpo_plugins.manager import create_plugin_manager
 from vlm_dpo_plugins.types import RunContext
 
@@ -58,7 +59,7 @@ def test_warn_reports_identical_pairs_with_their_rows_and_keeps_them(llava_proce
     manager = configured(tmp_path, "warn")
     collator = DataCollatorForVisionPreference(llava_processor)
     with caplog.at_level(logging.WARNING, logger="vlm_dpo_plugins.collation"):
-        batch = manager.hook.vlm_dpo_collate(examples=rows_with_identical_pairs(), collate=collator)
+        batch = HookedCollator(manager, collator)(rows_with_identical_pairs())
     assert batch["input_ids"].shape[0] == 8 and batch["pixel_values"].shape[0] == 8
     logged = [record.getMessage() for record in caplog.records if record.name == "vlm_dpo_plugins.collation"]
     assert [message.split(":")[0] for message in logged] == ["kept (row 21)", "kept (row 23)"]
@@ -72,7 +73,7 @@ def test_skip_drops_identical_pairs_counts_them_and_files_them(llava_processor, 
     manager = configured(tmp_path, "skip")
     collator = DataCollatorForVisionPreference(llava_processor)
     rows = rows_with_identical_pairs()
-    batch = manager.hook.vlm_dpo_collate(examples=rows, collate=collator)
+    batch = HookedCollator(manager, collator)(rows)
     expected = collator([{k: v for k, v in rows[i].items() if k != "row_index"} for i in (0, 2)])
     assert sorted(batch) == sorted(expected)
     assert all(torch.equal(batch[key], expected[key]) for key in batch)
@@ -86,8 +87,7 @@ def test_skip_drops_identical_pairs_counts_them_and_files_them(llava_processor, 
 def test_error_raises_naming_the_identical_rows(llava_processor, tmp_path):
     manager = configured(tmp_path, "error")
     with pytest.raises(PairCheckError, match=r"^collation checks failed for 2 row\(s\): 21, 23\n") as raised:
-        manager.hook.vlm_dpo_collate(examples=rows_with_identical_pairs(),
-                                     collate=DataCollatorForVisionPreference(llava_processor))
+        HookedCollator(manager, DataCollatorForVisionPreference(llava_processor))(rows_with_identical_pairs())
     assert "identical-pair (row 21, field 'rejected'): chosen and rejected responses are token-identical" in str(
         raised.value
     )
@@ -119,12 +119,12 @@ def test_a_qwen2_vl_prompt_cut_inside_its_images_is_named_or_left_out_instead_of
     manager = create_plugin_manager(load_entry_points=False)
     manager.hook.vlm_dpo_configure(config=manager.load_config({}))
     with pytest.raises(PairCheckError, match=r"image-tokens-truncated \(row 1, field 'chosen'\).*its 2 image\(s\) need 32"):
-        manager.hook.vlm_dpo_collate(examples=[dict(row) for row in rows], collate=collator)
+        HookedCollator(manager, collator)([dict(row) for row in rows])
 
     manager.hook.vlm_dpo_configure(config=manager.load_config(
         {"collation": {"policy": {"image-tokens-truncated": "skip"}, "report_path": str(tmp_path_factory.mktemp("r") / "r.jsonl")}}
     ))
-    batch = manager.hook.vlm_dpo_collate(examples=[dict(row) for row in rows], collate=collator)
+    batch = HookedCollator(manager, collator)([dict(row) for row in rows])
     assert batch["input_ids"].shape[0] == 2 and batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
     with torch.no_grad():
         assert torch.isfinite(model(**{k: v for k, v in batch.items() if k != "completion_mask"}).logits).all()

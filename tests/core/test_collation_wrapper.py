@@ -107,7 +107,7 @@ def test_identical_pairs_under_warn_are_reported_with_their_rows_and_kept(tmp_pa
     manager = configured(tmp_path, policy={"identical-pair": "warn"})
     collate = TrlLayoutCollator()
     with caplog.at_level(logging.WARNING, logger="vlm_dpo_plugins.collation"):
-        batch = manager.hook.vlm_dpo_collate(examples=batch_of_identical_pairs(), collate=collate)
+        batch = HookedCollator(manager, collate)(batch_of_identical_pairs())
     assert batch["input_ids"].shape[0] == 8  # all four pairs kept
     assert len(collate.seen) == 1  # collated once: nothing to rebuild
     warned = [record.getMessage() for record in caplog.records if record.name == "vlm_dpo_plugins.collation"]
@@ -124,7 +124,7 @@ def test_identical_pairs_under_skip_are_dropped_counted_and_listed_in_the_report
     manager = configured(tmp_path, policy={"identical-pair": "skip"})
     collate = TrlLayoutCollator()
     examples = batch_of_identical_pairs()
-    batch = manager.hook.vlm_dpo_collate(examples=examples, collate=collate)
+    batch = HookedCollator(manager, collate)(examples)
     # The batch is what the framework's collator builds for the two remaining rows, exactly.
     expected = TrlLayoutCollator()([examples[0], examples[2]])
     assert batch.keys() == expected.keys()
@@ -143,7 +143,7 @@ def test_identical_pairs_under_skip_are_dropped_counted_and_listed_in_the_report
 def test_identical_pairs_under_error_raise_naming_every_row(tmp_path):
     manager = configured(tmp_path)  # identical-pair defaults to error
     with pytest.raises(PairCheckError) as raised:
-        manager.hook.vlm_dpo_collate(examples=batch_of_identical_pairs(), collate=TrlLayoutCollator())
+        HookedCollator(manager, TrlLayoutCollator())(batch_of_identical_pairs())
     message = str(raised.value)
     assert message.splitlines()[0] == "collation checks failed for 2 row(s): 101, 103"
     assert "[error] identical-pair (row 101, field 'rejected')" in message
@@ -161,8 +161,8 @@ def test_identical_pairs_under_error_raise_naming_every_row(tmp_path):
 def test_rows_without_an_index_are_counted_across_batches(tmp_path):
     manager = configured(tmp_path, policy={"identical-pair": "skip"})
     collate = TrlLayoutCollator()
-    manager.hook.vlm_dpo_collate(examples=list(GOOD), collate=collate)
-    manager.hook.vlm_dpo_collate(examples=[GOOD[0], IDENTICAL, GOOD[1]], collate=collate)
+    HookedCollator(manager, collate)(list(GOOD))
+    HookedCollator(manager, collate)([GOOD[0], IDENTICAL, GOOD[1]])
     assert manager.get_plugin("collation").summary.skipped_rows == {3}
 
 
@@ -171,7 +171,7 @@ def test_a_prompt_cut_inside_its_image_is_skipped_and_the_rest_rebuilt(tmp_path)
     manager = configured(tmp_path, policy={"image-tokens-truncated": "skip"})
     rows = [example([11, EOS], [12, EOS], images=()), example([10, 13, EOS], [10, 14, EOS])]
     collate = TrlLayoutCollator(max_length=4)
-    batch = manager.hook.vlm_dpo_collate(examples=rows, collate=collate)
+    batch = HookedCollator(manager, collate)(rows)
     assert manager.get_plugin("collation").summary.skipped_rows == {1}
     assert "image_grid_thw" not in batch and batch["input_ids"].shape[0] == 2
     (line,) = [line for line in report_lines(tmp_path) if line["field"] == "chosen"]
@@ -183,7 +183,7 @@ def test_a_missing_image_is_caught_before_the_collator_opens_it(tmp_path):
     rows = [example([10, 11, EOS], [10, 12, EOS], images=[str(tmp_path / "gone.png")], row=8)]
     collate = TrlLayoutCollator()
     with pytest.raises(PairCheckError, match=r"image-unreadable \(row 8, field 'images\[0\]'\)"):
-        manager.hook.vlm_dpo_collate(examples=rows, collate=collate)
+        HookedCollator(manager, collate)(rows)
     assert collate.seen == []
 
 
@@ -196,10 +196,10 @@ def test_a_row_the_collator_raises_on_is_named_and_can_be_skipped(tmp_path):
 
     rows = [GOOD[0], example([], [10, 12, EOS], row=5), GOOD[1]]
     with pytest.raises(PairCheckError, match=r"collate-failed \(row 5, field 'row'\).*does not match number") as raised:
-        configured(tmp_path).hook.vlm_dpo_collate(examples=rows, collate=Strict())
+        HookedCollator(configured(tmp_path), Strict())(rows)
     assert isinstance(raised.value.__cause__, ValueError)
     skipping = configured(tmp_path, policy={"collate-failed": "skip"})
-    assert skipping.hook.vlm_dpo_collate(examples=rows, collate=Strict())["input_ids"].shape[0] == 4
+    assert HookedCollator(skipping, Strict())(rows)["input_ids"].shape[0] == 4
 
 
 def test_when_every_row_of_a_batch_fails_alone_each_is_named(tmp_path):
@@ -211,7 +211,7 @@ def test_when_every_row_of_a_batch_fails_alone_each_is_named(tmp_path):
 
     rows = [example([], [10, 12, EOS], row=3), example([], [10, 13, EOS], row=4)]
     with pytest.raises(PairCheckError) as raised:
-        configured(tmp_path).hook.vlm_dpo_collate(examples=rows, collate=Strict())
+        HookedCollator(configured(tmp_path), Strict())(rows)
     assert "collate-failed (row 3, field 'row')" in str(raised.value)
     assert "collate-failed (row 4, field 'row')" in str(raised.value)
 
@@ -219,15 +219,15 @@ def test_when_every_row_of_a_batch_fails_alone_each_is_named(tmp_path):
 def test_a_batch_left_empty_by_skips_raises_instead_of_training_on_nothing(tmp_path):
     manager = configured(tmp_path, policy={"identical-pair": "skip"})
     with pytest.raises(PairCheckError, match="all 1 pair\\(s\\) of this batch were skipped"):
-        manager.hook.vlm_dpo_collate(examples=[IDENTICAL], collate=TrlLayoutCollator())
+        HookedCollator(manager, TrlLayoutCollator())([IDENTICAL])
 
 
 def test_off_and_disabled_pass_the_batch_through(tmp_path):
     off = configured(tmp_path, policy={"identical-pair": "off"})
-    assert off.hook.vlm_dpo_collate(examples=[IDENTICAL], collate=TrlLayoutCollator())["input_ids"].shape[0] == 2
+    assert HookedCollator(off, TrlLayoutCollator())([IDENTICAL])["input_ids"].shape[0] == 2
     disabled = configured(tmp_path, enabled=False)
     collate = TrlLayoutCollator()
-    disabled.hook.vlm_dpo_collate(examples=[dict(IDENTICAL, row_index=4)], collate=collate)
+    HookedCollator(disabled, collate)([dict(IDENTICAL, row_index=4)])
     assert "row_index" not in collate.seen[0][0]
 
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from vlm_dpo_plugins import hookimpl, hookspecs
+from vlm_dpo_plugins.collation.wrapper import HookedCollator
 from vlm_dpo_plugins.manager import create_plugin_manager
 
 SPECS = {name: fn for name, fn in vars(hookspecs).items() if name.startswith("vlm_dpo_") and callable(fn)}
@@ -43,7 +44,7 @@ def test_a_wrapper_transforms_the_framework_collators_batch():
             return batch
 
     manager = create_plugin_manager(load_entry_points=False, extra_plugins={"pair_index": AddPairIndex()})
-    batch = manager.hook.vlm_dpo_collate(examples=[{"a": 1}, {"a": 2}], collate=lambda rows: {"a": [r["a"] for r in rows]})
+    batch = HookedCollator(manager, lambda rows: {"a": [r["a"] for r in rows]})([{"a": 1}, {"a": 2}])
     assert batch == {"a": [1, 2], "pair_index": [0, 1]}
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vlm_dpo_plugins.collation.checkers import PairCheckers
 from vlm_dpo_plugins.collation.checks import check_example_images, check_pair
 from vlm_dpo_plugins.collation.flow import Inspection, inspect, prepare
 from vlm_dpo_plugins.collation.policy import PairCheckError
@@ -45,18 +46,9 @@ class PairChecks:
         self.next_row = 0
         self.token_facts: TokenFacts | None = None
         self._facts_cache: tuple[int, TokenFacts] | None = None
-        self._other_pair_checks: Callable[..., list] | None = None
-        self._other_example_checks: Callable[..., list] | None = None
         self._layout_warned = False
 
     # -- set-up -----------------------------------------------------------
-
-    def bind(self, manager: Any) -> None:
-        """Let checks other plugins implement (``vlm_dpo_check_pair``/``_example``) run inside the collation too."""
-        pair_caller = manager.subset_hook_caller("vlm_dpo_check_pair", remove_plugins=[self])
-        example_caller = manager.subset_hook_caller("vlm_dpo_check_example", remove_plugins=[self])
-        self._other_pair_checks = pair_caller if pair_caller.get_hookimpls() else None
-        self._other_example_checks = example_caller if example_caller.get_hookimpls() else None
 
     def use_token_facts(self, facts: TokenFacts) -> None:
         """Set the tokenizer facts explicitly instead of reading them from the collator's processor."""
@@ -72,21 +64,24 @@ class PairChecks:
 
     # -- the checks as hooks ----------------------------------------------
 
-    @hookimpl
+    # tryfirst: the built-in checks' findings come first for a row (its first finding is the one a file check names).
+    @hookimpl(tryfirst=True)
     def vlm_dpo_check_example(self, example: Mapping[str, Any], row: int) -> list[Finding]:
         if not self.config.enabled:
             return []
         return check_example_images(example, row, verify=self.config.verify_images)
 
-    @hookimpl
+    @hookimpl(tryfirst=True)
     def vlm_dpo_check_pair(self, pair: TokenizedPair) -> list[Finding]:
         return check_pair(pair) if self.config.enabled else []
 
     @hookimpl(trylast=True)
-    def vlm_dpo_collate(self, examples: list[Mapping[str, Any]], collate: Collate) -> dict[str, Any]:
+    def vlm_dpo_collate(
+        self, examples: list[Mapping[str, Any]], collate: Collate, checks: PairCheckers
+    ) -> dict[str, Any]:
         if not self.config.enabled or not examples:
             return collate(prepare(examples, range(len(examples)), self.config.row_index_key))
-        inspection = self._inspect(examples, collate, self._row_indices(examples))
+        inspection = self._inspect(examples, collate, self._row_indices(examples), checks)
         self._record(inspection, self.summary, origin="train")
         if inspection.errors:
             first_collate_error = next(iter(inspection.collate_errors.values()), None)
@@ -139,6 +134,7 @@ class PairChecks:
         self,
         examples: Iterable[Mapping[str, Any]],
         collate: Collate,
+        checks: PairCheckers,
         *,
         batch_size: int = 8,
         limit: int | None = None,
@@ -155,20 +151,22 @@ class PairChecks:
         while batch := list(itertools.islice(source, batch_size)):
             key = self.config.row_index_key
             rows = [example.get(key, start + offset) for offset, example in enumerate(batch)]
-            self._record(self._inspect(batch, collate, rows), summary, origin="scan")
+            self._record(self._inspect(batch, collate, rows, checks), summary, origin="scan")
             start += len(batch)
         return summary
 
     # -- internals ---------------------------------------------------------
 
-    def _inspect(self, examples: Sequence[Mapping[str, Any]], collate: Collate, rows: list[int]) -> Inspection:
+    def _inspect(
+        self, examples: Sequence[Mapping[str, Any]], collate: Collate, rows: list[int], checks: PairCheckers
+    ) -> Inspection:
         inspection = inspect(
             examples, collate, rows,
             config=self.config,
             facts=self._facts(collate),
             max_length=collator_max_length(collate),
-            check_example=self._check_example,
-            check_pair=self._check_pair,
+            check_example=checks.example,
+            check_pair=checks.pair,
         )
         if inspection.layout_problem and not self._layout_warned:
             self._layout_warned = True
@@ -199,15 +197,3 @@ class PairChecks:
             facts = TokenFacts() if processor is None else TokenFacts.from_processor(processor)
             self._facts_cache = (id(processor), facts)
         return self._facts_cache[1]
-
-    def _check_example(self, example: Mapping[str, Any], row: int) -> list[Finding]:
-        findings = self.vlm_dpo_check_example(example, row)
-        if self._other_example_checks is not None:
-            findings += [found for batch in self._other_example_checks(example=example, row=row) for found in batch]
-        return findings
-
-    def _check_pair(self, pair: TokenizedPair) -> list[Finding]:
-        findings = check_pair(pair)
-        if self._other_pair_checks is not None:
-            findings += [found for batch in self._other_pair_checks(pair=pair) for found in batch]
-        return findings

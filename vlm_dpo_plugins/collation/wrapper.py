@@ -9,10 +9,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from vlm_dpo_plugins.collation.checkers import PairCheckers
 from vlm_dpo_plugins.collation.plugin import PairChecks
-from vlm_dpo_plugins.collation.report import CollationSummary
+from vlm_dpo_plugins.collation.report import CollationSummary, ReportFile
+from vlm_dpo_plugins.types import Finding
 
 Collate = Callable[[list[Mapping[str, Any]]], dict[str, Any]]
 
@@ -26,13 +29,15 @@ class HookedCollator:
     def __init__(self, manager: Any, collate: Collate) -> None:
         self.manager = manager
         self.collate = collate
-        _bound_checks(manager)
+        self.checks = PairCheckers(manager)
 
     def __call__(self, examples: list[Mapping[str, Any]]) -> dict[str, Any]:
-        return self.manager.hook.vlm_dpo_collate(examples=list(examples), collate=self.collate)
+        batch = self.manager.hook.vlm_dpo_collate(examples=list(examples), collate=self.collate, checks=self.checks)
+        # With the collation checks blocked, no plugin answers: the framework's collator alone builds the batch.
+        return self.collate(list(examples)) if batch is None else batch
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("manager", "collate"):  # not set yet (unpickling): never recurse
+        if name in ("manager", "collate", "checks"):  # not set yet (unpickling): never recurse
             raise AttributeError(name)
         return getattr(self.collate, name)
 
@@ -53,10 +58,11 @@ def scan_dataset(
     the rows to leave out, and the report file lists the skipped and warned rows.
     Row indices are positions in ``examples`` unless a row carries ``collation.row_index_key``.
     """
-    checks = _bound_checks(manager)
-    if checks is None:
+    plugin = _collation_plugin(manager)
+    if plugin is None:
         return CollationSummary()
-    return checks.scan(examples, collate, batch_size=batch_size, limit=limit, output_dir=output_dir)
+    checks = PairCheckers(manager)
+    return plugin.scan(examples, collate, checks, batch_size=batch_size, limit=limit, output_dir=output_dir)
 
 
 def keep_rows(total: int, summary: CollationSummary, row_indices: Sequence[int] | None = None) -> list[int]:
@@ -70,9 +76,26 @@ def keep_rows(total: int, summary: CollationSummary, row_indices: Sequence[int] 
     return [position for position, row in zip(range(total), rows, strict=True) if row not in dropped]
 
 
-def _bound_checks(manager: Any) -> PairChecks | None:
-    checks = manager.get_plugin("collation")
-    if not isinstance(checks, PairChecks):  # blocked, or replaced by another plugin of that name
-        return None
-    checks.bind(manager)
-    return checks
+def collation_report(manager: Any) -> ReportFile | None:
+    """The report file the collation checks of this run write (``collation.report_path``); None when blocked.
+
+    Findings made outside the collation (the file checks before a framework reads its data, an encoder that
+    rejected a row) go into the same file, after the run's first lines.
+    """
+    plugin = _collation_plugin(manager)
+    return None if plugin is None else plugin.report
+
+
+def record_findings(
+    manager: Any, decided: list[tuple[Finding, str]], summary: CollationSummary, origin: str
+) -> None:
+    """Findings made outside the collation, decided by the policies, counted in ``summary`` and reported."""
+    summary.add(decided, 0)
+    report = collation_report(manager)
+    if report is not None and summary.report_path:
+        report.write(decided, Path(summary.report_path), origin)
+
+
+def _collation_plugin(manager: Any) -> PairChecks | None:
+    plugin = manager.get_plugin("collation")
+    return plugin if isinstance(plugin, PairChecks) else None  # blocked, or replaced by another of that name

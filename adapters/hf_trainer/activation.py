@@ -1,0 +1,72 @@
+"""What every adapter's activation does: check the framework's release, wrap its functions once, log its way.
+
+An adapter is written against one framework release line; outside it, its overrides would silently compute
+something else, so it stays off (LLaMA-Factory, ms-swift: the framework trains as it would alone, with a
+warning) or refuses to import (TRL, whose users import the trainer themselves).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vlm_dpo_plugins.adapters.hf_trainer.console import configure_logging
+
+WRAPPED_MARK = "__vlm_dpo_wrapped__"
+logger = logging.getLogger("vlm_dpo_plugins.adapters")
+
+
+@dataclass(frozen=True)
+class SupportedReleases:
+    framework: str
+    package: str
+    """The distribution name, for the ``pip install`` hint."""
+    minimum: str
+    below: str
+    tested: str
+
+    @property
+    def range(self) -> str:
+        return f">={self.minimum},<{self.below}"
+
+    def supports(self, version: str) -> bool:
+        from packaging.version import Version
+
+        return Version(self.minimum) <= Version(Version(version).base_version) < Version(self.below)
+
+    def stays_off(self, version: str) -> bool:
+        """True, with the warning, when ``version`` is outside the range: the adapter then changes nothing."""
+        if self.supports(version):
+            return False
+        logger.warning(
+            "vlm-dpo: %s %s is outside the supported range %s; the adapter stays off and %s trains as it would "
+            "without it (pip install '%s%s')",
+            self.framework,
+            version,
+            self.range,
+            self.framework,
+            self.package,
+            self.range,
+        )
+        return True
+
+
+def wrap_once(owner: Any, name: str, make_wrapper: Callable[[Any], Any], *, unwrap: Callable[[Any], Any] = None) -> None:
+    """``owner.name = make_wrapper(owner.name)``, unless it is a wrapper already (activating twice changes nothing).
+
+    ``unwrap``: how to get the function from what ``owner`` holds (a ``classmethod``'s ``__func__``).
+    """
+    held = vars(owner)[name] if isinstance(owner, type) else getattr(owner, name)
+    current = unwrap(held) if unwrap is not None else held
+    if getattr(current, WRAPPED_MARK, False):
+        return
+    wrapper = make_wrapper(current)
+    setattr(wrapper, WRAPPED_MARK, True)
+    setattr(owner, name, classmethod(wrapper) if isinstance(held, classmethod) else wrapper)
+
+
+def framework_logging(line_format: str) -> None:
+    """The adapters' log lines in the framework's own format (INFO from local rank 0, warnings from every rank)."""
+    configure_logging(line_format)
