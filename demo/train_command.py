@@ -211,7 +211,7 @@ def _headline(source: str, trainer: Any, steps: int, device: str) -> str:
 def _print_freeze_report(trainer: Any, out: TextIO) -> None:
     from vlm_dpo_plugins.freeze.report import trainable_report
 
-    for group, numbers in trainable_report(trainer._groups, trainer.model).items():
+    for group, numbers in trainable_report(trainer.vlm_dpo_groups, trainer.model).items():
         if numbers["parameters"]:
             state = "trainable" if numbers["trainable"] else "frozen"
             print(f"  {group:<10} {numbers['parameters']:>12,} parameters  {state}", file=out)
@@ -236,7 +236,7 @@ def _print_summary(trainer: Any, result: TrainResult, out: TextIO) -> None:
     collation = trainer.plugins.get_plugin("collation")
     records = result.records
     lines = ["summary:"]
-    frozen = [group for group, names in trainer._groups.items() if names and not _any_trainable(trainer, names)]
+    frozen = [group for group, names in trainer.vlm_dpo_groups.items() if names and not _any_trainable(trainer, names)]
     lines.append(f"  frozen groups: {', '.join(frozen) or 'none'}")
     if guards is not None:
         lines.append(f"  skipped optimizer steps: {guards.skipped_steps}; loss spikes: {guards.spikes.spikes}")

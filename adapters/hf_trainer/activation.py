@@ -53,7 +53,9 @@ class SupportedReleases:
         return True
 
 
-def wrap_once(owner: Any, name: str, make_wrapper: Callable[[Any], Any], *, unwrap: Callable[[Any], Any] = None) -> None:
+def wrap_once(
+    owner: Any, name: str, make_wrapper: Callable[[Any], Any], *, unwrap: Callable[[Any], Any] = None
+) -> None:
     """``owner.name = make_wrapper(owner.name)``, unless it is a wrapper already (activating twice changes nothing).
 
     ``unwrap``: how to get the function from what ``owner`` holds (a ``classmethod``'s ``__func__``).

@@ -51,19 +51,18 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
         )
         super().__init__(*args, **kwargs)
         self.vlm_dpo_checked_files = checked
-        self._attach_plugins()
-        self._set_up_preference_step(framework_computes_loss=vlm_dpo_run.framework_computes_loss)
+        self.vlm_dpo_attach(framework_computes_loss=vlm_dpo_run.framework_computes_loss)
         extend_trainer_log(self)
         loss = "LLaMA-Factory's own" if vlm_dpo_run.framework_computes_loss else repr(self.vlm_dpo_config.loss.type)
         self.announce("LLaMA-Factory", vlm_dpo_run.origin, loss)
 
-    def _framework_trainable_hint(self, group: str) -> str:
+    def vlm_dpo_frozen_group_hint(self, group: str) -> str:
         if self.finetuning_args.finetuning_type == "lora" and group == "projector":
             # LLaMA-Factory's LoRA never targets the projector; it trains it whole only as a PEFT modules_to_save.
             return "With LoRA, LLaMA-Factory trains the projector only through additional_target (PEFT modules_to_save)"
         return f"LLaMA-Factory's {self.finetuning_args.finetuning_type} tuning leaves the {group} group frozen"
 
-    def _framework_optimizer_reason(self) -> str | None:
+    def vlm_dpo_framework_optimizer(self) -> str | None:
         for flag in OPTIMIZER_FLAGS:
             if getattr(self.finetuning_args, flag, False):
                 return f"LLaMA-Factory's {flag}"
@@ -91,7 +90,7 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
         prefix = "eval_" if train_eval == "eval" else ""
         return losses.mean(), {f"{prefix}{name}": value for name, value in metrics.items()}
 
-    def _reference_model(self, model: Any) -> tuple[Any, list[Any]]:
+    def vlm_dpo_reference_model(self, model: Any) -> tuple[Any, list[Any]]:
         if self.ref_model is not None:
             return self.ref_model, []
         # Leaving PEFT's disable_adapter re-marks the adapters trainable, the ones the policy froze included.

@@ -29,6 +29,7 @@ from swift.rlhf_trainers import DPOTrainer
 from transformers import TrainerCallback
 from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept
 from vlm_dpo_plugins.adapters.hf_trainer.preference_step import preference_metrics
+from vlm_dpo_plugins.adapters.hf_trainer.prescan import TrainingRows
 from vlm_dpo_plugins.adapters.swift.workflow import take_run
 
 from vlm_dpo_plugins.collation.policy import decide
@@ -60,67 +61,25 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
         self.vlm_dpo_config = run.config
         self._vlm_dpo_run = run
         self.vlm_dpo_checked_files = run.checked_files
-        self._encode_findings: list[Finding] = []
         super().__init__(*args, **kwargs)
-        self._attach_plugins()
-        self._set_up_preference_step(framework_computes_loss=run.framework_computes_loss)
+        self.vlm_dpo_attach(framework_computes_loss=run.framework_computes_loss)
         # First in line, so the findings are on the dict before swift's callbacks write it to logging.jsonl.
         self.callback_handler.callbacks.insert(0, FindingsOnLogLine(self))
         loss = f"swift's --loss_type {self.loss_type}" if run.framework_computes_loss else repr(run.config.loss.type)
         self.announce("swift", run.origin, loss)
 
-    # -- pre-scan: swift's LazyLLMDataset encodes each row when drawn, and on an error draws another row instead --
-
-    def _can_prescan(self) -> bool:
-        from swift.dataset import LazyLLMDataset
-
-        return isinstance(self.train_dataset, LazyLLMDataset)
-
-    def _prescan_examples(self) -> Iterator[dict[str, Any]]:
-        from swift.template import MaxLengthError
-
-        lazy, key = self.train_dataset, self.vlm_dpo_config.collation.row_index_key
-        for position in range(len(lazy.dataset)):
-            row = lazy.dataset[position]
-            try:
-                encoded = lazy.encode_func(row, return_length=True)
-            except MaxLengthError as error:
-                self._encode_findings.append(_encode_finding("row-too-long", row, position, error))
-                continue
-            except Exception as error:
-                self._encode_findings.append(_encode_finding("collate-failed", row, position, error))
-                continue
-            yield {**encoded, key: position}
-
-    def _prescan_row_indices(self) -> list[int] | None:
-        return None
-
-    def _add_prescan_findings(self, summary: CollationSummary) -> None:
-        decided = [decide(finding, self.vlm_dpo_config.collation) for finding in self._encode_findings]
-        record_findings(self.plugins, decided, summary, "scan")
-
-    def _select_rows(self, positions: list[int]) -> Any:
-        from swift.dataset import LazyLLMDataset
-
-        lazy = self.train_dataset
-        return LazyLLMDataset(
-            lazy.dataset.select(positions),
-            lazy.encode_func,
-            n_try_fetch=lazy.n_try_fetch,
-            strict=lazy.strict,
-            random_state=lazy.random_state,
-            traceback_limit=lazy.traceback_limit,
-        )
+    def vlm_dpo_training_rows(self) -> SwiftRows:
+        return SwiftRows(self.train_dataset, self._row_index_key(), self.vlm_dpo_config.collation)
 
     # -- optimizer ---------------------------------------------------------------------
 
-    def _framework_optimizer_reason(self) -> str | None:
+    def vlm_dpo_framework_optimizer(self) -> str | None:
         if type(self.optimizer_callback) not in REPLACEABLE_OPTIMIZER_CALLBACKS:
             return f"swift's --optimizer {self.args.optimizer}"
         return None
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
-        reason = self._framework_optimizer_reason()
+        reason = self.vlm_dpo_framework_optimizer()
         if reason is not None:
             logger.warning("vlm-dpo: %s builds the optimizer; freeze.learning_rates do not apply in this run", reason)
             return super().create_optimizer_and_scheduler(num_training_steps)
@@ -173,8 +132,59 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
         prefix = "eval_" if train_eval == "eval" else ""
         return step.output.losses.mean(), {f"{prefix}{name}": value for name, value in metrics.items()}
 
-    def _reference_model(self, model: Any) -> tuple[Any, list[Any]]:
+    def vlm_dpo_reference_model(self, model: Any) -> tuple[Any, list[Any]]:
         return (model, [self.null_ref_context()]) if self.ref_model is None else (self.ref_model, [])
+
+
+class SwiftRows(TrainingRows):
+    """Swift's ``LazyLLMDataset`` encodes each row when drawn, and on an error silently draws another row instead:
+    the pre-scan encodes every row once, and a row the encoder rejects is a finding, left out like the others."""
+
+    def __init__(self, dataset: Any, row_index_key: str, collation: Any) -> None:
+        super().__init__(dataset, row_index_key)
+        self.collation = collation
+        self.encode_findings: list[Finding] = []
+
+    def scannable(self) -> bool:
+        from swift.dataset import LazyLLMDataset
+
+        return isinstance(self.dataset, LazyLLMDataset)
+
+    def examples(self) -> Iterator[dict[str, Any]]:
+        from swift.template import MaxLengthError
+
+        lazy = self.dataset
+        for position in range(len(lazy.dataset)):
+            row = lazy.dataset[position]
+            try:
+                encoded = lazy.encode_func(row, return_length=True)
+            except MaxLengthError as error:
+                self.encode_findings.append(_encode_finding("row-too-long", row, position, error))
+                continue
+            except Exception as error:
+                self.encode_findings.append(_encode_finding("collate-failed", row, position, error))
+                continue
+            yield {**encoded, self.row_index_key: position}
+
+    def row_indices(self) -> list[int] | None:
+        return None
+
+    def add_findings(self, plugins: Any, summary: CollationSummary) -> None:
+        decided = [decide(finding, self.collation) for finding in self.encode_findings]
+        record_findings(plugins, decided, summary, "scan")
+
+    def select(self, positions: list[int]) -> Any:
+        from swift.dataset import LazyLLMDataset
+
+        lazy = self.dataset
+        return LazyLLMDataset(
+            lazy.dataset.select(positions),
+            lazy.encode_func,
+            n_try_fetch=lazy.n_try_fetch,
+            strict=lazy.strict,
+            random_state=lazy.random_state,
+            traceback_limit=lazy.traceback_limit,
+        )
 
 
 class FindingsOnLogLine(TrainerCallback):

@@ -87,8 +87,7 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
 
         if not self._trl_computes_loss:
             self.beta = self.vlm_dpo_config.loss.beta
-        self._attach_plugins()
-        self._set_up_preference_step(
+        self.vlm_dpo_attach(
             framework_computes_loss=self._trl_computes_loss, reference_pass=not self.precompute_ref_logps
         )
         if self.vlm_dpo_step.extra_rows and self.precompute_ref_logps:
@@ -160,7 +159,7 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
             batch=batch,
             pairs=inputs["input_ids"].shape[0] // 2,
             forward=self._policy_forward,
-            reference=self._reference_model,
+            reference=self.vlm_dpo_reference_model,
             reference_forward=_fused_forward,
             precomputed_reference=precomputed,
         )
@@ -186,7 +185,7 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
         return _fused_forward(model, prepared, batch, **extra)
 
-    def _reference_model(self, model: Any) -> tuple[Any, list[Any]]:
+    def vlm_dpo_reference_model(self, model: Any) -> tuple[Any, list[Any]]:
         no_checkpointing = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
         if self.ref_model is not None or not is_peft_model(self.model):
             return self.ref_model, [no_checkpointing]

@@ -101,7 +101,7 @@ def test_stock_trl_in_bf16_keeps_the_nan_for_good(deepspeed_process_group, model
 def test_the_plugins_skip_the_overflowing_step_in_bf16(deepspeed_process_group, model_dir, rows, tmp_path):
     trainer, losses, finite = train(VLMDPOTrainer, model_dir, rows, tmp_path)
     assert finite
-    outcome = trainer._guarded_step.outcomes[OVERFLOW_AT]
+    outcome = trainer.vlm_dpo_step_outcomes[OVERFLOW_AT]
     assert outcome.skipped and outcome.reasons == ("non-finite loss (nan)",), outcome
     assert all(math.isfinite(loss) and loss > 0.5 for loss in losses[OVERFLOW_AT + 1 :]), losses  # trains on
 

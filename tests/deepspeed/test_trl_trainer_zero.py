@@ -224,7 +224,7 @@ def test_zero2_nan_gradient_is_skipped_by_deepspeed_and_counted_once(deepspeed_r
     assert trainer.plugins.get_plugin("guards").skipped_steps == 1
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["vlm_dpo/skipped_steps"] for entry in logs] == [0, 1, 1, 1]
-    outcomes = trainer._guarded_step.outcomes
+    outcomes = trainer.vlm_dpo_step_outcomes
     assert [outcome.skipped for outcome in outcomes] == [False, True, False, False]
     assert outcomes[NAN_AT].reasons == ("non-finite gradient norm; skipped by DeepSpeed",)
     # Never stepped twice: the torch AdamW inside ZeRO counted exactly the three steps DeepSpeed took.

@@ -67,8 +67,8 @@ def main(model_dir: str, output_dir: str, mode: str) -> None:
     replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(replicas, flat)
     result = {
-        "skipped": [outcome.skipped for outcome in trainer._guarded_step.outcomes],
-        "reasons": [list(outcome.reasons) for outcome in trainer._guarded_step.outcomes],
+        "skipped": [outcome.skipped for outcome in trainer.vlm_dpo_step_outcomes],
+        "reasons": [list(outcome.reasons) for outcome in trainer.vlm_dpo_step_outcomes],
         "replicas_equal": all(torch.equal(replicas[0], other) for other in replicas[1:]),
         "finite": bool(torch.isfinite(flat).all()),
         "static_graph": trainer.args.ddp_static_graph,

@@ -64,7 +64,7 @@ def test_default_policy_keeps_vision_and_projector_unchanged_and_the_margin_grow
     trainer.train()
 
     moved = changed(trainer.model, before)
-    groups = trainer._groups
+    groups = trainer.vlm_dpo_groups
     assert moved, "the language model trained"
     assert moved <= set(groups["language"]) | set(groups.get("other", ()))
     assert not moved & (set(groups["vision"]) | set(groups["projector"]))
@@ -98,7 +98,7 @@ def test_progressive_unfreezing_adds_the_projector_at_its_stage(tiny_model_dirs,
         tiny_model_dirs["llava"], preference_rows, tmp_path, max_steps=4, vlm_dpo_config=config, callbacks=[at_stage]
     )
     initial = snapshot(trainer.model)
-    projector = set(trainer._groups["projector"])
+    projector = set(trainer.vlm_dpo_groups["projector"])
     trainer.train()
 
     assert not {n for n in projector if not torch.equal(at_stage.parameters[n], initial[n])}, "frozen before step 2"
@@ -137,7 +137,7 @@ def test_nan_gradient_at_step_k_is_skipped_with_optimizer_state_intact(
     logs = training_logs(trainer)
     assert trainer.state.global_step == 5
     assert [entry["vlm_dpo/skipped_steps"] for entry in logs] == [0, 0, 1, 1, 1]
-    outcome = trainer._guarded_step.outcomes[2]
+    outcome = trainer.vlm_dpo_step_outcomes[2]
     assert outcome.skipped and "non-finite gradient norm" in outcome.reasons[0] and "language" in outcome.reasons[0]
 
 
@@ -195,7 +195,7 @@ def test_resume_restores_weights_guard_state_and_the_unfreeze_stage(tiny_model_d
     assert resumed.plugins.get_plugin("guards").skipped_steps == 1
     resumed_logs = training_logs(resumed)[-2:]  # the log history before step 4 comes back from the checkpoint
     assert [entry["vlm_dpo/skipped_steps"] for entry in resumed_logs] == [1, 1]
-    projector = resumed._groups["projector"]
+    projector = resumed.vlm_dpo_groups["projector"]
     assert all(dict(resumed.model.named_parameters())[name].requires_grad for name in projector)
 
     uninterrupted = trainer(tmp_path / "straight")

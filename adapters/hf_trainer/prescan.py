@@ -1,0 +1,90 @@
+"""The dataset pre-scan before step 0: every training row through the framework's collator and every check.
+
+Errors stop the run before any GPU time is spent, naming every row; rows the policies skip are left out of the
+training set, so the sampler never draws them (a batch would otherwise shrink, or be rebuilt, mid-run). On a
+resumed run the rows left out are read back from the checkpoint instead of scanned again. A framework hands its
+training set over as ``TrainingRows``; one whose dataset is not a ``datasets.Dataset`` (ms-swift encodes rows
+lazily) supplies a subclass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from vlm_dpo_plugins.collation.report import CollationSummary
+from vlm_dpo_plugins.collation.wrapper import keep_rows, scan_dataset
+from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.errors import VLMDPOError
+
+logger = logging.getLogger("vlm_dpo_plugins.adapters")
+
+
+class TrainingRows:
+    """A framework's training set as the pre-scan reads it; this one: a ``datasets.Dataset``."""
+
+    def __init__(self, dataset: Any, row_index_key: str) -> None:
+        self.dataset = dataset
+        self.row_index_key = row_index_key
+
+    def scannable(self) -> bool:
+        from datasets import Dataset
+
+        return isinstance(self.dataset, Dataset)
+
+    def examples(self) -> Iterable[Mapping[str, Any]]:
+        return self.dataset
+
+    def row_indices(self) -> list[int] | None:
+        """The row of the user's data each position holds, when rows carry it; None: positions are rows."""
+        columns = self.dataset.column_names
+        return self.dataset[self.row_index_key] if self.row_index_key in columns else None
+
+    def add_findings(self, plugins: Any, summary: CollationSummary) -> None:
+        """Findings made while reading the rows, outside the collator's checks (an encoder that raised)."""
+
+    def select(self, positions: list[int]) -> Any:
+        return self.dataset.select(positions)
+
+
+def prescan(
+    plugins: Any,
+    config: VLMDPOConfig,
+    rows: TrainingRows,
+    collate: Any,
+    *,
+    batch_size: int,
+    output_dir: str,
+    skipped: list[int] | None,
+) -> tuple[Any, list[int] | None]:
+    """The training set without the rows the checks leave out, and those rows (None: no pre-scan ran).
+
+    ``skipped``: the rows a resumed run's checkpoint says were left out; they are not scanned again.
+    """
+    collation = config.section("collation")
+    if collation is None or not (collation.enabled and collation.prescan) or not rows.scannable():
+        return rows.dataset, None
+    total = len(rows.dataset)
+    if skipped is None:
+        summary = scan_dataset(plugins, rows.examples(), collate, batch_size=batch_size, output_dir=output_dir)
+        rows.add_findings(plugins, summary)
+        summary.raise_for_errors()
+        skipped = sorted(set(range(total)) - set(keep_rows(total, summary, rows.row_indices())))
+        if skipped:
+            logger.warning(
+                "vlm-dpo: %d of %d rows left out before training by the collation checks (listed in %s)",
+                len(skipped),
+                total,
+                summary.report_path,
+            )
+    if len(skipped) == total > 0:
+        raise VLMDPOError(
+            f"the collation checks left out every one of the {len(skipped)} training rows (listed in "
+            f"{collation.report_path or 'collation_report.jsonl in the output folder'}): "
+            "nothing is left to train on; fix the data, or set collation.policy for the checks named there"
+        )
+    if not skipped:
+        return rows.dataset, skipped
+    dropped = set(skipped)
+    return rows.select([row for row in range(total) if row not in dropped]), skipped

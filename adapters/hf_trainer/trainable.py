@@ -1,0 +1,74 @@
+"""Which parameters train at each step: the freeze policy applied to the model a framework built.
+
+The framework decided what may train (its freeze flags, LoRA targets, PEFT's frozen base); the policy
+(``vlm_dpo_trainable_parameters``) says what trains at each optimizer step. ``limits_every_parameter``: the
+policy may only narrow the framework's trainable set (LLaMA-Factory, whose flags are written from the policy);
+otherwise only PEFT adapters are limited (TRL adds a frozen "ref" adapter that must stay frozen) and every other
+parameter follows the policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from vlm_dpo_plugins.freeze.apply import apply_trainable, is_adapter_parameter
+from vlm_dpo_plugins.guards.clipping import parameters_by_group
+from vlm_dpo_plugins.types import ParameterGroups
+
+logger = logging.getLogger("vlm_dpo_plugins.adapters")
+
+
+class TrainableState:
+    def __init__(self, plugins: Any, model: Any, *, limits_every_parameter: bool) -> None:
+        self.plugins = plugins
+        self.model = model
+        self.limits_every_parameter = limits_every_parameter
+        self.groups: ParameterGroups = plugins.hook.vlm_dpo_classify_parameters(
+            model=model, model_type=getattr(model.config, "model_type", None)
+        )
+        self.framework_trainable = {
+            name
+            for name, parameter in model.named_parameters()
+            if parameter.requires_grad and (limits_every_parameter or is_adapter_parameter(name))
+        }
+        self._wanted: set[str] | None = None
+        self._by_group: dict[str, list[torch.nn.Parameter]] | None = None
+
+    def apply(self, step: int) -> set[str]:
+        """Make trainable what the policy wants at ``step``; the names that became trainable."""
+        wanted = self.plugins.hook.vlm_dpo_trainable_parameters(groups=self.groups, step=step)
+        if wanted is None:
+            return set()
+        if self.framework_trainable:
+            if self.limits_every_parameter:
+                wanted = wanted & self.framework_trainable
+            else:
+                wanted = {n for n in wanted if not is_adapter_parameter(n) or n in self.framework_trainable}
+        if wanted == self._wanted:
+            return set()
+        self._wanted = wanted
+        self._by_group = None
+        return apply_trainable(self.model, wanted, self.groups)
+
+    def by_group(self) -> dict[str, list[torch.nn.Parameter]]:
+        """The trainable parameters per group, as the guards clip them."""
+        if self._by_group is None:
+            self._by_group = parameters_by_group(self.model.named_parameters(), self.groups)
+        return self._by_group
+
+    def warn_about_groups_kept_frozen(self, groups_ever_trained: set[str], hint: Any) -> None:
+        """A group the policy trains, but of which the framework made nothing trainable, stays frozen: say so."""
+        if not self.limits_every_parameter:
+            return
+        for group in sorted(groups_ever_trained):
+            names = self.groups.get(group, [])
+            if names and not any(name in self.framework_trainable for name in names):
+                logger.warning(
+                    "vlm-dpo: the freeze policy trains the %s group, but the framework made none of its parameters "
+                    "trainable: it stays frozen. %s",
+                    group,
+                    hint(group),
+                )
