@@ -22,15 +22,9 @@ from typing import Any
 from vlm_dpo_plugins.collation.file_checks import CheckedFiles, check_file
 from vlm_dpo_plugins.collation.report import ReportFile
 from vlm_dpo_plugins.collation.settings import CollationConfig
+from vlm_dpo_plugins.preference_data.pairs import why_llamafactory_columns_are_unread
 
 FRAMEWORK = "LLaMA-Factory"
-# The keys and role names vlm-dpo doctor reads; LLaMA-Factory's defaults and the OpenAI-style ones.
-READABLE_TAGS = {
-    "role_tag": ("from", "role"),
-    "content_tag": ("value", "content"),
-    "user_tag": ("human", "user"),
-    "assistant_tag": ("gpt", "assistant"),
-}
 logger = logging.getLogger("vlm_dpo_plugins.adapters.llamafactory")
 
 
@@ -94,12 +88,8 @@ def _checkable_file(dataset_attr: Any, data_args: Any) -> Path | None:
         reason = "it is not one .json/.jsonl file"
     elif dataset_attr.num_samples is not None or data_args.streaming:
         reason = "num_samples or streaming draws its rows out of file order"
-    elif dataset_attr.formatting == "sharegpt" and not _doctor_reads_sharegpt(dataset_attr):
-        reason = "its columns or role names are its own"
-    elif dataset_attr.formatting == "alpaca" and not _doctor_reads_alpaca(dataset_attr):
-        reason = "its columns are its own"
-    elif dataset_attr.formatting not in ("sharegpt", "alpaca"):
-        reason = f"its formatting is {dataset_attr.formatting!r}"
+    else:
+        reason = why_llamafactory_columns_are_unread(dataset_attr.formatting, vars(dataset_attr))
     if reason is not None:
         logger.info(
             "vlm-dpo: %s is checked per batch during training, not as a file before loading: %s",
@@ -108,21 +98,3 @@ def _checkable_file(dataset_attr: Any, data_args: Any) -> Path | None:
         )
         return None
     return path
-
-
-def _doctor_reads_sharegpt(attr: Any) -> bool:
-    return (
-        attr.messages in ("conversations", "messages")
-        and (attr.chosen, attr.rejected) == ("chosen", "rejected")
-        and attr.images in (None, "images")
-        and all(getattr(attr, tag) in names for tag, names in READABLE_TAGS.items())
-    )
-
-
-def _doctor_reads_alpaca(attr: Any) -> bool:
-    return (
-        attr.prompt == "instruction"
-        and attr.query in (None, "input")
-        and (attr.chosen, attr.rejected) == ("chosen", "rejected")
-        and attr.images in (None, "images")
-    )

@@ -137,3 +137,26 @@ def test_a_bad_line_is_one_bad_row_and_the_rows_after_it_are_checked(tmp_path):
     assert found == [(1, "malformed-row"), (2, "malformed-row"), (3, "identical-pair")]
     assert report.findings[0].message.startswith("the line is not UTF-8")
     assert report.findings[0].fix == "re-encode the line as UTF-8, or remove it"
+
+
+def test_the_llamafactory_columns_the_reader_reads_and_those_it_does_not():
+    from vlm_dpo_plugins.preference_data.pairs import why_llamafactory_columns_are_unread
+
+    sharegpt = {
+        "messages": "conversations",
+        "chosen": "chosen",
+        "rejected": "rejected",
+        "images": "images",
+        "role_tag": "from",
+        "content_tag": "value",
+        "user_tag": "human",
+        "assistant_tag": "gpt",
+    }
+    assert why_llamafactory_columns_are_unread("sharegpt", sharegpt) is None
+    assert why_llamafactory_columns_are_unread("sharegpt", {**sharegpt, "user_tag": "person"}) == (
+        "its columns or role names are its own"
+    )
+    alpaca = {"prompt": "instruction", "query": None, "chosen": "chosen", "rejected": "rejected", "images": None}
+    assert why_llamafactory_columns_are_unread("alpaca", alpaca) is None
+    assert why_llamafactory_columns_are_unread("alpaca", {**alpaca, "prompt": "question"}) is not None
+    assert why_llamafactory_columns_are_unread("openai", {}) == "its formatting is 'openai'"

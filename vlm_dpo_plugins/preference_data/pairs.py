@@ -22,6 +22,37 @@ IMAGE_PLACEHOLDER = "<image>"
 USER_ROLES = ("user", "human")
 ASSISTANT_ROLES = ("assistant", "gpt")
 MALFORMED = "malformed-row"
+LLAMAFACTORY_READ = {
+    "sharegpt": {
+        "messages": ("conversations", "messages"),
+        "chosen": ("chosen",),
+        "rejected": ("rejected",),
+        "images": (None, "images"),
+        "role_tag": ("from", "role"),
+        "content_tag": ("value", "content"),
+        "user_tag": USER_ROLES,
+        "assistant_tag": ASSISTANT_ROLES,
+    },
+    "alpaca": {
+        "prompt": ("instruction",),
+        "query": (None, "input"),
+        "chosen": ("chosen",),
+        "rejected": ("rejected",),
+        "images": (None, "images"),
+    },
+}
+"""LLaMA-Factory's ``dataset_info.json`` column and tag names this reader reads, per ``formatting``."""
+
+
+def why_llamafactory_columns_are_unread(formatting: str, columns: Mapping[str, Any]) -> str | None:
+    """None when this reader reads a LLaMA-Factory dataset entry with these ``columns`` (its ``DatasetAttr``
+    fields) as LLaMA-Factory does; otherwise why not."""
+    read = LLAMAFACTORY_READ.get(formatting)
+    if read is None:
+        return f"its formatting is {formatting!r}"
+    if any(columns.get(name) not in accepted for name, accepted in read.items()):
+        return "its columns or role names are its own"
+    return None
 
 
 @dataclass
