@@ -11,7 +11,7 @@ and the clipping rule are the same for every framework and live here.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,3 +184,56 @@ def same_named_settings() -> tuple[SharedSetting, ...]:
             "guards.max_grad_norm", "max_grad_norm", read=lambda args: args.max_grad_norm, to_plugin=positive_or_none
         ),
     )
+
+
+@dataclass(frozen=True)
+class FrameworkLoss:
+    """What a framework's own arguments say about the loss."""
+
+    key: str
+    """Its loss-type key, as the user writes it (``pref_loss``, ``loss_type``)."""
+    value: Any
+    written: bool
+    plugin_type: str | None
+    """The registry's name for the same loss (same formula), or None when only the framework has it."""
+    own_options: Sequence[str] = ()
+    """Written options only the framework's own loss reads (``loss_weights``, ``pref_bco_weight=0.5``)."""
+    computes_by_default: bool = False
+    """The framework keeps computing its loss unless the plugin config writes ``loss.type`` (ms-swift)."""
+
+
+@dataclass(frozen=True)
+class LossChoice:
+    type: str
+    framework_computes: bool
+    notes: tuple[str, ...] = ()
+
+
+def choose_loss(framework: str, loss: FrameworkLoss, config: VLMDPOConfig, loss_written: Set[str], names: KeyNames):
+    """Who computes the loss and which variant: one loss, set in one place.
+
+    ``loss.type`` written in the plugin config replaces the framework's loss; then a framework loss type or option
+    written too is an error naming both. Otherwise the framework's loss type is used when the registry has the same
+    formula, and left to the framework (every other hook still runs) when only the framework has it.
+    """
+    if "type" in loss_written:
+        if loss.written and loss.plugin_type != config.loss.type:
+            raise ConfigError(
+                f"{names.framework.format(key=loss.key)} is {loss.value!r} and "
+                f"{names.plugin.format(key='loss.type')} is {config.loss.type!r}: set the loss in one place "
+                f"({names.plugin.format(key='loss.type')} covers every built-in variant, mDPO included)"
+            )
+        if loss.own_options:
+            raise ConfigError(
+                f"{names.framework.format(key=', '.join(loss.own_options))} only applies to its own loss, but "
+                f"{names.plugin.format(key='loss.type')} {config.loss.type!r} replaces that loss: drop those, or "
+                f"drop {names.plugin.format(key='loss.type')}"
+            )
+        return LossChoice(config.loss.type, framework_computes=False)
+    if loss.computes_by_default or loss.plugin_type is None or loss.own_options:
+        reason = ", ".join(loss.own_options) if loss.own_options else f"{loss.key} {loss.value!r}"
+        note = (
+            f"{framework} computes the loss ({reason}); the plugins' loss variants are not used, every other hook runs"
+        )
+        return LossChoice(config.loss.type, framework_computes=True, notes=(note,))
+    return LossChoice(loss.plugin_type if loss.written else config.loss.type, framework_computes=False)

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.settings import (
+    FrameworkLoss,
     KeyNames,
     Reconciled,
     SharedSetting,
+    choose_loss,
     framework_max_grad_norm,
     frozen_flags,
     positive_or_none,
@@ -35,7 +37,6 @@ from vlm_dpo_plugins.adapters.hf_trainer.settings import (
 )
 
 from vlm_dpo_plugins.config import VLMDPOConfig
-from vlm_dpo_plugins.errors import ConfigError
 
 # Same name and formula in LLaMA-Factory 0.9.5 and in the built-in registry (tests compare the values).
 SHARED_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "simpo"})
@@ -120,25 +121,18 @@ def reconcile(
 def _loss_type(
     finetuning_args: Any, config: VLMDPOConfig, written: Mapping[str, Set[str]], framework_written: Set[str]
 ) -> tuple[str, bool, list[str]]:
-    """The plugins' loss type, whether LLaMA-Factory computes the loss instead, and the note saying so."""
-    framework_options = _framework_only_options(finetuning_args)
-    if "type" in written.get("loss", set()):
-        if "pref_loss" in framework_written and finetuning_args.pref_loss != config.loss.type:
-            raise ConfigError(
-                f"LLaMA-Factory's pref_loss is {finetuning_args.pref_loss!r} and vlm_dpo.loss.type is "
-                f"{config.loss.type!r}: set the loss in one place (vlm_dpo.loss.type covers every built-in variant, "
-                "mDPO included)"
-            )
-        if framework_options:
-            raise ConfigError(
-                f"LLaMA-Factory's {', '.join(framework_options)} only applies to its own loss, but vlm_dpo.loss.type "
-                f"{config.loss.type!r} replaces that loss: drop those keys, or drop vlm_dpo.loss.type"
-            )
-        return config.loss.type, False, []
-    if finetuning_args.pref_loss in FRAMEWORK_ONLY_LOSS_TYPES or framework_options:
-        reason = f"pref_loss {finetuning_args.pref_loss!r}" if not framework_options else ", ".join(framework_options)
-        return config.loss.type, True, [f"LLaMA-Factory computes the loss ({reason} is its own); every other hook runs"]
-    return finetuning_args.pref_loss, False, []
+    pref_loss = finetuning_args.pref_loss
+    loss = FrameworkLoss(
+        "pref_loss",
+        pref_loss,
+        "pref_loss" in framework_written,
+        plugin_type=None if pref_loss in FRAMEWORK_ONLY_LOSS_TYPES else pref_loss,
+        own_options=_framework_only_options(finetuning_args),
+    )
+    choice = choose_loss("LLaMA-Factory", loss, config, written.get("loss", set()), KEY_NAMES)
+    # LLaMA-Factory's pref_loss has a value even when not written: sigmoid, the registry's default too.
+    loss_type = pref_loss if not choice.framework_computes and "type" not in written.get("loss", set()) else choice.type
+    return loss_type, choice.framework_computes, list(choice.notes)
 
 
 def _framework_only_options(finetuning_args: Any) -> list[str]:

@@ -64,23 +64,20 @@ def reconcile(
     args: Any, config: VLMDPOConfig, written: Mapping[str, Set[str]], swift_written: Set[str]
 ) -> shared.Reconciled:
     """Merge swift's parsed ``RLHFArguments`` (changed in place) and ``config`` (replaced) into one set."""
-    notes: list[str] = []
-    framework_computes_loss = "type" not in written.get("loss", set())
-    if not framework_computes_loss:
-        clashing = [option for option in SWIFT_LOSS_OPTIONS if option in swift_written]
-        if clashing:
-            raise ConfigError(
-                f"swift's {', '.join('--' + option for option in clashing)} and the plugin config's loss.type "
-                f"{config.loss.type!r} both choose the loss: set it in one place (loss.type covers every built-in "
-                "variant, mDPO included; swift's --loss_type list covers swift's own)"
-            )
-        if args.padding_free or args.packing:
-            raise ConfigError(
-                f"loss.type {config.loss.type!r} reads one row per sequence, but swift packs rows "
-                "(--padding_free/--packing): drop those flags, or drop loss.type to keep swift's loss"
-            )
-    else:
-        notes.append(f"swift computes the loss (--loss_type {args.loss_type}) on fp32 log-probs")
+    loss = shared.FrameworkLoss(
+        "loss_type",
+        args.loss_type,
+        "loss_type" in swift_written,
+        plugin_type=None,  # swift's own loss code, on fp32 log-probs (trainer.get_per_token_logps)
+        own_options=[option for option in SWIFT_LOSS_OPTIONS if option in swift_written and option != "loss_type"],
+        computes_by_default=True,
+    )
+    choice = shared.choose_loss("swift", loss, config, written.get("loss", set()), KEY_NAMES)
+    if not choice.framework_computes and (args.padding_free or args.packing):
+        raise ConfigError(
+            f"loss.type {config.loss.type!r} reads one row per sequence, but swift packs rows "
+            "(--padding_free/--packing): drop those flags, or drop loss.type to keep swift's loss"
+        )
     values = shared.reconcile_shared(SHARED_SETTINGS, args, config, written, swift_written, KEY_NAMES)
 
     def invalid(error: Exception) -> str:
@@ -95,7 +92,7 @@ def reconcile(
     )
     if config.section("freeze") is not None:
         config = config.replace(freeze=_learning_rates(args, config, swift_written))
-    reconciled = shared.Reconciled(config, framework_computes_loss, notes)
+    reconciled = shared.Reconciled(config, choice.framework_computes, list(choice.notes))
     _write_back(reconciled, args)
     return reconciled
 

@@ -21,16 +21,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.settings import (
+    FrameworkLoss,
     KeyNames,
     Reconciled,
     SharedSetting,
+    choose_loss,
     reconcile_shared,
     same_named_settings,
     with_values,
 )
 
 from vlm_dpo_plugins.config import VLMDPOConfig
-from vlm_dpo_plugins.errors import ConfigError
 
 # Same name and the same formula in TRL 1.16 and in the built-in registry (tests compare the values).
 SHARED_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "robust"})
@@ -82,31 +83,17 @@ def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, set[str]]) 
 
 
 def _loss_type(args: Any, config: VLMDPOConfig, loss_written: set[str], trl_set: set[str]) -> tuple[str, bool, list]:
-    """The plugins' loss type, whether TRL computes the loss instead, and the note saying so."""
-    trl_options = [name for name in TRL_ONLY_LOSS_OPTIONS if name in trl_set]
     trl_loss = list(args.loss_type)
-    trl_only_type = len(trl_loss) != 1 or trl_loss[0] not in SHARED_LOSS_TYPES
-    if "type" in loss_written:
-        if "loss_type" in trl_set and trl_loss != [config.loss.type]:
-            raise ConfigError(
-                f"DPOConfig.loss_type is {trl_loss} and the plugin config's loss.type is {config.loss.type!r}: "
-                "set the loss in one place (loss.type covers every built-in variant, mDPO included)"
-            )
-        if trl_options:
-            raise ConfigError(
-                f"DPOConfig sets {', '.join(trl_options)}, which only TRL's own loss reads, but the plugin config's "
-                f"loss.type {config.loss.type!r} replaces TRL's loss: drop those DPOConfig options, or drop loss.type "
-                "to let TRL compute its loss"
-            )
-        return config.loss.type, False, []
-    if trl_only_type or trl_options:
-        reason = f"loss_type={trl_loss}" if trl_only_type else ", ".join(trl_options)
-        note = (
-            f"TRL computes the loss ({reason} is TRL's own); the plugins' loss variants are not used, every other "
-            "hook runs"
-        )
-        return config.loss.type, True, [note]
-    return (trl_loss[0] if "loss_type" in trl_set else config.loss.type), False, []
+    shared_type = trl_loss[0] if len(trl_loss) == 1 and trl_loss[0] in SHARED_LOSS_TYPES else None
+    loss = FrameworkLoss(
+        "loss_type",
+        trl_loss,
+        "loss_type" in trl_set,
+        plugin_type=shared_type,
+        own_options=[name for name in TRL_ONLY_LOSS_OPTIONS if name in trl_set],
+    )
+    choice = choose_loss("TRL", loss, config, loss_written, KEY_NAMES)
+    return choice.type, choice.framework_computes, list(choice.notes)
 
 
 def _trl_fields_set(args: Any) -> set[str]:

@@ -114,12 +114,12 @@ def test_reentrant_checkpointing_written_on_the_command_line_is_kept(base_comman
         (
             ("--loss_type", "hinge"),
             {"loss": {"type": "mdpo"}},
-            "swift's --loss_type and the plugin config's loss.type 'mdpo' both choose the loss",
+            "swift's --loss_type is ['hinge'] and the plugin config's loss.type is 'mdpo': set the loss in one place",
         ),
         (
             ("--rpo_alpha", "0.5"),
             {"loss": {"type": "hinge"}},
-            "swift's --rpo_alpha and the plugin config's loss.type 'hinge' both choose the loss",
+            "swift's --rpo_alpha only applies to its own loss, but the plugin config's loss.type 'hinge' replaces that",
         ),
         (
             ("--freeze_vit", "false"),
