@@ -114,7 +114,7 @@ def test_reentrant_checkpointing_written_on_the_command_line_is_kept(base_comman
         (
             ("--loss_type", "hinge"),
             {"loss": {"type": "mdpo"}},
-            "swift's --loss_type is ['hinge'] and the plugin config's loss.type is 'mdpo': set the loss in one place",
+            "swift's --loss_type is 'hinge' and the plugin config's loss.type is 'mdpo': set the loss in one place",
         ),
         (
             ("--rpo_alpha", "0.5"),
