@@ -26,9 +26,11 @@ class TrainableState:
         self.plugins = plugins
         self.model = model
         self.limits_every_parameter = limits_every_parameter
-        self.groups: ParameterGroups = plugins.hook.vlm_dpo_classify_parameters(
+        groups = plugins.hook.vlm_dpo_classify_parameters(
             model=model, model_type=getattr(model.config, "model_type", None)
         )
+        # No plugin classifies (the freeze policy blocked): one group, so clipping and sharing still see every weight.
+        self.groups: ParameterGroups = groups or {"other": [name for name, _ in model.named_parameters()]}
         self.framework_trainable = {
             name
             for name, parameter in model.named_parameters()

@@ -47,7 +47,7 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
         checked = vlm_dpo_run.checked_files
         # Findings name the row of the user's file; when LLaMA-Factory dropped rows of its own, positions stand in.
         kwargs["train_dataset"] = with_row_index(
-            kwargs.get("train_dataset"), self.vlm_dpo_config.collation.row_index_key, checked and checked.file_rows
+            kwargs.get("train_dataset"), self._row_index_key(), checked and checked.file_rows
         )
         super().__init__(*args, **kwargs)
         self.vlm_dpo_checked_files = checked

@@ -69,7 +69,7 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
         self.announce("swift", run.origin, loss)
 
     def vlm_dpo_training_rows(self) -> SwiftRows:
-        return SwiftRows(self.train_dataset, self._row_index_key(), self.vlm_dpo_config.collation)
+        return SwiftRows(self.train_dataset, self._row_index_key(), self.vlm_dpo_config.section("collation"))
 
     # -- optimizer ---------------------------------------------------------------------
 

@@ -132,11 +132,11 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         return peft_config
 
     def _with_row_index(self, dataset: Any) -> Any:
-        return with_row_index(dataset, self.vlm_dpo_config.collation.row_index_key)
+        return with_row_index(dataset, self._row_index_key())
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        key = self.vlm_dpo_config.collation.row_index_key
+        key = self._row_index_key()
         if self._signature_columns is not None and key not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, key]
 

@@ -361,3 +361,21 @@ def test_an_unsupported_trl_is_refused_at_import_with_the_range():
         ImportError, match=r"supports trl>=1.16,<2 .*trl 0.24.0 is installed.*pip install 'trl>=1.16,<2'"
     ):
         check_trl_version("0.24.0")
+
+
+@pytest.mark.parametrize("blocked", ["guards", "freeze", "collation", "sharing"])
+def test_a_blocked_builtin_leaves_its_part_to_trl(tiny_model_dirs, preference_rows, tmp_path, blocked):
+    from vlm_dpo_plugins.manager import create_plugin_manager
+
+    manager = create_plugin_manager(load_entry_points=False, block=[blocked])
+    trainer = make_trainer(
+        tiny_model_dirs["llava"], preference_rows[:4], tmp_path, max_steps=1, bf16=False, plugin_manager=manager
+    )
+    assert trainer.vlm_dpo_config.section(blocked) is None
+    before = snapshot(trainer.model)
+    trainer.train()
+    moved = changed(trainer.model, before)
+    vision = {name for name in before if "vision_tower" in name}
+    # Without the guards TRL clips with its own max_grad_norm; without the freeze policy everything trains.
+    assert trainer.args.max_grad_norm == (1.0 if blocked == "guards" else 0.0)
+    assert bool(moved & vision) == (blocked == "freeze")
