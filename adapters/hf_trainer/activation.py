@@ -1,4 +1,4 @@
-"""What every adapter's activation does: check the framework's release, wrap its functions once, log its way.
+"""What every adapter's activation does: check the framework's release and wrap its functions once.
 
 An adapter is written against one framework release line; outside it, its overrides would silently compute
 something else, so it stays off (LLaMA-Factory, ms-swift: the framework trains as it would alone, with a
@@ -11,8 +11,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-from vlm_dpo_plugins.adapters.hf_trainer.console import configure_logging
 
 WRAPPED_MARK = "__vlm_dpo_wrapped__"
 logger = logging.getLogger("vlm_dpo_plugins.adapters")
@@ -67,8 +65,3 @@ def wrap_once(
     wrapper = make_wrapper(current)
     setattr(wrapper, WRAPPED_MARK, True)
     setattr(owner, name, classmethod(wrapper) if isinstance(held, classmethod) else wrapper)
-
-
-def framework_logging(line_format: str) -> None:
-    """The adapters' log lines in the framework's own format (INFO from local rank 0, warnings from every rank)."""
-    configure_logging(line_format)

@@ -21,7 +21,8 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from vlm_dpo_plugins.adapters.hf_trainer.activation import SupportedReleases, framework_logging, wrap_once
+from vlm_dpo_plugins.adapters.hf_trainer.activation import SupportedReleases, wrap_once
+from vlm_dpo_plugins.adapters.hf_trainer.console import configure_logging
 
 RELEASES = SupportedReleases("LLaMA-Factory", "llamafactory", minimum="0.9.5", below="0.10", tested="0.9.5")
 SUPPORTED_RANGE = RELEASES.range
@@ -40,7 +41,7 @@ def activate(dpo_package: ModuleType | None = None) -> bool:
 
     wrap_once(parser, "_parse_args", _parse_args_without_section(parser, split_section))
     wrap_once(dpo_package, "run_dpo", plugin_run_dpo)
-    configure_logging()
+    configure_logging_as_llamafactory()
     return True
 
 
@@ -55,6 +56,6 @@ def _parse_args_without_section(parser: ModuleType, split_section: Any) -> Any:
     return make
 
 
-def configure_logging() -> None:
+def configure_logging_as_llamafactory() -> None:
     """LLaMA-Factory's own line format: ``[LEVEL|logger] message``."""
-    framework_logging("[%(levelname)s|%(name)s] %(message)s")
+    configure_logging("[%(levelname)s|%(name)s] %(message)s")

@@ -18,7 +18,8 @@ import functools
 import logging
 from typing import Any
 
-from vlm_dpo_plugins.adapters.hf_trainer.activation import SupportedReleases, framework_logging, wrap_once
+from vlm_dpo_plugins.adapters.hf_trainer.activation import SupportedReleases, wrap_once
+from vlm_dpo_plugins.adapters.hf_trainer.console import configure_logging
 
 TRAINER_PATH = "vlm_dpo_plugins.adapters.swift.trainer.PluginDPOTrainer"
 STOCK_TRAINER_PATH = "swift.rlhf_trainers.DPOTrainer"
@@ -31,7 +32,7 @@ def activate() -> bool:
     """Point swift's DPO trainer at the plugin subclass; True when active. Calling it again changes nothing."""
     import swift
 
-    framework_logging("[%(levelname)s:%(name)s] %(message)s")  # swift's own line format
+    configure_logging("[%(levelname)s:%(name)s] %(message)s")  # swift's own line format
     if RELEASES.stays_off(swift.__version__):
         return False
     from swift.pipelines.train.rlhf import SwiftRLHF
