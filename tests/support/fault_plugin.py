@@ -28,7 +28,6 @@ import dataclasses
 import math
 import os
 import random
-import shutil
 import signal
 from collections.abc import Iterable
 from pathlib import Path
@@ -184,18 +183,10 @@ def install(
     if fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}; expected one of {list(FAULTS)}")
     steps = [*([] if step is None else [step]), *steps]
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copy(__file__, directory / "vlm_dpo_test_fault_plugin.py")
-    dist_info = directory / "vlm_dpo_test_fault_plugin-0.0.dist-info"
-    dist_info.mkdir(exist_ok=True)
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: vlm-dpo-test-fault-plugin\nVersion: 0.0\n")
-    (dist_info / "entry_points.txt").write_text(
-        f"[vlm_dpo_plugins]\n{ENTRY_POINT_NAME} = vlm_dpo_test_fault_plugin:plugin\n"
-    )
-    python_path = os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
+    from plugin_install import install_as_entry_point  # the test process only: this file runs alone when installed
+
     environment = {
-        "PYTHONPATH": python_path,
-        "VLM_DPO_LOAD_PLUGINS": ENTRY_POINT_NAME,
+        **install_as_entry_point(__file__, directory, "vlm_dpo_test_fault_plugin", ENTRY_POINT_NAME),
         FAULT_VARIABLE: fault,
         STEPS_VARIABLE: ",".join(map(str, steps)),
     }

@@ -7,8 +7,6 @@ pair's loss is 2 ln 2: a run that trains with it shows the registered function w
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch.nn.functional as F
@@ -38,13 +36,6 @@ plugin = DoubledSigmoid()
 
 def install(directory: Path) -> dict[str, str]:
     """Make this plugin an installed entry point for a subprocess; returns the environment to pass to it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copy(__file__, directory / "vlm_dpo_test_variant_plugin.py")
-    dist_info = directory / "vlm_dpo_test_variant_plugin-0.0.dist-info"
-    dist_info.mkdir(exist_ok=True)
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: vlm-dpo-test-variant-plugin\nVersion: 0.0\n")
-    (dist_info / "entry_points.txt").write_text(
-        f"[vlm_dpo_plugins]\n{ENTRY_POINT_NAME} = vlm_dpo_test_variant_plugin:plugin\n"
-    )
-    python_path = os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
-    return {"PYTHONPATH": python_path, "VLM_DPO_LOAD_PLUGINS": ENTRY_POINT_NAME}
+    from plugin_install import install_as_entry_point  # the test process only: this file runs alone when installed
+
+    return install_as_entry_point(__file__, directory, "vlm_dpo_test_variant_plugin", ENTRY_POINT_NAME)
