@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from vlm_dpo_plugins.errors import ConfigError
+from vlm_dpo_plugins.errors import ConfigError, MissingSection
 from vlm_dpo_plugins.validation import FieldError, nearest
 
 SectionTypes = Mapping[str, type]
@@ -41,7 +41,7 @@ class VLMDPOConfig:
             return sections[name]
         if name.startswith("_"):
             raise AttributeError(name)
-        raise ConfigError(
+        raise MissingSection(
             f"the plugin config has no section {name!r}: no loaded plugin declares it (is that plugin blocked with "
             f"VLM_DPO_BLOCK_PLUGINS?); sections: {sorted(sections)}"
         )

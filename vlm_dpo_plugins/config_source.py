@@ -33,7 +33,11 @@ def load_plugin_config(manager: Any, source: PluginSource) -> tuple[VLMDPOConfig
 def _non_default_keys(config: VLMDPOConfig) -> dict[str, set[str]]:
     written: dict[str, set[str]] = {}
     for name, section in config.sections.items():
-        default = type(section)()
-        fields = (entry.name for entry in dataclasses.fields(section))
+        fields = [entry.name for entry in dataclasses.fields(section)]
+        try:
+            default = type(section)()
+        except TypeError:  # a plugin's section with required fields: every field was given
+            written[name] = set(fields)
+            continue
         written[name] = {field for field in fields if getattr(section, field) != getattr(default, field)}
     return written

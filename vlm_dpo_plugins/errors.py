@@ -9,6 +9,10 @@ class ConfigError(VLMDPOError, ValueError):
     """A configuration key or value is invalid; the message names the key and a suggestion."""
 
 
+class MissingSection(ConfigError, AttributeError):
+    """The config has no such section: no loaded plugin declares it (``hasattr`` is False, the message says why)."""
+
+
 class PluginError(VLMDPOError, RuntimeError):
     """A plugin could not be loaded or implements a hook wrongly."""
 

@@ -115,7 +115,8 @@ class PluginTrainerMixin:
         self._resumed_from_stock_checkpoint = False
         self._tune_deepspeed(self.vlm_dpo_context())
         self._framework_collator = self.data_collator
-        self.data_collator = HookedCollator(self.plugins, self.data_collator)
+        if self.vlm_dpo_config.section("collation") is not None:
+            self.data_collator = HookedCollator(self.plugins, self.data_collator)
         self._scan_skipped_rows: list[int] | None = None
         self._loaded_rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
         self._guarded_step = GuardedOptimizerStep(
@@ -183,9 +184,10 @@ class PluginTrainerMixin:
         for note in merge.notes:
             logger.warning("vlm-dpo: DeepSpeed: %s", note)
 
-    def _row_index_key(self) -> str:
+    def _row_index_key(self) -> str | None:
+        """The example key naming each row for the collation checks; None with them blocked (no column added)."""
         collation = self.vlm_dpo_config.section("collation")
-        return collation.row_index_key if collation is not None else "row_index"
+        return collation.row_index_key if collation is not None else None
 
     # -- the optimizer is built ---------------------------------------------------------
 
@@ -442,7 +444,7 @@ def requires_grad_kept(model: Any):
             parameter.requires_grad_(flag)
 
 
-def with_row_index(dataset: Any, key: str, rows: list[int] | None = None) -> Any:
+def with_row_index(dataset: Any, key: str | None, rows: list[int] | None = None) -> Any:
     """``dataset`` with each row's index in the user's data under ``key``, so findings name that row.
 
     ``rows``: the row of the user's file each position holds (an adapter that left rows out before loading);
@@ -450,7 +452,7 @@ def with_row_index(dataset: Any, key: str, rows: list[int] | None = None) -> Any
     """
     from datasets import Dataset
 
-    if isinstance(dataset, Dataset) and key not in dataset.column_names:
+    if key is not None and isinstance(dataset, Dataset) and key not in dataset.column_names:
         known = rows is not None and len(rows) == len(dataset)
         return dataset.add_column(key, list(rows) if known else list(range(len(dataset))))
     return dataset

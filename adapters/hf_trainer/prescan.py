@@ -24,7 +24,7 @@ logger = logging.getLogger("vlm_dpo_plugins.adapters")
 class TrainingRows:
     """A framework's training set as the pre-scan reads it; this one: a ``datasets.Dataset``."""
 
-    def __init__(self, dataset: Any, row_index_key: str) -> None:
+    def __init__(self, dataset: Any, row_index_key: str | None) -> None:
         self.dataset = dataset
         self.row_index_key = row_index_key
 
@@ -38,8 +38,9 @@ class TrainingRows:
 
     def row_indices(self) -> list[int] | None:
         """The row of the user's data each position holds, when rows carry it; None: positions are rows."""
-        columns = self.dataset.column_names
-        return self.dataset[self.row_index_key] if self.row_index_key in columns else None
+        if self.row_index_key is None or self.row_index_key not in self.dataset.column_names:
+            return None
+        return self.dataset[self.row_index_key]
 
     def add_findings(self, plugins: Any, summary: CollationSummary) -> None:
         """Findings made while reading the rows, outside the collator's checks (an encoder that raised)."""

@@ -137,7 +137,7 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
         key = self._row_index_key()
-        if self._signature_columns is not None and key not in self._signature_columns:
+        if key is not None and self._signature_columns is not None and key not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, key]
 
     # -- training ------------------------------------------------------------

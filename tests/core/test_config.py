@@ -99,7 +99,7 @@ def test_the_builtin_sections_come_from_their_plugins():
     assert set(manager.config_sections()) == {"freeze", "collation", "loss", "guards", "diagnostics", "sharing"}
     blocked = create_plugin_manager(load_entry_points=False, block=["guards"])
     config = blocked.load_config({})
-    assert config.section("guards") is None
+    assert config.section("guards") is None and not hasattr(config, "guards")
     with pytest.raises(ConfigError, match=r"no section 'guards': no loaded plugin declares it \(is that plugin blocked"):
         config.guards
     with pytest.raises(ConfigError, match=r"\['guards'\] belong to no loaded plugin; blocked plugins: \['guards'\]"):
@@ -124,6 +124,15 @@ def test_a_section_declared_as_something_else_than_a_dataclass_names_the_plugin(
 
     with pytest.raises(PluginError, match="plugin 'broken': vlm_dpo_config_sections must map section names"):
         load({}, broken=Broken())
+
+
+def test_the_keys_written_in_a_hand_built_config_are_its_non_default_values():
+    from vlm_dpo_plugins.config_source import load_plugin_config
+    from vlm_dpo_plugins.guards.settings import GuardsConfig
+
+    manager = create_plugin_manager(load_entry_points=False, extra_plugins={"spike": SpikeSection()})
+    config, written = load_plugin_config(manager, VLMDPOConfig(guards=GuardsConfig(max_grad_norm=2.0)))
+    assert written["guards"] == {"max_grad_norm"} and written["loss"] == set() and written["spike"] == set()
 
 
 def test_a_hand_built_config_gets_the_sections_it_lacks():
