@@ -155,12 +155,13 @@ class PluginTrainerMixin:
         trainable = ", ".join(
             f"{group} {int(numbers['trainable']):,}/{int(numbers['parameters']):,}" for group, numbers in report.items()
         )
+        section = self.vlm_dpo_config.section("loss")
         logger.info(
             "vlm-dpo: active in %s's DPO trainer (settings from %s): loss %s, beta %s; trainable: %s",
             framework,
             origin,
             loss,
-            self.vlm_dpo_config.loss.beta,
+            section.beta if section is not None else f"{framework}'s",
             trainable,
         )
 

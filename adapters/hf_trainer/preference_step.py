@@ -60,12 +60,15 @@ class PreferenceStep:
         self.config = config
         self.model = model
         self.unwrap = unwrap
-        loss_type = config.loss.type
-        needs = plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()
-        if not isinstance(needs, LossInputs):
-            raise ConfigError(f"vlm_dpo_loss_inputs({loss_type!r}) returned {type(needs).__name__}, not LossInputs")
-        self.needs = needs
-        self.extra_rows: tuple[ExtraRows, ...] = () if framework_computes_loss else resolve(plugins, needs, loss_type)
+        needs = LossInputs()
+        self.extra_rows: tuple[ExtraRows, ...] = ()
+        if not framework_computes_loss:
+            loss_type = config.loss.type
+            needs = plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()
+            if not isinstance(needs, LossInputs):
+                raise ConfigError(f"vlm_dpo_loss_inputs({loss_type!r}) returned {type(needs).__name__}, not LossInputs")
+            self.extra_rows = resolve(plugins, needs, loss_type)
+        self.needs: LossInputs = needs
         self.reference_pass = reference_pass and needs.reference
         self.sharing: PairSharing | None = None
         self.feature_reuse: ReferenceFeatureReuse | None = None

@@ -204,7 +204,8 @@ class FrameworkLoss:
 
 @dataclass(frozen=True)
 class LossChoice:
-    type: str
+    type: str | None
+    """None when the framework computes the loss with the loss plugin blocked."""
     framework_computes: bool
     notes: tuple[str, ...] = ()
 
@@ -216,6 +217,9 @@ def choose_loss(framework: str, loss: FrameworkLoss, config: VLMDPOConfig, loss_
     written too is an error naming both. Otherwise the framework's loss type is used when the registry has the same
     formula, and left to the framework (every other hook still runs) when only the framework has it.
     """
+    if config.section("loss") is None:
+        note = f"the loss plugin is blocked: {framework} computes the loss, every other hook runs"
+        return LossChoice(None, framework_computes=True, notes=(note,))
     if "type" in loss_written:
         if loss.written and loss.plugin_type != config.loss.type:
             raise ConfigError(

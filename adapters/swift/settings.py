@@ -122,9 +122,10 @@ def _write_back(settings: shared.Reconciled, args: Any) -> None:
     for flag, frozen in shared.frozen_flags(config, FREEZE_FLAGS).items():
         setattr(args, flag, frozen)
     for target in (args, training_args):
-        target.beta = config.loss.beta
-        # With the registry's loss swift's code does not run; the registry reads loss.label_smoothing.
-        target.label_smoothing = config.loss.label_smoothing if settings.framework_computes_loss else 0.0
+        if config.section("loss") is not None:
+            target.beta = config.loss.beta
+            # With the registry's loss swift's code does not run; the registry reads loss.label_smoothing.
+            target.label_smoothing = config.loss.label_smoothing if settings.framework_computes_loss else 0.0
         target.max_grad_norm = shared.framework_max_grad_norm(
             config, bool(training_args.deepspeed), training_args.max_grad_norm
         )

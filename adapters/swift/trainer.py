@@ -97,7 +97,8 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
     def get_per_token_logps(self, logits: torch.Tensor, labels: torch.Tensor, label_pad_token_id=-100, **kwargs):
         """Swift's per-token log-probs, from fp32 logits one row at a time (bf16 log-softmax loses DPO's margins)."""
         if (
-            not self.vlm_dpo_config.loss.fp32_logps
+            self.vlm_dpo_config.section("loss") is None
+            or not self.vlm_dpo_config.loss.fp32_logps
             or logits.dtype == torch.float32
             or self.template.sequence_parallel_size != 1
         ):

@@ -61,10 +61,10 @@ def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, set[str]]) 
     trl_set = _trl_fields_set(args)
     loss_type, trl_computes_loss, notes = _loss_type(args, config, written.get("loss", set()), trl_set)
     values = reconcile_shared(SHARED_SETTINGS, args, config, written, trl_set, KEY_NAMES)
-    args.beta = values["loss.beta"]
-    args.label_smoothing = values["loss.label_smoothing"]
+    args.beta = values.get("loss.beta", args.beta)
+    args.label_smoothing = values.get("loss.label_smoothing", args.label_smoothing)
     if trl_computes_loss:
-        del values["loss.label_smoothing"]  # TRL's loss reads it from DPOConfig
+        values.pop("loss.label_smoothing", None)  # TRL's loss reads it from DPOConfig
     else:
         values["loss.type"] = loss_type
         if loss_type == "sigmoid" and args.label_smoothing > 0 and "label_smoothing" in trl_set:

@@ -363,7 +363,7 @@ def test_an_unsupported_trl_is_refused_at_import_with_the_range():
         check_trl_version("0.24.0")
 
 
-@pytest.mark.parametrize("blocked", ["guards", "freeze", "collation", "sharing"])
+@pytest.mark.parametrize("blocked", ["guards", "freeze", "collation", "sharing", "losses"])
 def test_a_blocked_builtin_leaves_its_part_to_trl(tiny_model_dirs, preference_rows, tmp_path, blocked):
     from vlm_dpo_plugins.manager import create_plugin_manager
 
@@ -371,7 +371,8 @@ def test_a_blocked_builtin_leaves_its_part_to_trl(tiny_model_dirs, preference_ro
     trainer = make_trainer(
         tiny_model_dirs["llava"], preference_rows[:4], tmp_path, max_steps=1, bf16=False, plugin_manager=manager
     )
-    assert trainer.vlm_dpo_config.section(blocked) is None
+    assert trainer.vlm_dpo_config.section("loss" if blocked == "losses" else blocked) is None
+    assert trainer._trl_computes_loss == (blocked == "losses")
     before = snapshot(trainer.model)
     trainer.train()
     moved = changed(trainer.model, before)
