@@ -7,8 +7,9 @@ warning) or refuses to import (TRL, whose users import the trainer themselves).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,3 +66,16 @@ def wrap_once(
     wrapper = make_wrapper(current)
     setattr(wrapper, WRAPPED_MARK, True)
     setattr(owner, name, classmethod(wrapper) if isinstance(held, classmethod) else wrapper)
+
+
+@contextlib.contextmanager
+def patched(owner: Any, **replacements: Any) -> Iterator[None]:
+    """``owner``'s attributes replaced while the context is open (a framework function wrapped for one run)."""
+    stock = {name: getattr(owner, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for name, value in stock.items():
+            setattr(owner, name, value)

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vlm_dpo_plugins.collation.file_checks import CheckedFiles, check_file
+from vlm_dpo_plugins.adapters.hf_trainer.activation import patched
+
+from vlm_dpo_plugins.collation.file_checks import CheckedFiles, FileChecks
 from vlm_dpo_plugins.collation.report import ReportFile
 from vlm_dpo_plugins.collation.settings import CollationConfig
 from vlm_dpo_plugins.preference_data.pairs import why_llamafactory_columns_are_unread
 
 FRAMEWORK = "LLaMA-Factory"
-logger = logging.getLogger("vlm_dpo_plugins.adapters.llamafactory")
 
 
 @contextlib.contextmanager
@@ -35,47 +35,36 @@ def checked_loading(
     """While LLaMA-Factory loads its datasets, each file is checked first and loaded without its skipped rows."""
     from llamafactory.data import loader
 
-    loaded = CheckedFiles(FRAMEWORK)
-    if not (config.enabled and config.check_files):
-        yield loaded
+    checks = FileChecks(FRAMEWORK, config, report, training_args.output_dir)
+    if not checks.enabled:
+        yield checks.files
         return
-    report_path = ReportFile.resolve(config.report_path, training_args.output_dir)
     stock_load, stock_align = loader._load_single_dataset, loader.align_dataset
     # One training file, in file order, not split: the training set's rows are that file's kept rows.
     rows_known = len(data_args.dataset or []) == 1 and not data_args.val_size
 
     @functools.wraps(stock_load)
     def load_single_dataset(dataset_attr: Any, model_args: Any, data_args: Any, training_args: Any) -> Any:
-        path = _checkable_file(dataset_attr, data_args) if dataset_attr.dataset_name not in loaded.checks else None
+        path = (
+            _checkable_file(dataset_attr, data_args) if dataset_attr.dataset_name not in checks.files.checks else None
+        )
         if path is not None:
-            check = check_file(
-                path,
-                config,
-                framework=FRAMEWORK,
-                report=report,
-                report_path=report_path,
-                images_root=Path(data_args.media_dir or data_args.dataset_dir),
-                row_limit=data_args.max_samples,
+            images_root = Path(data_args.media_dir or data_args.dataset_dir)
+            check = checks.check(
+                dataset_attr.dataset_name, path, images_root=images_root, row_limit=data_args.max_samples
             )
-            loaded.checks[dataset_attr.dataset_name] = check
-            if rows_known and loaded.file_rows is None:  # the training file is loaded first
-                loaded.file_rows = check.kept
-                loaded.source, loaded.rows_in, loaded.skipped_before_loading = str(path), check.rows, len(check.skipped)
+            if rows_known and checks.files.file_rows is None:  # the training file is loaded first
+                checks.files.file_rows = check.kept
+                checks.account_for_every_row()
         return stock_load(dataset_attr, model_args, data_args, training_args)
 
     @functools.wraps(stock_align)
     def align_dataset(dataset: Any, dataset_attr: Any, *args: Any, **kwargs: Any) -> Any:
         # Before LLaMA-Factory's converter: it raises on some malformed rows (a role it has no tag for).
-        check = loaded.checks.get(dataset_attr.dataset_name)
-        if check is not None and check.skipped:
-            dataset = dataset.select(check.kept)
-        return stock_align(dataset, dataset_attr, *args, **kwargs)
+        return stock_align(checks.kept(dataset, dataset_attr.dataset_name), dataset_attr, *args, **kwargs)
 
-    loader._load_single_dataset, loader.align_dataset = load_single_dataset, align_dataset
-    try:
-        yield loaded
-    finally:
-        loader._load_single_dataset, loader.align_dataset = stock_load, stock_align
+    with patched(loader, _load_single_dataset=load_single_dataset, align_dataset=align_dataset):
+        yield checks.files
 
 
 def _checkable_file(dataset_attr: Any, data_args: Any) -> Path | None:
@@ -91,10 +80,6 @@ def _checkable_file(dataset_attr: Any, data_args: Any) -> Path | None:
     else:
         reason = why_llamafactory_columns_are_unread(dataset_attr.formatting, vars(dataset_attr))
     if reason is not None:
-        logger.info(
-            "vlm-dpo: %s is checked per batch during training, not as a file before loading: %s",
-            dataset_attr.dataset_name,
-            reason,
-        )
+        FileChecks.not_checked(dataset_attr.dataset_name, reason)
         return None
     return path

@@ -13,57 +13,45 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vlm_dpo_plugins.collation.file_checks import CheckedFiles, check_file
-from vlm_dpo_plugins.collation.report import ReportFile
+from vlm_dpo_plugins.adapters.hf_trainer.activation import patched
+
+from vlm_dpo_plugins.collation.file_checks import CheckedFiles, FileChecks
 from vlm_dpo_plugins.collation.settings import CollationConfig
 from vlm_dpo_plugins.collation.wrapper import collation_report
 
 FRAMEWORK = "ms-swift"
-logger = logging.getLogger("vlm_dpo_plugins.adapters.swift")
+
 
 @contextlib.contextmanager
 def checked_loading(args: Any, plugins: Any, config: CollationConfig) -> Iterator[CheckedFiles]:
     """While swift reads its ``--dataset`` files, each is checked first and read without its skipped rows."""
     from swift.dataset import loader
 
-    files = CheckedFiles(FRAMEWORK)
-    report = collation_report(plugins)
-    if report is None or not (config.enabled and config.check_files):
-        yield files
+    checks = FileChecks(FRAMEWORK, config, collation_report(plugins), args.output_dir)
+    if not checks.enabled:
+        yield checks.files
         return
-    report_path = ReportFile.resolve(config.report_path, args.output_dir)
     entries = [_checkable_file(entry) for entry in args.dataset]
     for path in filter(None, entries):
-        if str(path) not in files.checks:
-            files.checks[str(path)] = check_file(
-                path, config, framework=FRAMEWORK, report=report, report_path=report_path
-            )
+        checks.check(str(path), path)
     streaming = bool(getattr(args, "streaming", False))
     if all(entries) and not streaming and not getattr(args, "split_dataset_ratio", 0) and not args.val_dataset:
-        # Every row of the training set comes from these files, none split off: they can be accounted for.
-        files.source = ", ".join(files.checks)
-        files.rows_in = sum(check.rows for check in files.checks.values())
-        files.skipped_before_loading = sum(len(check.skipped) for check in files.checks.values())
+        checks.account_for_every_row()  # every row of the training set comes from these files, none split off
     stock = loader.hf_load_dataset
 
     @functools.wraps(stock)
     def hf_load_dataset(*positional: Any, data_files: Any = None, **kwargs: Any) -> Any:
         dataset = stock(*positional, data_files=data_files, **kwargs)
-        check = files.checks.get(str(Path(data_files).resolve())) if isinstance(data_files, str) else None
-        if check is not None and check.skipped and not streaming:
-            dataset = dataset.select(check.kept)
-        return dataset
+        if not isinstance(data_files, str) or streaming:
+            return dataset
+        return checks.kept(dataset, str(Path(data_files).resolve()))
 
-    loader.hf_load_dataset = hf_load_dataset
-    try:
-        yield files
-    finally:
-        loader.hf_load_dataset = stock
+    with patched(loader, hf_load_dataset=hf_load_dataset):
+        yield checks.files
 
 
 def _checkable_file(entry: str) -> Path | None:
@@ -77,6 +65,6 @@ def _checkable_file(entry: str) -> Path | None:
     elif syntax.dataset_sample is not None:
         reason = "'#N' draws its rows out of file order"
     if reason is not None:
-        logger.info("vlm-dpo: %s is checked per batch during training, not as a file before loading: %s", entry, reason)
+        FileChecks.not_checked(entry, reason)
         return None
     return path.resolve()

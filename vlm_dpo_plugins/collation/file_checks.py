@@ -96,6 +96,53 @@ def check_file(
     return check
 
 
+class FileChecks:
+    """The file checks of one run: each file checked once, its kept rows handed on, every row accounted for.
+
+    Off (nothing checked, nothing selected) without the collation checks (``report`` None: blocked) or with
+    ``collation.check_files: false``.
+    """
+
+    def __init__(
+        self, framework: str, config: CollationConfig | None, report: ReportFile | None, output_dir: str | None
+    ) -> None:
+        self.files = CheckedFiles(framework)
+        self.enabled = config is not None and report is not None and config.enabled and config.check_files
+        self._config, self._report = config, report
+        self._report_path = ReportFile.resolve(config.report_path, output_dir) if config is not None else None
+
+    def check(
+        self, key: str, path: Path, *, images_root: Path | None = None, row_limit: int | None = None
+    ) -> FileCheck:
+        if key not in self.files.checks:
+            self.files.checks[key] = check_file(
+                path,
+                self._config,
+                framework=self.files.framework,
+                report=self._report,
+                report_path=self._report_path,
+                images_root=images_root,
+                row_limit=row_limit,
+            )
+        return self.files.checks[key]
+
+    def account_for_every_row(self) -> None:
+        """The training set is exactly the checked files' kept rows: the row account can name every row."""
+        checks = list(self.files.checks.values())
+        self.files.source = ", ".join(str(check.path) for check in checks)
+        self.files.rows_in = sum(check.rows for check in checks)
+        self.files.skipped_before_loading = sum(len(check.skipped) for check in checks)
+
+    def kept(self, dataset: object, key: str) -> object:
+        """``dataset`` (what the framework read from file ``key``) without the rows the checks left out."""
+        check = self.files.checks.get(key)
+        return dataset.select(check.kept) if check is not None and check.skipped else dataset
+
+    @staticmethod
+    def not_checked(name: str, reason: str) -> None:
+        logger.info("vlm-dpo: %s is checked per batch during training, not as a file before loading: %s", name, reason)
+
+
 def _unskippable(finding: Finding, framework: str) -> Finding:
     return dataclasses.replace(
         finding,
