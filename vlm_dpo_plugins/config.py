@@ -76,10 +76,6 @@ class VLMDPOConfig:
         _reject_unknown(data, set(sections), prefix="")
         return cls(**{name: _build(kind, data.get(name), name) for name, kind in sections.items()})
 
-    @classmethod
-    def from_yaml(cls, path: str | Path, *, sections: SectionTypes) -> VLMDPOConfig:
-        return cls.from_dict(read_yaml(path), sections=sections)
-
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(section) for name, section in self._sections.items()}
 

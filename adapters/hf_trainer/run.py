@@ -71,6 +71,18 @@ def checkpointing_kwargs(plugins: Any, context: RunContext) -> dict[str, Any]:
     return plugins.hook.vlm_dpo_gradient_checkpointing_kwargs(context=context) or {}
 
 
+def plan_checkpointing(plugins: Any, context: RunContext, training_args: Any) -> None:
+    """The guards' checkpointing kwargs merged into ``gradient_checkpointing_kwargs``, and the DDP plan.
+
+    For a framework that enables checkpointing from its ``TrainingArguments`` (TRL, ms-swift); LLaMA-Factory reads
+    ``use_reentrant_gc`` instead and writes ``checkpointing_kwargs`` there itself.
+    """
+    planned = checkpointing_kwargs(plugins, context)
+    if planned:
+        training_args.gradient_checkpointing_kwargs = {**(training_args.gradient_checkpointing_kwargs or {}), **planned}
+    apply_ddp_plan(plugins, context, training_args)
+
+
 def apply_ddp_plan(plugins: Any, context: RunContext, training_args: Any) -> None:
     """``static_graph``/``find_unused_parameters`` that cannot raise "Expected to mark a variable ready only once".
 

@@ -129,10 +129,9 @@ def _loss_type(
         plugin_type=None if pref_loss in FRAMEWORK_ONLY_LOSS_TYPES else pref_loss,
         own_options=_framework_only_options(finetuning_args),
     )
+    # An unwritten pref_loss is LLaMA-Factory's default, sigmoid: the registry's default too.
     choice = choose_loss("LLaMA-Factory", loss, config, written.get("loss", set()), KEY_NAMES)
-    # LLaMA-Factory's pref_loss has a value even when not written: sigmoid, the registry's default too.
-    loss_type = pref_loss if not choice.framework_computes and "type" not in written.get("loss", set()) else choice.type
-    return loss_type, choice.framework_computes, list(choice.notes)
+    return choice.type, choice.framework_computes, list(choice.notes)
 
 
 def _framework_only_options(finetuning_args: Any) -> list[str]:

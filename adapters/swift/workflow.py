@@ -18,8 +18,7 @@ from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.run import (
     PluginRun,
-    apply_ddp_plan,
-    checkpointing_kwargs,
+    plan_checkpointing,
     run_context,
     start_run,
 )
@@ -77,10 +76,7 @@ def prepare_run(args: Any) -> PluginRun:
     run = start_run(current.plugins, reconciled, context, f"{CONFIG_VARIABLE}={source}" if source else "defaults")
     _warn_about_unsynchronised_cpu_ranks(training_args)
     # Swift forces its ``use_reentrant`` on every checkpoint call, read from ``gradient_checkpointing_kwargs``.
-    planned = checkpointing_kwargs(current.plugins, context)
-    if planned:
-        training_args.gradient_checkpointing_kwargs = {**(training_args.gradient_checkpointing_kwargs or {}), **planned}
-    apply_ddp_plan(current.plugins, context, training_args)
+    plan_checkpointing(current.plugins, context, training_args)
     run.checked_files = current.checked_files
     current.prepared = (run, training_args)
     return run

@@ -40,7 +40,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept, with_row_index
 from vlm_dpo_plugins.adapters.hf_trainer.preference_step import preference_metrics
-from vlm_dpo_plugins.adapters.hf_trainer.run import apply_ddp_plan, checkpointing_kwargs, run_context, start_run
+from vlm_dpo_plugins.adapters.hf_trainer.run import plan_checkpointing, run_context, start_run
 from vlm_dpo_plugins.adapters.hf_trainer.settings import framework_max_grad_norm
 from vlm_dpo_plugins.adapters.trl.batch import collated_outputs, completion_labels, model_inputs, summed_logps
 from vlm_dpo_plugins.adapters.trl.checkpoint_format import reload_if_keys_were_renamed, runtime_format_saves
@@ -74,7 +74,7 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         self._vlm_dpo_run = start_run(self.plugins, reconcile(dpo_args, config, written), context, "vlm_dpo_config")
         self.vlm_dpo_config: VLMDPOConfig = self._vlm_dpo_run.config
         self._trl_computes_loss = self._vlm_dpo_run.framework_computes_loss
-        self._plan_checkpointing(dpo_args, context)
+        plan_checkpointing(self.plugins, context, dpo_args)
         dpo_args.max_grad_norm = framework_max_grad_norm(
             self.vlm_dpo_config, context.uses_deepspeed, dpo_args.max_grad_norm
         )
@@ -102,13 +102,6 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         return run_context(
             "trl", trl.__version__, args, uses_peft=uses_peft, gradient_checkpointing=bool(args.gradient_checkpointing)
         )
-
-    def _plan_checkpointing(self, args: Any, context: RunContext) -> None:
-        """Checkpointing and DDP settings that cannot raise "Expected to mark a variable ready only once"."""
-        if context.gradient_checkpointing:
-            planned = checkpointing_kwargs(self.plugins, context)
-            args.gradient_checkpointing_kwargs = {**(args.gradient_checkpointing_kwargs or {}), **planned}
-        apply_ddp_plan(self.plugins, context, args)
 
     def _lora_targets_from_policy(self, model: Any, peft_config: Any) -> Any:
         """LoRA on the trainable groups only, when the user left the targets to PEFT ("all-linear" or unset).
