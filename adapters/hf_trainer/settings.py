@@ -38,6 +38,8 @@ class SharedSetting:
     """The framework's value in the plugin config's terms (``max_grad_norm: 0`` is no clipping: ``None``)."""
     written: Callable[[Any, Set[str]], bool] | None = None
     """Whether the user wrote it, when that is more than the key's presence (a key inside a dict flag)."""
+    only_for_loss: str | None = None
+    """The loss type whose option this is (``simpo_gamma``): with another loss the two sides need not agree."""
 
     @property
     def section(self) -> str:
@@ -241,3 +243,84 @@ def choose_loss(framework: str, loss: FrameworkLoss, config: VLMDPOConfig, loss_
         )
         return LossChoice(config.loss.type, framework_computes=True, notes=(note,))
     return LossChoice(loss.plugin_type if loss.written else config.loss.type, framework_computes=False)
+
+
+@dataclass(frozen=True)
+class FrameworkSettings:
+    """One framework's side of the settings: its keys, its freeze and learning-rate flags, how it is named."""
+
+    framework: str
+    """As the user knows it, in notes ("LLaMA-Factory")."""
+    arguments: str
+    """Where the framework's values come from, in messages ("LLaMA-Factory's arguments", "DPOConfig")."""
+    names: KeyNames
+    table: tuple[SharedSetting, ...]
+    freeze_flags: Mapping[str, str] = field(default_factory=dict)
+    """``{group: flag}``, the flag true when the group is frozen."""
+    learning_rate_flags: Mapping[str, str] = field(default_factory=dict)
+    """``{group: flag}`` for the framework's per-group learning rates (ms-swift's ``--vit_lr``)."""
+    loss_only: tuple[str, ...] = ()
+    """Plugin keys only the plugins' loss reads: with the framework's loss its own keys keep their values."""
+
+    def reconcile(
+        self,
+        args: Any,
+        config: VLMDPOConfig,
+        written: Mapping[str, Set[str]],
+        framework_written: Set[str],
+        loss: FrameworkLoss,
+        *,
+        flags_on: Any = None,
+        framework_values: str = "",
+    ) -> Reconciled:
+        """The agreed config: the loss chosen, the table's keys, the freeze flags and learning rates merged.
+
+        ``flags_on``: the arguments object holding the freeze and learning-rate flags; ``framework_values``: the
+        framework's loss values, named in the error when the merged values are invalid together.
+        """
+        choice = choose_loss(self.framework, loss, config, written.get("loss", set()), self.names)
+        table = [row for row in self.table if row.only_for_loss in (None, choice.type)]
+        values = reconcile_shared(table, args, config, written, framework_written, self.names)
+        if choice.framework_computes:
+            values = {key: value for key, value in values.items() if key not in self.loss_only}
+        elif choice.type is not None:
+            values["loss.type"] = choice.type
+
+        def invalid(error: Exception) -> str:
+            return (
+                f"{self.arguments} and the plugin config together are invalid: {error}. The value may come from "
+                f"{self.arguments} ({framework_values})"
+            )
+
+        config = with_values(config, values, invalid)
+        if self.freeze_flags:
+            config = reconcile_freeze_flags(
+                config, self.freeze_flags, lambda flag: getattr(flags_on, flag), framework_written, written, self.names
+            )
+        if self.learning_rate_flags and config.section("freeze") is not None:
+            config = config.replace(freeze=self._learning_rates(config.freeze, flags_on, framework_written))
+        return Reconciled(config, choice.framework_computes, list(choice.notes))
+
+    def _learning_rates(self, freeze: Any, flags_on: Any, framework_written: Set[str]) -> Any:
+        rates = dict(freeze.learning_rates)
+        for group, flag in self.learning_rate_flags.items():
+            rate = getattr(flags_on, flag)
+            if flag not in framework_written or rate is None:
+                continue
+            if group in rates and rates[group] != rate:
+                raise self.names.conflict(flag, rate, f"freeze.learning_rates.{group}", rates[group])
+            rates[group] = rate
+        try:
+            return dataclasses.replace(freeze, learning_rates=rates)
+        except FieldError as error:
+            flags = " and ".join(self.names.framework.format(key=flag) for flag in self.learning_rate_flags.values())
+            raise ConfigError(
+                f"{flags} with the freeze policy are invalid: {error}. A learning rate applies only to a group "
+                "that trains (its freeze flag off, or freeze.trainable)"
+            ) from error
+
+    def write_back(self, config: VLMDPOConfig, flags_on: Any, training_args: Any, *, uses_deepspeed: bool) -> None:
+        """The freeze flags and ``max_grad_norm`` as the plugin config needs them, before the framework reads them."""
+        for flag, frozen in frozen_flags(config, self.freeze_flags).items():
+            setattr(flags_on, flag, frozen)
+        training_args.max_grad_norm = framework_max_grad_norm(config, uses_deepspeed, training_args.max_grad_norm)

@@ -24,16 +24,11 @@ from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.settings import (
     FrameworkLoss,
+    FrameworkSettings,
     KeyNames,
     Reconciled,
     SharedSetting,
-    choose_loss,
-    framework_max_grad_norm,
-    frozen_flags,
     positive_or_none,
-    reconcile_freeze_flags,
-    reconcile_shared,
-    with_values,
 )
 
 from vlm_dpo_plugins.config import VLMDPOConfig
@@ -41,12 +36,6 @@ from vlm_dpo_plugins.config import VLMDPOConfig
 # Same name and formula in LLaMA-Factory 0.9.5 and in the built-in registry (tests compare the values).
 SHARED_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "simpo"})
 FRAMEWORK_ONLY_LOSS_TYPES = frozenset({"orpo", "kto_pair"})
-FREEZE_FLAGS = {
-    "vision": "freeze_vision_tower",
-    "projector": "freeze_multi_modal_projector",
-    "language": "freeze_language_model",
-}
-KEY_NAMES = KeyNames(framework="LLaMA-Factory's {key}", plugin="vlm_dpo.{key}")
 
 
 @dataclass(frozen=True)
@@ -58,25 +47,36 @@ class Arguments:
     finetuning: Any
 
 
-SHARED_SETTINGS = (
-    SharedSetting("loss.beta", "pref_beta", read=lambda args: args.finetuning.pref_beta),
-    SharedSetting("loss.label_smoothing", "dpo_label_smoothing", read=lambda args: args.finetuning.dpo_label_smoothing),
-    SharedSetting("loss.simpo_gamma", "simpo_gamma", read=lambda args: args.finetuning.simpo_gamma),
-    SharedSetting(
-        "guards.max_grad_norm",
-        "max_grad_norm",
-        read=lambda args: args.training.max_grad_norm,
-        to_plugin=positive_or_none,
+LLAMAFACTORY = FrameworkSettings(
+    "LLaMA-Factory",
+    "LLaMA-Factory's arguments",
+    KeyNames(framework="LLaMA-Factory's {key}", plugin="vlm_dpo.{key}"),
+    table=(
+        SharedSetting("loss.beta", "pref_beta", read=lambda args: args.finetuning.pref_beta),
+        SharedSetting("loss.label_smoothing", "dpo_label_smoothing", read=lambda a: a.finetuning.dpo_label_smoothing),
+        SharedSetting(
+            "loss.simpo_gamma", "simpo_gamma", read=lambda args: args.finetuning.simpo_gamma, only_for_loss="simpo"
+        ),
+        SharedSetting(
+            "guards.max_grad_norm",
+            "max_grad_norm",
+            read=lambda args: args.training.max_grad_norm,
+            to_plugin=positive_or_none,
+        ),
+        SharedSetting(
+            "guards.non_reentrant_checkpointing",
+            "use_reentrant_gc",
+            read=lambda args: bool(args.model.use_reentrant_gc),
+            to_plugin=lambda reentrant: not reentrant,
+        ),
     ),
-    SharedSetting(
-        "guards.non_reentrant_checkpointing",
-        "use_reentrant_gc",
-        read=lambda args: bool(args.model.use_reentrant_gc),
-        to_plugin=lambda reentrant: not reentrant,
-    ),
+    freeze_flags={
+        "vision": "freeze_vision_tower",
+        "projector": "freeze_multi_modal_projector",
+        "language": "freeze_language_model",
+    },
+    loss_only=("loss.label_smoothing", "loss.simpo_gamma"),
 )
-LOSS_ONLY_SETTINGS = ("loss.label_smoothing", "loss.simpo_gamma")
-"""Read by the plugins' loss only: with LLaMA-Factory's own loss its keys keep their value there."""
 
 
 def reconcile(
@@ -93,35 +93,8 @@ def reconcile(
 
     ``reads_reference(loss_type)``: whether that loss variant reads reference log-probs (the plugin registry knows).
     """
-    arguments = Arguments(model_args, training_args, finetuning_args)
-    loss_type, framework_computes_loss, notes = _loss_type(finetuning_args, config, written, framework_written)
-    table = [row for row in SHARED_SETTINGS if row.plugin_key != "loss.simpo_gamma" or loss_type == "simpo"]
-    values = reconcile_shared(table, arguments, config, written, framework_written, KEY_NAMES)
-    if framework_computes_loss:
-        values = {key: value for key, value in values.items() if key not in LOSS_ONLY_SETTINGS}
-    else:
-        values["loss.type"] = loss_type
-
-    def invalid(error: Exception) -> str:
-        return (
-            f"LLaMA-Factory's arguments and the vlm_dpo section together are invalid: {error}. The value may come "
-            f"from LLaMA-Factory (pref_loss={finetuning_args.pref_loss!r}, pref_beta={finetuning_args.pref_beta}, "
-            f"dpo_label_smoothing={finetuning_args.dpo_label_smoothing})"
-        )
-
-    config = with_values(config, values, invalid)
-    config = reconcile_freeze_flags(
-        config, FREEZE_FLAGS, lambda flag: getattr(finetuning_args, flag), framework_written, written, KEY_NAMES
-    )
-    reconciled = Reconciled(config, framework_computes_loss, notes)
-    _write_back(reconciled, arguments, reads_reference)
-    return reconciled
-
-
-def _loss_type(
-    finetuning_args: Any, config: VLMDPOConfig, written: Mapping[str, Set[str]], framework_written: Set[str]
-) -> tuple[str, bool, list[str]]:
     pref_loss = finetuning_args.pref_loss
+    # An unwritten pref_loss is LLaMA-Factory's default, sigmoid: the registry's default too.
     loss = FrameworkLoss(
         "pref_loss",
         pref_loss,
@@ -129,9 +102,16 @@ def _loss_type(
         plugin_type=None if pref_loss in FRAMEWORK_ONLY_LOSS_TYPES else pref_loss,
         own_options=_framework_only_options(finetuning_args),
     )
-    # An unwritten pref_loss is LLaMA-Factory's default, sigmoid: the registry's default too.
-    choice = choose_loss("LLaMA-Factory", loss, config, written.get("loss", set()), KEY_NAMES)
-    return choice.type, choice.framework_computes, list(choice.notes)
+    values = (
+        f"pref_loss={pref_loss!r}, pref_beta={finetuning_args.pref_beta}, "
+        f"dpo_label_smoothing={finetuning_args.dpo_label_smoothing}"
+    )
+    arguments = Arguments(model_args, training_args, finetuning_args)
+    reconciled = LLAMAFACTORY.reconcile(
+        arguments, config, written, framework_written, loss, flags_on=finetuning_args, framework_values=values
+    )
+    _write_back(reconciled, arguments, reads_reference)
+    return reconciled
 
 
 def _framework_only_options(finetuning_args: Any) -> list[str]:
@@ -145,9 +125,8 @@ def _framework_only_options(finetuning_args: Any) -> list[str]:
 
 def _write_back(settings: Reconciled, arguments: Arguments, reads_reference: Callable[[str], bool]) -> None:
     """LLaMA-Factory's arguments as the plugin config says, before ``load_model`` and the trainer read them."""
-    config, finetuning_args = settings.config, arguments.finetuning
-    for flag, frozen in frozen_flags(config, FREEZE_FLAGS).items():
-        setattr(finetuning_args, flag, frozen)
+    config, finetuning_args, training = settings.config, arguments.finetuning, arguments.training
+    LLAMAFACTORY.write_back(config, finetuning_args, training, uses_deepspeed=bool(training.deepspeed))
     if not settings.framework_computes_loss:
         finetuning_args.pref_beta = config.loss.beta
         if config.loss.type in SHARED_LOSS_TYPES:
@@ -157,5 +136,3 @@ def _write_back(settings: Reconciled, arguments: Arguments, reads_reference: Cal
         finetuning_args.dpo_label_smoothing = config.loss.label_smoothing if config.loss.type == "sigmoid" else 0.0
     if config.section("guards") is not None:
         arguments.model.use_reentrant_gc = not config.guards.non_reentrant_checkpointing
-    training = arguments.training
-    training.max_grad_norm = framework_max_grad_norm(config, bool(training.deepspeed), training.max_grad_norm)

@@ -18,7 +18,6 @@ DeepSpeed because the guards clip, per group, inside the guarded optimizer step.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping, Set
 from typing import Any
 
@@ -26,28 +25,32 @@ from vlm_dpo_plugins.adapters.hf_trainer import settings as shared
 
 from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.errors import ConfigError
-from vlm_dpo_plugins.validation import FieldError
 
-FREEZE_FLAGS = {"vision": "freeze_vit", "projector": "freeze_aligner", "language": "freeze_llm"}
-LEARNING_RATE_FLAGS = {"vision": "vit_lr", "projector": "aligner_lr"}
 SWIFT_LOSS_OPTIONS = ("loss_type", "loss_weights", "rpo_alpha", "ld_alpha", "f_divergence_type", "reference_free")
 """Options of swift's own DPO loss: with ``loss.type`` from the plugin config none of them would apply."""
-KEY_NAMES = shared.KeyNames(framework="swift's --{key}", plugin="the plugin config's {key}")
 
 
 def _use_reentrant(args: Any) -> Any:
     return (args.training_args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
 
 
-SHARED_SETTINGS = (
-    *shared.same_named_settings(),
-    shared.SharedSetting(
-        "guards.non_reentrant_checkpointing",
-        "gradient_checkpointing_kwargs use_reentrant",
-        read=lambda args: bool(_use_reentrant(args)),
-        to_plugin=lambda reentrant: not reentrant,
-        written=lambda args, written: "gradient_checkpointing_kwargs" in written and _use_reentrant(args) is not None,
+SWIFT = shared.FrameworkSettings(
+    "swift",
+    "swift's arguments",
+    shared.KeyNames(framework="swift's --{key}", plugin="the plugin config's {key}"),
+    table=(
+        *shared.same_named_settings(),
+        shared.SharedSetting(
+            "guards.non_reentrant_checkpointing",
+            "gradient_checkpointing_kwargs use_reentrant",
+            read=lambda args: bool(_use_reentrant(args)),
+            to_plugin=lambda reentrant: not reentrant,
+            written=lambda args, written: "gradient_checkpointing_kwargs" in written
+            and _use_reentrant(args) is not None,
+        ),
     ),
+    freeze_flags={"vision": "freeze_vit", "projector": "freeze_aligner", "language": "freeze_llm"},
+    learning_rate_flags={"vision": "vit_lr", "projector": "aligner_lr"},
 )
 
 
@@ -72,60 +75,20 @@ def reconcile(
         own_options=[option for option in SWIFT_LOSS_OPTIONS if option in swift_written and option != "loss_type"],
         computes_by_default=True,
     )
-    choice = shared.choose_loss("swift", loss, config, written.get("loss", set()), KEY_NAMES)
-    if not choice.framework_computes and (args.padding_free or args.packing):
+    values = f"--beta {args.beta}, --label_smoothing {args.label_smoothing}, --max_grad_norm {args.max_grad_norm}"
+    reconciled = SWIFT.reconcile(args, config, written, swift_written, loss, flags_on=args, framework_values=values)
+    config = reconciled.config
+    if not reconciled.framework_computes_loss and (args.padding_free or args.packing):
         raise ConfigError(
             f"loss.type {config.loss.type!r} reads one row per sequence, but swift packs rows "
             "(--padding_free/--packing): drop those flags, or drop loss.type to keep swift's loss"
         )
-    values = shared.reconcile_shared(SHARED_SETTINGS, args, config, written, swift_written, KEY_NAMES)
-
-    def invalid(error: Exception) -> str:
-        return (
-            f"swift's arguments and the plugin config together are invalid: {error}. The value may come from swift "
-            f"(--beta {args.beta}, --label_smoothing {args.label_smoothing}, --max_grad_norm {args.max_grad_norm})"
-        )
-
-    config = shared.with_values(config, values, invalid)
-    config = shared.reconcile_freeze_flags(
-        config, FREEZE_FLAGS, lambda flag: getattr(args, flag), swift_written, written, KEY_NAMES
-    )
-    if config.section("freeze") is not None:
-        config = config.replace(freeze=_learning_rates(args, config, swift_written))
-    reconciled = shared.Reconciled(config, choice.framework_computes, list(choice.notes))
-    _write_back(reconciled, args)
-    return reconciled
-
-
-def _learning_rates(args: Any, config: VLMDPOConfig, swift_written: Set[str]):
-    freeze = config.freeze
-    rates = dict(freeze.learning_rates)
-    for group, flag in LEARNING_RATE_FLAGS.items():
-        swift_rate = getattr(args, flag)
-        if flag not in swift_written or swift_rate is None:
-            continue
-        if group in rates and rates[group] != swift_rate:
-            raise KEY_NAMES.conflict(flag, swift_rate, f"freeze.learning_rates.{group}", rates[group])
-        rates[group] = swift_rate
-    try:
-        return dataclasses.replace(freeze, learning_rates=rates)
-    except FieldError as error:
-        raise ConfigError(
-            f"swift's --vit_lr/--aligner_lr and the freeze policy together are invalid: {error}. A learning rate "
-            "applies only to a group that trains (--freeze_vit false / --freeze_aligner false, or freeze.trainable)"
-        ) from error
-
-
-def _write_back(settings: shared.Reconciled, args: Any) -> None:
-    """Swift's arguments as the plugin config says, before ``prepare_model`` and the trainer read them."""
-    config, training_args = settings.config, args.training_args
-    for flag, frozen in shared.frozen_flags(config, FREEZE_FLAGS).items():
-        setattr(args, flag, frozen)
-    for target in (args, training_args):
-        if config.section("loss") is not None:
+    training_args = args.training_args
+    SWIFT.write_back(config, args, training_args, uses_deepspeed=bool(training_args.deepspeed))
+    args.max_grad_norm = training_args.max_grad_norm
+    if config.section("loss") is not None:
+        for target in (args, training_args):
             target.beta = config.loss.beta
             # With the registry's loss swift's code does not run; the registry reads loss.label_smoothing.
-            target.label_smoothing = config.loss.label_smoothing if settings.framework_computes_loss else 0.0
-        target.max_grad_norm = shared.framework_max_grad_norm(
-            config, bool(training_args.deepspeed), training_args.max_grad_norm
-        )
+            target.label_smoothing = config.loss.label_smoothing if reconciled.framework_computes_loss else 0.0
+    return reconciled

@@ -22,13 +22,11 @@ from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.settings import (
     FrameworkLoss,
+    FrameworkSettings,
     KeyNames,
     Reconciled,
     SharedSetting,
-    choose_loss,
-    reconcile_shared,
     same_named_settings,
-    with_values,
 )
 
 from vlm_dpo_plugins.config import VLMDPOConfig
@@ -43,57 +41,54 @@ TRL_ONLY_LOSS_OPTIONS = {
 }
 
 
-KEY_NAMES = KeyNames(framework="DPOConfig.{key}", plugin="the plugin config's {key}")
-SHARED_SETTINGS = (
-    *same_named_settings(),
-    SharedSetting(
-        "guards.non_reentrant_checkpointing",
-        "gradient_checkpointing_kwargs['use_reentrant']",
-        read=lambda args: (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"),
-        to_plugin=lambda reentrant: not reentrant,
-        written=lambda args, _: (args.gradient_checkpointing_kwargs or {}).get("use_reentrant") is not None,
+def _use_reentrant(args: Any) -> Any:
+    return (args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+
+
+TRL = FrameworkSettings(
+    "TRL",
+    "DPOConfig",
+    KeyNames(framework="DPOConfig.{key}", plugin="the plugin config's {key}"),
+    table=(
+        *same_named_settings(),
+        SharedSetting(
+            "guards.non_reentrant_checkpointing",
+            "gradient_checkpointing_kwargs['use_reentrant']",
+            read=_use_reentrant,
+            to_plugin=lambda reentrant: not reentrant,
+            written=lambda args, _: _use_reentrant(args) is not None,
+        ),
     ),
+    loss_only=("loss.label_smoothing",),  # TRL's own loss reads DPOConfig.label_smoothing
 )
 
 
 def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, set[str]]) -> Reconciled:
     """Merge ``args`` (a ``DPOConfig``, changed in place) and ``config`` (replaced) into one consistent set."""
     trl_set = _trl_fields_set(args)
-    loss_type, trl_computes_loss, notes = _loss_type(args, config, written.get("loss", set()), trl_set)
-    values = reconcile_shared(SHARED_SETTINGS, args, config, written, trl_set, KEY_NAMES)
-    args.beta = values.get("loss.beta", args.beta)
-    args.label_smoothing = values.get("loss.label_smoothing", args.label_smoothing)
-    if trl_computes_loss:
-        values.pop("loss.label_smoothing", None)  # TRL's loss reads it from DPOConfig
-    else:
-        values["loss.type"] = loss_type
-        if loss_type == "sigmoid" and args.label_smoothing > 0 and "label_smoothing" in trl_set:
-            notes.append(
-                f"label_smoothing={args.label_smoothing} with the sigmoid loss trains conservative DPO (cDPO); "
-                "TRL's own sigmoid loss would have ignored it"
-            )
-
-    def invalid(error: Exception) -> str:
-        return (
-            f"DPOConfig and the plugin config together are invalid: {error}. The value may come from DPOConfig "
-            f"(loss_type={list(args.loss_type)}, beta={args.beta}, label_smoothing={args.label_smoothing})"
-        )
-
-    return Reconciled(with_values(config, values, invalid), trl_computes_loss, notes)
-
-
-def _loss_type(args: Any, config: VLMDPOConfig, loss_written: set[str], trl_set: set[str]) -> tuple[str, bool, list]:
     trl_loss = list(args.loss_type)
-    shared_type = trl_loss[0] if len(trl_loss) == 1 and trl_loss[0] in SHARED_LOSS_TYPES else None
     loss = FrameworkLoss(
         "loss_type",
         trl_loss,
         "loss_type" in trl_set,
-        plugin_type=shared_type,
+        plugin_type=trl_loss[0] if len(trl_loss) == 1 and trl_loss[0] in SHARED_LOSS_TYPES else None,
         own_options=[name for name in TRL_ONLY_LOSS_OPTIONS if name in trl_set],
     )
-    choice = choose_loss("TRL", loss, config, loss_written, KEY_NAMES)
-    return choice.type, choice.framework_computes, list(choice.notes)
+    values = f"loss_type={trl_loss}, beta={args.beta}, label_smoothing={args.label_smoothing}"
+    reconciled = TRL.reconcile(args, config, written, trl_set, loss, framework_values=values)
+    loss_section = reconciled.config.section("loss")
+    if loss_section is not None:
+        # A value DPOConfig did not write is the agreed one, which TRL's loss and metrics read from DPOConfig.
+        for name in ("beta", "label_smoothing"):
+            if name not in trl_set:
+                setattr(args, name, getattr(loss_section, name))
+    if not reconciled.framework_computes_loss and loss_section.type == "sigmoid":
+        if args.label_smoothing > 0 and "label_smoothing" in trl_set:
+            reconciled.notes.append(
+                f"label_smoothing={args.label_smoothing} with the sigmoid loss trains conservative DPO (cDPO); "
+                "TRL's own sigmoid loss would have ignored it"
+            )
+    return reconciled
 
 
 def _trl_fields_set(args: Any) -> set[str]:
