@@ -35,6 +35,15 @@ class SupportedReleases:
 
         return Version(self.minimum) <= Version(Version(version).base_version) < Version(self.below)
 
+    def require(self, version: str, importer: str, hint: str = "") -> None:
+        """For an adapter its users import themselves: outside the range, importing it raises ``ImportError``."""
+        if self.supports(version):
+            return
+        raise ImportError(
+            f"{importer} supports {self.package}{self.range} (tested with {self.tested}); {self.package} {version} is "
+            f"installed. Install a supported {self.framework} with: pip install '{self.package}{self.range}'. {hint}"
+        )
+
     def stays_off(self, version: str) -> bool:
         """True, with the warning, when ``version`` is outside the range: the adapter then changes nothing."""
         if self.supports(version):

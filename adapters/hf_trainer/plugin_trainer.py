@@ -3,23 +3,24 @@
     class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer): ...
     class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer): ...   # LLaMA-Factory, ms-swift
 
-The framework's trainer builds the model, reference, collator, arguments and loop. The adapter's subclass sets
-``plugins``, ``vlm_dpo_config`` and ``_vlm_dpo_run``, calls ``vlm_dpo_attach()`` at the end of its
-``__init__``, runs ``vlm_dpo_step`` in its framework's loss method, and answers the binding methods below.
+The framework's trainer builds the model, reference, collator, arguments and loop. The adapter's subclass calls
+``vlm_dpo_bind(run)`` first and ``vlm_dpo_attach()`` at the end of its ``__init__``, runs ``vlm_dpo_step`` in its
+framework's loss method, and answers the binding methods below.
 
-When what runs (lifecycle, in order):
+When what runs (lifecycle, in order), and what the plugins do then:
 
-| moment | method | what the plugins do |
-| --- | --- | --- |
-| the framework's trainer is built | ``vlm_dpo_attach`` | freeze policy applied, DeepSpeed buckets tuned into the config accelerate builds the engine from, collator wrapped in the collation hooks, the DPO step bound to model and reference |
-| the optimizer is built | ``create_optimizer`` | one param group per freeze group with its learning rate |
-| ``train()`` starts | ``vlm_dpo_resume``, ``vlm_dpo_prescan`` | plugin state restored from a complete checkpoint; every row pre-scanned, skipped rows left out |
-| the loop starts | ``vlm_dpo_train_begin`` | ``optimizer.step`` replaced by the guarded step; ``vlm_dpo_train_begin`` |
-| each optimizer step starts | ``vlm_dpo_step_begin`` | progressive unfreezing; ``vlm_dpo_step_begin`` |
-| each batch | ``training_step``, ``compute_loss`` | ``vlm_dpo_check_batch``; the loss kept for the guarded step's vote |
-| each log | ``log`` | the plugins' metrics added; the logged dict to the detectors |
-| each checkpoint | ``_save_checkpoint`` | the plugins' state next to the Trainer's; the folder marked incomplete until both are written |
-| the loop ends | ``vlm_dpo_train_end`` | ``vlm_dpo_train_end`` with the last logged metrics |
+- the framework's trainer is built, ``vlm_dpo_attach``: freeze policy applied, DeepSpeed buckets tuned into the
+  config accelerate builds the engine from, collator wrapped in the collation hooks, the DPO step bound;
+- the optimizer is built, ``create_optimizer``: one param group per freeze group with its learning rate;
+- ``train()`` starts, ``vlm_dpo_resume`` and ``vlm_dpo_prescan``: plugin state restored from a complete
+  checkpoint; every row pre-scanned, skipped rows left out;
+- the loop starts, ``vlm_dpo_train_begin``: ``optimizer.step`` replaced by the guarded step;
+- each optimizer step starts, ``vlm_dpo_step_begin``: progressive unfreezing;
+- each batch, ``training_step`` and ``compute_loss``: ``vlm_dpo_check_batch``; the loss kept for the guards' vote;
+- each log, ``log``: the plugins' metrics added; the logged dict to the detectors;
+- each checkpoint, ``_save_checkpoint``: the plugins' state next to the Trainer's; the folder marked incomplete
+  until both are written;
+- the loop ends, ``vlm_dpo_train_end``.
 
 The binding (what an adapter answers): ``vlm_dpo_reference_model`` (the reference pass's model and contexts),
 ``vlm_dpo_training_rows`` (the training set as the pre-scan reads it), ``vlm_dpo_framework_optimizer`` (why the
@@ -36,6 +37,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -46,8 +48,9 @@ from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_state import collect_state, 
 from vlm_dpo_plugins.adapters.hf_trainer.logits_forward import logits_forward
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_choice import PASSED_IN, framework_builds_optimizer
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_step import GuardedOptimizerStep
-from vlm_dpo_plugins.adapters.hf_trainer.preference_step import PreferenceStep, StepResult
+from vlm_dpo_plugins.adapters.hf_trainer.preference_step import PreferenceStep, StepResult, preference_metrics
 from vlm_dpo_plugins.adapters.hf_trainer.prescan import TrainingRows, prescan
+from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun
 from vlm_dpo_plugins.adapters.hf_trainer.trainable import TrainableState
 
 from vlm_dpo_plugins.collation.accounting import RowAccount
@@ -64,6 +67,8 @@ from vlm_dpo_plugins.runlog.findings import append_finding
 from vlm_dpo_plugins.types import Finding, ParameterGroups, RunContext
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters")
+FINDINGS_KEY = "vlm_dpo_findings"
+"""Where a framework's own log line carries the findings of its step."""
 
 
 class PluginTrainerMixin:
@@ -76,11 +81,22 @@ class PluginTrainerMixin:
     vlm_dpo_checked_files: CheckedFiles | None = None
     """The training files the adapter checked before its framework read them (LLaMA-Factory, ms-swift)."""
 
+    def vlm_dpo_bind(self, run: PluginRun) -> None:
+        """Before the framework's ``__init__``: the plugin run (plugins, agreed config, checked files) served."""
+        self.plugins, self.vlm_dpo_config, self._vlm_dpo_run = run.plugins, run.config, run
+        self.vlm_dpo_checked_files = run.checked_files
+
     # -- the binding: what an adapter answers ------------------------------------------------
 
     def vlm_dpo_reference_model(self, model: Any) -> tuple[Any, list[Any]]:
-        """The model of the reference pass and the contexts to run it in, given the model the step runs."""
-        raise NotImplementedError
+        """The model of the reference pass and the contexts to run it in, given the model the step runs.
+
+        By default the framework's reference model, else the policy with its PEFT adapter disabled.
+        """
+        if self.ref_model is not None:
+            return self.ref_model, []
+        # Leaving PEFT's disable_adapter re-marks the adapters trainable, the ones the policy froze included.
+        return model, [requires_grad_kept(model), self.accelerator.unwrap_model(model).disable_adapter()]
 
     def vlm_dpo_training_rows(self) -> TrainingRows:
         """The training set as the pre-scan reads it (a ``datasets.Dataset`` unless the adapter says otherwise)."""
@@ -325,6 +341,29 @@ class PluginTrainerMixin:
             reference=self.vlm_dpo_reference_model,
         )
 
+    def logits_loss(
+        self,
+        model: Any,
+        batch: dict[str, Any],
+        ignore_index: int,
+        train_eval: str,
+        *,
+        logit_means: Callable[[StepResult], Sequence[float]],
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        losses: Callable[[StepResult], torch.Tensor] = lambda step: step.output.losses,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss and the metrics, under the framework's names, of a logits framework's batch.
+
+        ``logit_means``: the framework's own ``logits/chosen`` and ``logits/rejected``; ``gather``: values gathered
+        over ranks, None for this rank's (a framework that averages its logged values itself); ``losses``: the
+        per-pair losses with any term of the framework's own added.
+        """
+        step = self.logits_step(model, batch, ignore_index)
+        metrics = preference_metrics(step.output, step.logps, gather)
+        metrics.update(zip(("logits/chosen", "logits/rejected"), logit_means(step)))
+        prefix = "eval_" if train_eval == "eval" else ""
+        return losses(step).mean(), {f"{prefix}{name}": value for name, value in metrics.items()}
+
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
         """The norm the Trainer logs, without its own pass over every gradient.
 
@@ -405,6 +444,23 @@ class PluginTrainerMixin:
         """Called by the guards before they halt training: the weights of the last step taken, kept."""
         self._save_checkpoint(self.model_wrapped, trial=None)
         return self._checkpoint_dir()
+
+
+class FindingsOnLogLine(TrainerCallback):
+    """The detectors run on each logged dict before the framework's own callbacks write it to a file.
+
+    For a framework that writes the log line inside ``on_log`` (ms-swift's ``logging.jsonl``): inserted first, so
+    the findings are on the same line.
+    """
+
+    def __init__(self, trainer: PluginTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            findings = self.trainer.run_detectors(logs)
+            if findings:
+                logs[FINDINGS_KEY] = [str(finding) for finding in findings]
 
 
 class PluginLifecycle(TrainerCallback):

@@ -13,10 +13,11 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from vlm_dpo_plugins.collation.report import CollationSummary
-from vlm_dpo_plugins.collation.wrapper import keep_rows, scan_dataset
+from vlm_dpo_plugins.collation.policy import decide
+from vlm_dpo_plugins.collation.wrapper import keep_rows, record_findings, scan_dataset
 from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.errors import VLMDPOError
+from vlm_dpo_plugins.types import Finding
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters")
 
@@ -27,6 +28,8 @@ class TrainingRows:
     def __init__(self, dataset: Any, row_index_key: str | None) -> None:
         self.dataset = dataset
         self.row_index_key = row_index_key
+        self.read_findings: list[Finding] = []
+        """Findings made while reading the rows, outside the collator's checks (an encoder that raised on a row)."""
 
     def scannable(self) -> bool:
         from datasets import Dataset
@@ -41,9 +44,6 @@ class TrainingRows:
         if self.row_index_key is None or self.row_index_key not in self.dataset.column_names:
             return None
         return self.dataset[self.row_index_key]
-
-    def add_findings(self, plugins: Any, summary: CollationSummary) -> None:
-        """Findings made while reading the rows, outside the collator's checks (an encoder that raised)."""
 
     def select(self, positions: list[int]) -> Any:
         return self.dataset.select(positions)
@@ -69,7 +69,7 @@ def prescan(
     total = len(rows.dataset)
     if skipped is None:
         summary = scan_dataset(plugins, rows.examples(), collate, batch_size=batch_size, output_dir=output_dir)
-        rows.add_findings(plugins, summary)
+        record_findings(plugins, [decide(finding, collation) for finding in rows.read_findings], summary, "scan")
         summary.raise_for_errors()
         skipped = sorted(set(range(total)) - set(keep_rows(total, summary, rows.row_indices())))
         if skipped:

@@ -9,6 +9,7 @@ parameter follows the policy.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -74,3 +75,24 @@ class TrainableState:
                     group,
                     hint(group),
                 )
+
+
+def lora_targets_from_policy(plugins: Any, model: Any, peft_config: Any) -> Any:
+    """``peft_config`` with LoRA on the trainable groups only, when the user left the targets to PEFT.
+
+    PEFT's defaults (``"all-linear"``, or unset: names such as ``q_proj``) match the vision tower's linears too:
+    adapters there would either train the part the freeze policy keeps fixed or sit frozen. For a framework that
+    takes a PEFT config from the user (TRL); the others pick targets from their freeze flags.
+    """
+    if peft_config is None or isinstance(model, str) or not hasattr(peft_config, "target_modules"):
+        return peft_config
+    if peft_config.target_modules not in (None, "all-linear"):
+        return peft_config
+    groups = plugins.hook.vlm_dpo_classify_parameters(model=model, model_type=getattr(model.config, "model_type", None))
+    targets = plugins.hook.vlm_dpo_lora_target_modules(model=model, groups=groups)
+    if not targets:
+        return peft_config
+    logger.info("vlm-dpo: LoRA on %d linear modules of the trainable groups", len(targets))
+    peft_config = copy.copy(peft_config)
+    peft_config.target_modules = set(targets)
+    return peft_config

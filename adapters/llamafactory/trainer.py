@@ -1,36 +1,24 @@
 """``PluginDPOTrainer``: LLaMA-Factory's ``CustomDPOTrainer`` with every vlm-dpo-plugins hook in its loop.
 
-Built by LLaMA-Factory's own ``run_dpo`` (``workflow.py`` puts it where that function imports
-the trainer from), with LLaMA-Factory's model, reference model, collator and arguments.
-Beyond what ``PluginTrainerMixin`` wires (freeze policy, per-group optimizer, guarded step,
-collation checks, metrics, detectors, checkpoint state):
-
-- the loss: LLaMA-Factory's batch (chosen rows, then rejected rows, labels -100 outside the
-  responses) through one policy forward and one reference forward, summed fp32 log-probs
-  of the response tokens computed chunk by chunk, then ``vlm_dpo_compute_loss``: every
-  registry variant, mDPO's corrupted-image rows in the same forward. LLaMA-Factory's
-  metric names are kept. For a loss only LLaMA-Factory has, its own code runs, with
-  ``dpo_loss`` given the loss type it forgets to pass (trl >= 0.20 then computes sigmoid
-  for ``pref_loss: hinge/ipo``);
-- ``trainer_log.jsonl``: LLaMA-Factory's ``LogCallback`` writes a fixed set of keys; the
-  plugins' metrics and findings are added to its lines (``trainer_log.py``).
+Built by LLaMA-Factory's own ``run_dpo`` (``workflow.py``) with its model, reference, collator and arguments.
+What is LLaMA-Factory's: its batch (chosen rows, then rejected, labels ``IGNORE_INDEX`` outside the responses),
+its ``pref_ftx`` term, its metric names (per-rank: its ``log`` averages them) and its ``trainer_log.jsonl``.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
+import torch
 from llamafactory.extras.constants import IGNORE_INDEX
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
-from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept, with_row_index
-from vlm_dpo_plugins.adapters.hf_trainer.preference_step import preference_metrics
+from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, with_row_index
+from vlm_dpo_plugins.adapters.hf_trainer.preference_step import StepResult
 from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun
 from vlm_dpo_plugins.adapters.llamafactory.trainer_log import extend_trainer_log
 
 from vlm_dpo_plugins.sharing.logits import row_logit_means
 
-logger = logging.getLogger("vlm_dpo_plugins.adapters.llamafactory")
 OPTIMIZER_FLAGS = ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon")
 """LLaMA-Factory options that build an optimizer of their own (per-group learning rates then do not apply)."""
 
@@ -41,16 +29,13 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
     framework_limits_every_parameter = True
 
     def __init__(self, *args: Any, vlm_dpo_run: PluginRun, **kwargs: Any) -> None:
-        self.plugins = vlm_dpo_run.plugins
-        self.vlm_dpo_config = vlm_dpo_run.config
-        self._vlm_dpo_run = vlm_dpo_run
+        self.vlm_dpo_bind(vlm_dpo_run)
         checked = vlm_dpo_run.checked_files
         # Findings name the row of the user's file; when LLaMA-Factory dropped rows of its own, positions stand in.
         kwargs["train_dataset"] = with_row_index(
             kwargs.get("train_dataset"), self._row_index_key(), checked and checked.file_rows
         )
         super().__init__(*args, **kwargs)
-        self.vlm_dpo_checked_files = checked
         self.vlm_dpo_attach(framework_computes_loss=vlm_dpo_run.framework_computes_loss)
         extend_trainer_log(self)
         loss = "LLaMA-Factory's own" if vlm_dpo_run.framework_computes_loss else repr(self.vlm_dpo_config.loss.type)
@@ -79,19 +64,17 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
     def get_batch_loss_metrics(self, model: Any, batch: dict[str, Any], train_eval: str = "train"):
         if self._vlm_dpo_run.framework_computes_loss:
             return super().get_batch_loss_metrics(model, batch, train_eval)
-        step = self.logits_step(model, batch, IGNORE_INDEX)
-        losses, logps = step.output.losses, step.logps
-        if self.ftx_gamma > 1e-6:  # LLaMA-Factory's pref_ftx: an SFT term on the chosen responses, length-averaged
-            losses = losses + self.ftx_gamma * -(logps.chosen / logps.chosen_token_count.clamp(min=1))
-        # Per-rank means: LLaMA-Factory's ``log`` averages them over ranks.
-        metrics = preference_metrics(step.output, logps)
-        chosen_logits, rejected_logits = row_logit_means(step.outputs, step.prepared, step.pairs)
-        metrics.update({"logits/chosen": chosen_logits.item(), "logits/rejected": rejected_logits.item()})
-        prefix = "eval_" if train_eval == "eval" else ""
-        return losses.mean(), {f"{prefix}{name}": value for name, value in metrics.items()}
+        return self.logits_loss(
+            model, batch, IGNORE_INDEX, train_eval, logit_means=_row_logit_means, losses=self._with_sft_term
+        )
 
-    def vlm_dpo_reference_model(self, model: Any) -> tuple[Any, list[Any]]:
-        if self.ref_model is not None:
-            return self.ref_model, []
-        # Leaving PEFT's disable_adapter re-marks the adapters trainable, the ones the policy froze included.
-        return model, [requires_grad_kept(model), self.accelerator.unwrap_model(model).disable_adapter()]
+    def _with_sft_term(self, step: StepResult) -> torch.Tensor:
+        """LLaMA-Factory's ``pref_ftx``: an SFT term on the chosen responses, length-averaged."""
+        if self.ftx_gamma <= 1e-6:
+            return step.output.losses
+        logps = step.logps
+        return step.output.losses + self.ftx_gamma * -(logps.chosen / logps.chosen_token_count.clamp(min=1))
+
+
+def _row_logit_means(step: StepResult) -> list[float]:
+    return [value.item() for value in row_logit_means(step.outputs, step.prepared, step.pairs)]

@@ -12,8 +12,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import FINDINGS_KEY
+
 PLUGIN_KEY_PREFIXES = ("vlm_dpo/", "collation/", "mdpo/")
-FINDINGS_KEY = "vlm_dpo_findings"
 
 
 def extend_trainer_log(trainer: Any) -> None:

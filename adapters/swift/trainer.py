@@ -1,18 +1,8 @@
 """``PluginDPOTrainer``: swift's ``DPOTrainer`` with every vlm-dpo-plugins hook in its loop.
 
-Swift builds it from ``TRAINER_MAPPING['dpo']`` with its own model, reference model,
-template, collator and arguments (already reconciled by ``workflow.prepare_run``). Beyond
-what ``PluginTrainerMixin`` wires (freeze policy, per-group optimizer, guarded step,
-collation checks, metrics, detectors, checkpoint state):
-
-- the loss: swift's own ``--loss_type`` code, with the per-token log-probs computed in fp32
-  one row at a time; or, when the plugin config chose ``loss.type``, the registry's variant on
-  fp32 chunked log-probs of swift's batch (chosen rows, then rejected rows), mDPO's
-  corrupted-image rows in the same forward. Swift's metric names are kept;
-- the reference pass through a disabled LoRA adapter leaves every ``requires_grad`` as it was;
-- the optimizer: swift builds it through an "optimizer callback"; the default and the
-  ``--vit_lr/--aligner_lr`` one are replaced by the freeze policy's per-group optimizer;
-- findings go onto the line swift appends to ``logging.jsonl``.
+Swift builds it from ``TRAINER_MAPPING['dpo']`` with its model, reference, template, collator and arguments
+(reconciled by ``workflow.prepare_run``). What is swift's: its own ``--loss_type`` code on fp32 log-probs, its
+lazily encoded dataset, its optimizer callbacks, its metric names (gathered over ranks) and ``logging.jsonl``.
 """
 
 from __future__ import annotations
@@ -26,21 +16,15 @@ import torch
 from swift.optimizers import OptimizerCallback
 from swift.optimizers.multimodal import MultimodalOptimizerCallback
 from swift.rlhf_trainers import DPOTrainer
-from transformers import TrainerCallback
-from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept
-from vlm_dpo_plugins.adapters.hf_trainer.preference_step import preference_metrics
+from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import FindingsOnLogLine, PluginTrainerMixin, requires_grad_kept
 from vlm_dpo_plugins.adapters.hf_trainer.prescan import TrainingRows
 from vlm_dpo_plugins.adapters.swift.workflow import take_run
 
-from vlm_dpo_plugins.collation.policy import decide
-from vlm_dpo_plugins.collation.report import CollationSummary
-from vlm_dpo_plugins.collation.wrapper import record_findings
 from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.sharing.logits import response_logit_means
 from vlm_dpo_plugins.types import Finding, Severity
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters.swift")
-FINDINGS_KEY = "vlm_dpo_findings"
 REPLACEABLE_OPTIMIZER_CALLBACKS = (OptimizerCallback, MultimodalOptimizerCallback)
 """Swift's optimizer callbacks that only build AdamW param groups (``--vit_lr/--aligner_lr`` picks the second)."""
 
@@ -57,10 +41,7 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
                 "PluginDPOTrainer is built by swift's rlhf pipeline after the plugin prepared the run: start it with "
                 '`swift rlhf --rlhf_type dpo ... --external_plugins "$(vlm-dpo swift-plugin)"`'
             )
-        self.plugins = run.plugins
-        self.vlm_dpo_config = run.config
-        self._vlm_dpo_run = run
-        self.vlm_dpo_checked_files = run.checked_files
+        self.vlm_dpo_bind(run)
         super().__init__(*args, **kwargs)
         self.vlm_dpo_attach(framework_computes_loss=run.framework_computes_loss)
         # First in line, so the findings are on the dict before swift's callbacks write it to logging.jsonl.
@@ -69,7 +50,7 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
         self.announce("swift", run.origin, loss)
 
     def vlm_dpo_training_rows(self) -> SwiftRows:
-        return SwiftRows(self.train_dataset, self._row_index_key(), self.vlm_dpo_config.section("collation"))
+        return SwiftRows(self.train_dataset, self._row_index_key())
 
     # -- optimizer ---------------------------------------------------------------------
 
@@ -121,17 +102,21 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
         if self._vlm_dpo_run.framework_computes_loss:
             return super().get_batch_loss_metrics(model, batch, train_eval, **kwargs)
         without_text_positions = {key: value for key, value in batch.items() if key != "text_position_ids"}
-        step = self.logits_step(model, without_text_positions, self.label_pad_token_id)
-        # Swift's own metrics are gathered over ranks; its logits/* are the mean over response tokens of each
-        # token's mean logit.
-        metrics = preference_metrics(step.output, step.logps, self.accelerator.gather_for_metrics)
-        logit_means = response_logit_means(
-            step.outputs, step.prepared.labels, step.prepared, step.pairs, self.label_pad_token_id
+        gather = self.accelerator.gather_for_metrics
+        return self.logits_loss(
+            model,
+            without_text_positions,
+            self.label_pad_token_id,
+            train_eval,
+            # Swift's logits/* are the mean over response tokens of each token's mean logit, over ranks.
+            logit_means=lambda step: [
+                gather(value).mean().item()
+                for value in response_logit_means(
+                    step.outputs, step.prepared.labels, step.prepared, step.pairs, self.label_pad_token_id
+                )
+            ],
+            gather=gather,
         )
-        for name, value in zip(("logits/chosen", "logits/rejected"), logit_means):
-            metrics[name] = self.accelerator.gather_for_metrics(value).mean().item()
-        prefix = "eval_" if train_eval == "eval" else ""
-        return step.output.losses.mean(), {f"{prefix}{name}": value for name, value in metrics.items()}
 
     def vlm_dpo_reference_model(self, model: Any) -> tuple[Any, list[Any]]:
         return (model, [self.null_ref_context()]) if self.ref_model is None else (self.ref_model, [])
@@ -140,11 +125,6 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
 class SwiftRows(TrainingRows):
     """Swift's ``LazyLLMDataset`` encodes each row when drawn, and on an error silently draws another row instead:
     the pre-scan encodes every row once, and a row the encoder rejects is a finding, left out like the others."""
-
-    def __init__(self, dataset: Any, row_index_key: str, collation: Any) -> None:
-        super().__init__(dataset, row_index_key)
-        self.collation = collation
-        self.encode_findings: list[Finding] = []
 
     def scannable(self) -> bool:
         from swift.dataset import LazyLLMDataset
@@ -160,19 +140,15 @@ class SwiftRows(TrainingRows):
             try:
                 encoded = lazy.encode_func(row, return_length=True)
             except MaxLengthError as error:
-                self.encode_findings.append(_encode_finding("row-too-long", row, position, error))
+                self.read_findings.append(_encode_finding("row-too-long", row, position, error))
                 continue
             except Exception as error:
-                self.encode_findings.append(_encode_finding("collate-failed", row, position, error))
+                self.read_findings.append(_encode_finding("collate-failed", row, position, error))
                 continue
             yield {**encoded, self.row_index_key: position}
 
     def row_indices(self) -> list[int] | None:
         return None
-
-    def add_findings(self, plugins: Any, summary: CollationSummary) -> None:
-        decided = [decide(finding, self.collation) for finding in self.encode_findings]
-        record_findings(plugins, decided, summary, "scan")
 
     def select(self, positions: list[int]) -> Any:
         from swift.dataset import LazyLLMDataset
@@ -186,19 +162,6 @@ class SwiftRows(TrainingRows):
             random_state=lazy.random_state,
             traceback_limit=lazy.traceback_limit,
         )
-
-
-class FindingsOnLogLine(TrainerCallback):
-    """Runs the detectors on each logged dict before swift's callbacks append it to ``logging.jsonl``."""
-
-    def __init__(self, trainer: PluginDPOTrainer) -> None:
-        self.trainer = trainer
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and "loss" in logs:
-            findings = self.trainer.run_detectors(logs)
-            if findings:
-                logs[FINDINGS_KEY] = [str(finding) for finding in findings]
 
 
 def _encode_finding(code: str, row: dict[str, Any], position: int, error: Exception) -> Finding:

@@ -1,28 +1,12 @@
 """``VLMDPOTrainer``: TRL's ``DPOTrainer`` with every vlm-dpo-plugins hook inside its own training loop.
 
-    from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer
     trainer = VLMDPOTrainer(model=model, args=dpo_config, train_dataset=dataset,
                             processing_class=processor, vlm_dpo_config="plugins.yaml")
 
-Same arguments as ``trl.DPOTrainer`` plus ``vlm_dpo_config`` (a ``VLMDPOConfig``, a
-dict or a YAML path) and ``plugin_manager``. Where the hooks run:
-
-- ``__init__``: settings reconciled with ``DPOConfig`` (``settings.py``); gradient
-  checkpointing and DDP arguments from the guards' plan, set before TRL and the
-  Trainer read them; after TRL built the model (and any PEFT wrapper): the freeze
-  policy, the DeepSpeed bucket tuning (into the config accelerate will use), and the
-  collator wrapped so every batch goes through ``vlm_dpo_collate``.
-- ``create_optimizer``: one param group per freeze group with its learning rate.
-- ``train``: plugin state restored from the checkpoint, the dataset pre-scanned.
-- each step: progressive unfreezing and ``vlm_dpo_step_begin``; the loss from
-  ``vlm_dpo_compute_loss``; ``optimizer.step`` replaced by the guarded step.
-- ``log``: the plugins' metrics added, then every logged dict given to the detectors.
-- ``_save_checkpoint``: the plugins' state written next to TRL's, the weights in the
-  layout ``resume_from_checkpoint`` reads back (``checkpoint_format.py``).
-
-What is the same in every Trainer-based framework (freeze policy, optimizer groups,
-guarded step, collator, logs, checkpoint state) is ``hf_trainer.PluginTrainerMixin``;
-this class adds what is TRL's: its arguments, its batch and its loss.
+Same arguments as ``trl.DPOTrainer`` plus ``vlm_dpo_config`` (a ``VLMDPOConfig``, a dict or a YAML path) and
+``plugin_manager``. The shared step (``hf_trainer.PluginTrainerMixin``) does the rest; this class adds what is
+TRL's: its ``DPOConfig`` (reconciled and planned before TRL reads it), its PEFT config, its fused-LM-head batch,
+its metrics and its checkpoint layout (docs/trl.md).
 """
 
 from __future__ import annotations
@@ -30,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import logging
 from typing import Any
 
 import torch
@@ -42,12 +25,12 @@ from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixi
 from vlm_dpo_plugins.adapters.hf_trainer.preference_step import preference_metrics
 from vlm_dpo_plugins.adapters.hf_trainer.run import plan_checkpointing, run_context, start_run
 from vlm_dpo_plugins.adapters.hf_trainer.settings import framework_max_grad_norm
+from vlm_dpo_plugins.adapters.hf_trainer.trainable import lora_targets_from_policy
 from vlm_dpo_plugins.adapters.trl.batch import collated_outputs, completion_labels, model_inputs, summed_logps
-from vlm_dpo_plugins.adapters.trl.checkpoint_format import reload_if_keys_were_renamed, runtime_format_saves
+from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_format import reload_if_keys_were_renamed, runtime_format_saves
 from vlm_dpo_plugins.adapters.trl.metrics import record_token_metrics
 from vlm_dpo_plugins.adapters.trl.settings import reconcile
 
-from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.config_source import PluginSource, load_plugin_config
 from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.losses.logprobs import SequenceLogps
@@ -55,7 +38,6 @@ from vlm_dpo_plugins.manager import create_plugin_manager
 from vlm_dpo_plugins.sharing.forward import PreparedBatch
 from vlm_dpo_plugins.types import RunContext
 
-logger = logging.getLogger("vlm_dpo_plugins.adapters.trl")
 
 _TRL_SIGNATURE = inspect.signature(trl.DPOTrainer.__init__)
 
@@ -71,8 +53,7 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         config, written = load_plugin_config(self.plugins, vlm_dpo_config)
         dpo_args = copy.copy(arguments["args"] or _default_args(model))
         context = self._run_context(dpo_args, uses_peft=peft_config is not None or is_peft_model(model))
-        self._vlm_dpo_run = start_run(self.plugins, reconcile(dpo_args, config, written), context, "vlm_dpo_config")
-        self.vlm_dpo_config: VLMDPOConfig = self._vlm_dpo_run.config
+        self.vlm_dpo_bind(start_run(self.plugins, reconcile(dpo_args, config, written), context, "vlm_dpo_config"))
         self._trl_computes_loss = self._vlm_dpo_run.framework_computes_loss
         plan_checkpointing(self.plugins, context, dpo_args)
         dpo_args.max_grad_norm = framework_max_grad_norm(
@@ -80,8 +61,8 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         )
         arguments["args"] = dpo_args
         self._optimizer_passed_in = (arguments["optimizers"] or (None,))[0] is not None
-        arguments["peft_config"] = self._lora_targets_from_policy(model, peft_config)
-        arguments["train_dataset"] = self._with_row_index(arguments["train_dataset"])
+        arguments["peft_config"] = lora_targets_from_policy(self.plugins, model, peft_config)
+        arguments["train_dataset"] = with_row_index(arguments["train_dataset"], self._row_index_key())
 
         super().__init__(*bound.args[1:], **bound.kwargs)
 
@@ -102,30 +83,6 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         return run_context(
             "trl", trl.__version__, args, uses_peft=uses_peft, gradient_checkpointing=bool(args.gradient_checkpointing)
         )
-
-    def _lora_targets_from_policy(self, model: Any, peft_config: Any) -> Any:
-        """LoRA on the trainable groups only, when the user left the targets to PEFT ("all-linear" or unset).
-
-        PEFT's defaults match module names such as ``q_proj`` or every linear layer, which in a VLM includes
-        the vision tower: adapters there either train the part the freeze policy keeps fixed or sit frozen.
-        """
-        if peft_config is None or isinstance(model, str) or not hasattr(peft_config, "target_modules"):
-            return peft_config
-        if peft_config.target_modules not in (None, "all-linear"):
-            return peft_config
-        groups = self.plugins.hook.vlm_dpo_classify_parameters(
-            model=model, model_type=getattr(model.config, "model_type", None)
-        )
-        targets = self.plugins.hook.vlm_dpo_lora_target_modules(model=model, groups=groups)
-        if not targets:
-            return peft_config
-        logger.info("vlm-dpo: LoRA on %d linear modules of the trainable groups", len(targets))
-        peft_config = copy.copy(peft_config)
-        peft_config.target_modules = set(targets)
-        return peft_config
-
-    def _with_row_index(self, dataset: Any) -> Any:
-        return with_row_index(dataset, self._row_index_key())
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

@@ -77,7 +77,7 @@ def test_swift_freeze_and_learning_rate_flags_become_the_policy(base_command) ->
     assert set(settings.config.freeze.trainable) == {"vision", "projector", "language"}
     assert settings.config.freeze.learning_rates == {"vision": 1e-5, "projector": 2e-5}
     # --aligner_lr for a projector that never trains is refused rather than ignored
-    with pytest.raises(ConfigError, match="swift's --vit_lr and swift's --aligner_lr with the freeze policy are invalid"):
+    with pytest.raises(ConfigError, match="--vit_lr and swift's --aligner_lr with the freeze policy are invalid"):
         settle(base_command, "--aligner_lr", "2e-5")
 
 

@@ -354,13 +354,13 @@ def test_gradient_checkpointing_is_non_reentrant(tiny_model_dirs, preference_row
 
 
 def test_an_unsupported_trl_is_refused_at_import_with_the_range():
-    from vlm_dpo_plugins.adapters.trl.version import check_trl_version
+    from vlm_dpo_plugins.adapters.trl import RELEASES
 
-    check_trl_version("1.16.0")
+    RELEASES.require("1.16.0", "vlm_dpo_plugins.adapters.trl")
     with pytest.raises(
         ImportError, match=r"supports trl>=1.16,<2 .*trl 0.24.0 is installed.*pip install 'trl>=1.16,<2'"
     ):
-        check_trl_version("0.24.0")
+        RELEASES.require("0.24.0", "vlm_dpo_plugins.adapters.trl")
 
 
 @pytest.mark.parametrize("blocked", ["guards", "freeze", "collation", "sharing", "losses"])

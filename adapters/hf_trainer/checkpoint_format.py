@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger("vlm_dpo_plugins.adapters.trl")
+logger = logging.getLogger("vlm_dpo_plugins.adapters")
 
 SAFE_WEIGHTS = "model.safetensors"
 
