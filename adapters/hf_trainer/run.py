@@ -9,6 +9,7 @@ checkpointing and DDP plan is handed back for the adapter to write where its fra
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +17,13 @@ from vlm_dpo_plugins.adapters.hf_trainer.settings import Reconciled
 
 from vlm_dpo_plugins.collation.file_checks import CheckedFiles
 from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.guards.deepspeed import zero_stage
 from vlm_dpo_plugins.types import RunContext
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters")
+CONFIG_VARIABLE = "VLM_DPO_CONFIG"
+"""The plugin settings' YAML for a framework whose own config has no place for them (or a run that keeps them apart)."""
 
 
 @dataclass
@@ -34,6 +38,22 @@ class PluginRun:
     """Where the plugin settings came from, for the start line ("defaults", "VLM_DPO_CONFIG=...")."""
     checked_files: CheckedFiles | None = None
     """The training files the adapter checked before its framework read them (LLaMA-Factory, ms-swift)."""
+
+
+def settings_source(section: Any = None, section_origin: str = "") -> tuple[Any, str]:
+    """Where a run's plugin settings come from, and how the start line names it: the framework config's own
+    section, else the YAML named by ``VLM_DPO_CONFIG``, else the defaults; both given is an error."""
+    from_environment = os.environ.get(CONFIG_VARIABLE) or None
+    if section is not None and from_environment:
+        raise ConfigError(
+            f"the plugin settings are given twice ({section_origin}, and {CONFIG_VARIABLE}={from_environment}): "
+            "give them in one place"
+        )
+    if section is not None:
+        return section, section_origin
+    if from_environment:
+        return from_environment, f"{CONFIG_VARIABLE}={from_environment}"
+    return None, "defaults"
 
 
 def run_context(

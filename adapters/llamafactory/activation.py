@@ -1,17 +1,7 @@
-"""Wires the adapter into LLaMA-Factory when it imports ``llamafactory.train.dpo`` (see ``_vlm_dpo_plugins_autoload``).
+"""Wires the adapter into LLaMA-Factory when it imports ``llamafactory.train.dpo`` (docs/llamafactory.md).
 
-Two functions of LLaMA-Factory are wrapped, both looked up by name when called, so the
-wrappers are what LLaMA-Factory runs:
-
-- ``llamafactory.hparams.parser._parse_args``: the ``vlm_dpo:`` section is taken out of the
-  config before ``HfArgumentParser`` sees it (``config_section.py``);
-- ``llamafactory.train.dpo.run_dpo``, bound by ``train/tuner.py`` right after this import:
-  the DPO workflow with the plugin config reconciled, LLaMA-Factory's arguments adjusted
-  before ``load_model``, and ``CustomDPOTrainer`` swapped for the plugin subclass while it
-  runs (``workflow.py``).
-
-Nothing else is imported until a DPO run starts: importing the DPO package happens for every
-stage (``tuner.py`` imports all workflows), while TRL and the trainer are needed only for DPO.
+Both wrapped functions are looked up by name when LLaMA-Factory calls them, so the wrappers are what runs.
+TRL and the trainer are imported only when a DPO run starts: ``tuner.py`` imports every stage's workflow.
 """
 
 from __future__ import annotations

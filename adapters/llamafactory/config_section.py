@@ -1,15 +1,8 @@
-"""The ``vlm_dpo:`` section of a LLaMA-Factory config, taken out before LLaMA-Factory's parser sees it.
+"""The ``vlm_dpo:`` section taken out of a LLaMA-Factory config before ``HfArgumentParser`` rejects the key.
 
-LLaMA-Factory parses its YAML (plus ``key=value`` overrides) into one dict and hands it to
-``HfArgumentParser``, which rejects unknown keys. The adapter wraps LLaMA-Factory's
-``_parse_args`` so the parser gets the dict without the section; the section, and the
-names of every key the user wrote (needed to tell a written value from a default when
-reconciling), are kept for the DPO workflow in the same process. Every process parses
-the same YAML itself (torchrun workers re-read it; Ray workers get the dict), so nothing
-has to travel between processes.
-
-The section may be a mapping or the path of a YAML file. Without it, ``VLM_DPO_CONFIG``
-(a YAML path) is read; with neither, the defaults apply.
+The section (a mapping or a YAML path; else ``VLM_DPO_CONFIG``; else the defaults) and the keys the user wrote
+(to tell a written value from a default) are kept for the DPO workflow of the same process: every process,
+torchrun and Ray workers included, parses the same YAML itself, so nothing travels between processes.
 """
 
 from __future__ import annotations
@@ -19,10 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlm_dpo_plugins.adapters.hf_trainer.run import CONFIG_VARIABLE, settings_source
+
 from vlm_dpo_plugins.errors import ConfigError
 
 SECTION_KEY = "vlm_dpo"
-CONFIG_PATH_VARIABLE = "VLM_DPO_CONFIG"
 
 
 @dataclass(frozen=True)
@@ -50,7 +44,7 @@ def split_section(args: Any) -> Any:
         if SECTION_KEY in written:
             raise ConfigError(
                 f"--{SECTION_KEY} on the command line is not supported: put a '{SECTION_KEY}:' section in the "
-                f"YAML config, or set {CONFIG_PATH_VARIABLE}=path/to/vlm_dpo.yaml"
+                f"YAML config, or set {CONFIG_VARIABLE}=path/to/vlm_dpo.yaml"
             )
         _latest = _parsed(None, written)
     return args
@@ -62,20 +56,11 @@ def latest() -> ParsedSection:
 
 
 def _parsed(section: Any, written: frozenset[str]) -> ParsedSection:
-    from_environment = os.environ.get(CONFIG_PATH_VARIABLE)
-    if section is not None and from_environment:
+    if section is not None and not isinstance(section, (Mapping, str, os.PathLike)):
         raise ConfigError(
-            f"the config has a '{SECTION_KEY}:' section and {CONFIG_PATH_VARIABLE}={from_environment} is set: "
-            "give the plugin settings in one place"
+            f"'{SECTION_KEY}' in the LLaMA-Factory config is {section!r}: expected a mapping of plugin settings "
+            "(freeze, loss, guards, ...) or the path of a YAML file with them"
         )
-    if section is None:
-        if from_environment:
-            return ParsedSection(from_environment, written, f"{CONFIG_PATH_VARIABLE}={from_environment}")
-        return ParsedSection(None, written)
-    if isinstance(section, (Mapping, str, os.PathLike)):
-        origin = f"'{SECTION_KEY}:' section" if isinstance(section, Mapping) else f"{SECTION_KEY}: {section}"
-        return ParsedSection(section, written, origin)
-    raise ConfigError(
-        f"'{SECTION_KEY}' in the LLaMA-Factory config is {section!r}: expected a mapping of plugin settings "
-        "(freeze, loss, guards, ...) or the path of a YAML file with them"
-    )
+    origin = f"'{SECTION_KEY}:' section" if isinstance(section, Mapping) else f"{SECTION_KEY}: {section}"
+    source, origin = settings_source(section, origin)
+    return ParsedSection(source, written, origin)

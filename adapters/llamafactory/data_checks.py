@@ -1,13 +1,8 @@
 """LLaMA-Factory's training files checked before it reads them, and only the rows kept handed to it.
 
-Two functions of LLaMA-Factory's loader module, both looked up by name when ``get_dataset``
-runs, are wrapped for the run: ``_load_single_dataset`` checks the file of each dataset entry
-first (``collation/file_checks.py``), so a broken row stops the run before LLaMA-Factory's
-loader or preprocessing crashes on it or drops it; ``align_dataset`` selects the rows the
-policies skip away from what LLaMA-Factory read, before its converter (which raises on a role it
-has no tag for) and its tokenizer see them. Files the checks cannot read the way LLaMA-Factory
-does (hub datasets, folders, column or role names of their own) are left to the live checks,
-with a notice.
+A broken row stops the run before LLaMA-Factory's loader crashes on it or drops it; skipped rows are selected
+away before its converter (which raises on a role it has no tag for). Files the checks cannot read as
+LLaMA-Factory does are left to the live checks, with a notice (docs/collation.md).
 """
 
 from __future__ import annotations

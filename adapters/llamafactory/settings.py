@@ -1,19 +1,8 @@
-"""One source of truth for what LLaMA-Factory's arguments and the ``vlm_dpo:`` section can both say.
+"""What LLaMA-Factory's arguments and the ``vlm_dpo:`` section can both say, as one table (docs/llamafactory.md).
 
-LLaMA-Factory's own keys keep meaning what they meant: ``pref_loss``, ``pref_beta``,
-``dpo_label_smoothing``, ``simpo_gamma``, ``max_grad_norm``, ``use_reentrant_gc`` and the
-three freeze flags. A value written in only one place is used by both; a value written
-differently in both is an error naming both keys. "Written" means present in the user's
-YAML (or CLI overrides), not LLaMA-Factory's default.
-
-After reconciling, LLaMA-Factory's arguments are rewritten to agree with the plugin config
-before ``load_model`` reads them: its freeze flags mark trainable every group the policy
-ever trains (so LoRA targets and full-tuning ``requires_grad`` cover the unfreeze stages;
-the policy freezes the later ones at step 0), ``use_reentrant_gc`` follows the
-checkpointing guard, and ``max_grad_norm`` is 0 outside DeepSpeed because the guards clip.
-
-Loss types and options only LLaMA-Factory has (``orpo``, ``kto_pair``, ``pref_bco_weight``,
-``ld_alpha``) leave the loss to LLaMA-Factory; its ``hinge``/``ipo`` bug is fixed there too.
+LLaMA-Factory's keys keep meaning what they meant; after reconciling they are rewritten before ``load_model``
+reads them. Loss types and options only LLaMA-Factory has leave the loss to it; its ``hinge``/``ipo`` bug is
+fixed there too (``trainer.dpo_loss``).
 """
 
 from __future__ import annotations

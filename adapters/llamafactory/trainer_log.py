@@ -1,10 +1,7 @@
-"""The plugins' metrics and findings in LLaMA-Factory's ``trainer_log.jsonl``.
+"""The plugins' metrics and findings on LLaMA-Factory's own ``trainer_log.jsonl`` line, where a user looks.
 
-LLaMA-Factory's ``LogCallback`` writes a fixed set of keys per logging step (loss, accuracy,
-lr, ...) from the Trainer's last log entry, on a background thread. Its line for the step is
-where a user looks, so the plugins' values join that same line: while the callback handles
-``on_log``, its ``_write_log`` is given the line with the plugins' keys (``vlm_dpo/...``,
-the loss variant's own terms) and the findings of the step (``vlm_dpo_findings``) added.
+Its ``LogCallback`` writes a fixed set of keys from a background thread; while it handles ``on_log`` its
+``_write_log`` gets the line with the plugins' keys and the step's findings added.
 """
 
 from __future__ import annotations

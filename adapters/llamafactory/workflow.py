@@ -1,11 +1,7 @@
 """LLaMA-Factory's ``run_dpo`` with the plugins: settings first, then LLaMA-Factory's own workflow.
 
-Before the stock workflow runs (and so before ``load_model`` reads its arguments): the
-plugin config is reconciled with LLaMA-Factory's arguments (``settings.py``), the
-checkpointing/DDP plan written into them. While it runs, ``CustomDPOTrainer`` in
-LLaMA-Factory's trainer module is the plugin subclass, bound to this run; the stock
-workflow imports it from there by name. Everything else (tokenizer, template, dataset,
-model, collator, reference model, saving, plots) is LLaMA-Factory's.
+The plugin config is reconciled and the checkpointing/DDP plan written before ``load_model`` reads the arguments;
+while the stock workflow runs, the trainer it imports by name is the plugin subclass bound to this run.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""ms-swift adapter: one flag on swift's own command line turns it on.
+"""ms-swift adapter: ``swift rlhf --rlhf_type dpo ... --external_plugins "$(vlm-dpo swift-plugin)"``.
 
-    swift rlhf --rlhf_type dpo ... --external_plugins "$(vlm-dpo swift-plugin)"
-
-``--external_plugins`` executes the plugin file shipped in ``plugin_file/``, which calls
-``activation.activate()``. Settings come from a YAML file named by ``VLM_DPO_CONFIG``.
-Nothing here imports ms-swift until that file runs.
+Settings come from the YAML file named by ``VLM_DPO_CONFIG``. Nothing imports ms-swift until the plugin file runs.
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
-"""Wires the adapter into ms-swift when ``--external_plugins`` executes the plugin file.
+"""Wires the adapter into ms-swift when ``--external_plugins`` executes the plugin file (docs/swift.md).
 
-Three places in swift, all read after the plugin file ran:
-
-- ``TrainerFactory.TRAINER_MAPPING['dpo']``: the dotted path swift imports its DPO trainer
-  from, pointed at ``PluginDPOTrainer`` (swift's ``DPOTrainer`` with every hook);
-- ``SwiftRLHF._get_dataset``: the ``--dataset`` files checked before swift reads them, their
-  skipped rows left out (``data_checks.py``);
-- ``SwiftRLHF.prepare_model``, which applies LoRA or the full-tuning freeze from swift's
-  arguments: before it runs, the plugin config is reconciled with those arguments and
-  swift's arguments rewritten (``workflow.py``), so LoRA targets, checkpointing and DDP
-  settings follow the plugins.
+Three places swift reads after the plugin file ran: ``TRAINER_MAPPING['dpo']`` (the trainer), ``_get_dataset``
+(files checked before swift reads them) and ``prepare_model`` (settings reconciled before LoRA or the
+full-tuning freeze are applied from swift's arguments).
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""ms-swift's training files checked before it reads them, and only the rows kept handed to it.
+"""ms-swift's ``--dataset`` files checked before it reads them, and only the rows kept handed to it.
 
-``SwiftRLHF._get_dataset`` (wrapped in ``activation.py``) runs inside this module's
-``checked_loading``: every ``--dataset`` that is a local JSON/JSONL file is checked first
-(``collation/file_checks.py``), so a broken row stops the run before ms-swift's preprocessing
-deletes it (identical pairs: a traceback per row) or its encoder swaps it for another random row;
-a row the policies skip is selected away from what ``datasets`` read, before ms-swift's
-preprocessing sees it. Hub datasets, folders and sampled entries (``path#N``) are left to the
-live checks, with a notice.
+A broken row stops the run before swift's preprocessing deletes it or its encoder swaps it for another random
+row. Hub datasets, folders and sampled entries (``path#N``) are left to the live checks, with a notice.
 """
 
 from __future__ import annotations

@@ -1,19 +1,7 @@
-"""One source of truth for what swift's arguments and the plugin config can both say.
+"""What swift's arguments and the plugin config can both say, as one table (docs/swift.md).
 
-Swift's own flags keep meaning what they mean: ``--beta``, ``--label_smoothing``,
-``--max_grad_norm``, ``--gradient_checkpointing_kwargs`` (its ``use_reentrant``),
-``--freeze_vit/--freeze_aligner/--freeze_llm`` and ``--vit_lr/--aligner_lr``. A value written
-in one place is used by both; written differently in both, it is an error naming both.
-"Written" means present on swift's command line, not swift's default.
-
-The loss: ``--loss_type`` (with ``--loss_weights``, ``--rpo_alpha``, ``--ld_alpha``, ...) is
-computed by swift's own code, on fp32 log-probs. ``loss.type`` in the plugin config replaces
-it with the registry's variant (mDPO included); swift's loss options then cannot apply.
-
-After reconciling, swift's arguments are rewritten before ``prepare_model`` reads them: the
-freeze flags mark every group the policy ever trains (so LoRA targets cover the unfreeze
-stages; the policy freezes the later ones at step 0) and ``max_grad_norm`` is 0 outside
-DeepSpeed because the guards clip, per group, inside the guarded optimizer step.
+"Written" means present on swift's command line, not swift's default. ``--loss_type`` stays swift's own code
+(on fp32 log-probs) unless the plugin config writes ``loss.type``; then swift's loss options cannot apply.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """One swift DPO run with the plugins: one plugin manager from the data checks to the trainer.
 
-Swift reads its ``--dataset`` files first (checked by ``data_checks.py`` with this run's plugins), then
-``prepare_run(args)`` runs right before ``SwiftRLHF.prepare_model`` (LoRA, full-tuning freeze): the plugin config
-(``VLM_DPO_CONFIG``) is reconciled with swift's arguments (``settings.py``), the checkpointing/DDP plan written
-into the training arguments swift's trainer reads, and the run kept for the trainer swift builds next from
-``TRAINER_MAPPING['dpo']``.
+Swift reads its ``--dataset`` files first (checked with this run's plugins); ``prepare_run`` runs right before
+``SwiftRLHF.prepare_model``, and the trainer swift builds next takes the run with ``take_run``.
 """
 
 from __future__ import annotations
@@ -20,6 +17,7 @@ from vlm_dpo_plugins.adapters.hf_trainer.run import (
     PluginRun,
     plan_checkpointing,
     run_context,
+    settings_source,
     start_run,
 )
 from vlm_dpo_plugins.adapters.swift.settings import reconcile, written_arguments
@@ -29,7 +27,6 @@ from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.config_source import load_plugin_config
 from vlm_dpo_plugins.manager import create_plugin_manager
 
-CONFIG_VARIABLE = "VLM_DPO_CONFIG"
 logger = logging.getLogger("vlm_dpo_plugins.adapters.swift")
 
 
@@ -41,6 +38,7 @@ class SwiftRun:
     plugins: Any
     config: VLMDPOConfig
     written: dict[str, set[str]]
+    origin: str
     checked_files: CheckedFiles | None = None
     prepared: tuple[PluginRun, Any] | None = None
     """The run ``prepare_run`` made last, with the training arguments it was made for."""
@@ -54,8 +52,9 @@ def current_run(args: Any) -> SwiftRun:
     global _current
     if _current is None or _current.args is not args:
         plugins = create_plugin_manager()
-        config, written = load_plugin_config(plugins, os.environ.get(CONFIG_VARIABLE) or None)
-        _current = SwiftRun(args, plugins, config, written)
+        source, origin = settings_source()
+        config, written = load_plugin_config(plugins, source)
+        _current = SwiftRun(args, plugins, config, written, origin)
     return _current
 
 
@@ -72,8 +71,7 @@ def prepare_run(args: Any) -> PluginRun:
         uses_peft=args.tuner_type != "full",
         gradient_checkpointing=bool(training_args.gradient_checkpointing),
     )
-    source = os.environ.get(CONFIG_VARIABLE)
-    run = start_run(current.plugins, reconciled, context, f"{CONFIG_VARIABLE}={source}" if source else "defaults")
+    run = start_run(current.plugins, reconciled, context, current.origin)
     _warn_about_unsynchronised_cpu_ranks(training_args)
     # Swift forces its ``use_reentrant`` on every checkpoint call, read from ``gradient_checkpointing_kwargs``.
     plan_checkpointing(current.plugins, context, training_args)

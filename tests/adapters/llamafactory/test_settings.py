@@ -16,7 +16,8 @@ pytest.importorskip("llamafactory", reason="needs the LLaMA-Factory test environ
 import llamafactory.train.dpo as dpo_package  # noqa: E402
 from llamafactory.hparams import get_train_args  # noqa: E402
 from vlm_dpo_plugins.adapters.llamafactory.activation import activate  # noqa: E402
-from vlm_dpo_plugins.adapters.llamafactory.config_section import CONFIG_PATH_VARIABLE, latest  # noqa: E402
+from vlm_dpo_plugins.adapters.hf_trainer.run import CONFIG_VARIABLE as CONFIG_PATH_VARIABLE  # noqa: E402
+from vlm_dpo_plugins.adapters.llamafactory.config_section import latest  # noqa: E402
 from vlm_dpo_plugins.adapters.llamafactory.workflow import PluginRun, prepare_run  # noqa: E402
 
 from vlm_dpo_plugins.errors import ConfigError  # noqa: E402
@@ -147,7 +148,7 @@ def test_config_path_from_the_environment(tmp_path, monkeypatch):
     run, *_ = parse(tmp_path)
     assert (run.config.loss.type, run.config.loss.label_smoothing) == ("robust", 0.1)
     assert run.origin == f"{CONFIG_PATH_VARIABLE}={path}"
-    with pytest.raises(ConfigError, match=f"has a 'vlm_dpo:' section and {CONFIG_PATH_VARIABLE}="):
+    with pytest.raises(ConfigError, match=f"given twice \\('vlm_dpo:' section, and {CONFIG_PATH_VARIABLE}="):
         parse(tmp_path, vlm_dpo={"loss": {"beta": 0.2}})
 
 
