@@ -81,6 +81,8 @@ def start_run(plugins: Any, reconciled: Reconciled, context: RunContext, origin:
     plugins.hook.vlm_dpo_configure(config=reconciled.config)
     for note in reconciled.notes:
         logger.info("vlm-dpo: %s", note)
+    if reconciled.framework_keys:
+        origin = f"{origin}, with {reconciled.framework_keys}"
     return PluginRun(plugins, reconciled.config, reconciled.framework_computes_loss, context, origin)
 
 

@@ -41,6 +41,11 @@ class SharedSetting:
     only_for_loss: str | None = None
     """The loss type whose option this is (``simpo_gamma``): with another loss the two sides need not agree."""
 
+    def is_written(self, args: Any, framework_written: Set[str]) -> bool:
+        if self.written is not None:
+            return self.written(args, framework_written)
+        return self.framework_key in framework_written
+
     @property
     def section(self) -> str:
         return self.plugin_key.split(".", 1)[0]
@@ -73,6 +78,9 @@ class Reconciled:
     config: VLMDPOConfig
     framework_computes_loss: bool
     notes: list[str] = field(default_factory=list)
+    framework_keys: str = ""
+    """The framework's own keys the user wrote that the agreement read ("swift's --freeze_vit, --beta"), for the
+    start line: settings do not come from the plugin config alone."""
 
 
 def reconcile_shared(
@@ -90,10 +98,7 @@ def reconcile_shared(
             continue  # its plugin is blocked: the framework's own value stands
         plugin_value = getattr(getattr(config, setting.section), setting.name)
         framework_value = setting.read(args)
-        if setting.written is not None:
-            framework_set = setting.written(args, framework_written)
-        else:
-            framework_set = setting.framework_key in framework_written
+        framework_set = setting.is_written(args, framework_written)
         plugin_set = setting.name in plugin_written.get(setting.section, set())
         as_plugin = setting.to_plugin(framework_value)
         if framework_set and plugin_set and as_plugin != plugin_value:
@@ -299,7 +304,25 @@ class FrameworkSettings:
             )
         if self.learning_rate_flags and config.section("freeze") is not None:
             config = config.replace(freeze=self._learning_rates(config.freeze, flags_on, framework_written))
-        return Reconciled(config, choice.framework_computes, list(choice.notes))
+        keys = self._keys_written(args, framework_written, loss)
+        return Reconciled(config, choice.framework_computes, list(choice.notes), keys)
+
+    def _keys_written(self, args: Any, framework_written: Set[str], loss: FrameworkLoss) -> str:
+        keys = [loss.key] if loss.written else []
+        for row in self.table:
+            if row.is_written(args, framework_written):
+                keys.append(row.framework_key)
+        flags = (*self.freeze_flags.values(), *self.learning_rate_flags.values())
+        keys += [flag for flag in flags if flag in framework_written]
+        if not keys:
+            return ""
+        # "swift's --freeze_vit, --beta": the framework named once.
+        prefix = self.names.framework.split("{key}")[0]
+        prefix = prefix[: prefix.rfind(" ") + 1]
+        return ", ".join(
+            [self.names.framework.format(key=keys[0])]
+            + [self.names.framework.format(key=key)[len(prefix) :] for key in keys[1:]]
+        )
 
     def _learning_rates(self, freeze: Any, flags_on: Any, framework_written: Set[str]) -> Any:
         rates = dict(freeze.learning_rates)

@@ -7,6 +7,7 @@ torchrun and Ray workers included, parses the same YAML itself, so nothing trave
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from vlm_dpo_plugins.adapters.hf_trainer.run import CONFIG_VARIABLE, settings_so
 from vlm_dpo_plugins.errors import ConfigError
 
 SECTION_KEY = "vlm_dpo"
+logger = logging.getLogger("vlm_dpo_plugins.adapters.llamafactory")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ def split_section(args: Any) -> Any:
         written = frozenset(key for key in args if key != SECTION_KEY)
         section = args.get(SECTION_KEY)
         _latest = _parsed(section, written)
+        if section is not None and args.get("stage", "sft") != "dpo":
+            _checked_and_ignored(_latest, args.get("stage", "sft"))
         return {key: value for key, value in args.items() if key != SECTION_KEY}
     if isinstance(args, list):
         written = frozenset(token[2:].split("=", 1)[0] for token in args if str(token).startswith("--"))
@@ -48,6 +52,21 @@ def split_section(args: Any) -> Any:
             )
         _latest = _parsed(None, written)
     return args
+
+
+def _checked_and_ignored(parsed: ParsedSection, stage: Any) -> None:
+    """The plugins hook LLaMA-Factory's DPO stage only: a section in another stage's config is validated (a typo
+    there would otherwise surface only when the config is reused for DPO) and then said to be ignored."""
+    from vlm_dpo_plugins.config_source import load_plugin_config
+    from vlm_dpo_plugins.manager import create_plugin_manager
+
+    load_plugin_config(create_plugin_manager(), parsed.source)
+    logger.warning(
+        "vlm-dpo: the '%s:' section applies to stage: dpo only; this run is stage: %s, so it was checked and is "
+        "ignored",
+        SECTION_KEY,
+        stage,
+    )
 
 
 def latest() -> ParsedSection:

@@ -1,8 +1,9 @@
 """Wires the adapter into ms-swift when ``--external_plugins`` executes the plugin file (docs/swift.md).
 
-Three places swift reads after the plugin file ran: ``TRAINER_MAPPING['dpo']`` (the trainer), ``_get_dataset``
-(files checked before swift reads them) and ``prepare_model`` (settings reconciled before LoRA or the
-full-tuning freeze are applied from swift's arguments).
+Places swift reads after the plugin file ran: ``TRAINER_MAPPING['dpo']`` (the trainer),
+``_prepare_model_tokenizer`` (settings checked to agree before any model or data loads), ``_get_dataset`` (files
+checked before swift reads them) and ``prepare_model`` (settings reconciled before LoRA or the full-tuning freeze
+are applied from swift's arguments).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def activate() -> bool:
     mapping["dpo"] = TRAINER_PATH
     wrap_once(SwiftRLHF, "prepare_model", _prepare_model, unwrap=lambda held: held.__func__)
     wrap_once(SwiftRLHF, "_get_dataset", _get_dataset)
+    wrap_once(SwiftRLHF, "_prepare_model_tokenizer", _prepare_model_tokenizer)
     return True
 
 
@@ -56,6 +58,21 @@ def _prepare_model(stock: Any) -> Any:
         return stock(cls, args, model, *positional, **kwargs)
 
     return prepare_model
+
+
+def _prepare_model_tokenizer(stock: Any) -> Any:
+    """The first thing swift does with its parsed arguments is load the models: settings that conflict stop the
+    run before that, and long before swift encodes the dataset."""
+
+    @functools.wraps(stock)
+    def prepare_model_tokenizer(self: Any, *positional: Any, **kwargs: Any) -> Any:
+        if getattr(self.args, "rlhf_type", None) == "dpo":
+            from vlm_dpo_plugins.adapters.swift.workflow import check_settings
+
+            check_settings(self.args)
+        return stock(self, *positional, **kwargs)
+
+    return prepare_model_tokenizer
 
 
 def _get_dataset(stock: Any) -> Any:

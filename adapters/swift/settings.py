@@ -55,6 +55,20 @@ def reconcile(
     args: Any, config: VLMDPOConfig, written: Mapping[str, Set[str]], swift_written: Set[str]
 ) -> shared.Reconciled:
     """Merge swift's parsed ``RLHFArguments`` (changed in place) and ``config`` (replaced) into one set."""
+    reconciled = agree(args, config, written, swift_written)
+    config, training_args = reconciled.config, args.training_args
+    SWIFT.write_back(config, args, training_args, uses_deepspeed=bool(training_args.deepspeed))
+    args.max_grad_norm = training_args.max_grad_norm
+    if config.section("loss") is not None:
+        for target in (args, training_args):
+            target.beta = config.loss.beta
+            # With the registry's loss swift's code does not run; the registry reads loss.label_smoothing.
+            target.label_smoothing = config.loss.label_smoothing if reconciled.framework_computes_loss else 0.0
+    return reconciled
+
+
+def agree(args: Any, config: VLMDPOConfig, written: Mapping[str, Set[str]], swift_written: Set[str]):
+    """The agreed settings, swift's arguments untouched: a conflict is an error before swift reads any data."""
     loss = shared.FrameworkLoss(
         "loss_type",
         args.loss_type,
@@ -65,18 +79,9 @@ def reconcile(
     )
     values = f"--beta {args.beta}, --label_smoothing {args.label_smoothing}, --max_grad_norm {args.max_grad_norm}"
     reconciled = SWIFT.reconcile(args, config, written, swift_written, loss, flags_on=args, framework_values=values)
-    config = reconciled.config
     if not reconciled.framework_computes_loss and (args.padding_free or args.packing):
         raise ConfigError(
-            f"loss.type {config.loss.type!r} reads one row per sequence, but swift packs rows "
+            f"loss.type {reconciled.config.loss.type!r} reads one row per sequence, but swift packs rows "
             "(--padding_free/--packing): drop those flags, or drop loss.type to keep swift's loss"
         )
-    training_args = args.training_args
-    SWIFT.write_back(config, args, training_args, uses_deepspeed=bool(training_args.deepspeed))
-    args.max_grad_norm = training_args.max_grad_norm
-    if config.section("loss") is not None:
-        for target in (args, training_args):
-            target.beta = config.loss.beta
-            # With the registry's loss swift's code does not run; the registry reads loss.label_smoothing.
-            target.label_smoothing = config.loss.label_smoothing if reconciled.framework_computes_loss else 0.0
     return reconciled

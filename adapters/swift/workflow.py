@@ -20,7 +20,7 @@ from vlm_dpo_plugins.adapters.hf_trainer.run import (
     settings_source,
     start_run,
 )
-from vlm_dpo_plugins.adapters.swift.settings import reconcile, written_arguments
+from vlm_dpo_plugins.adapters.swift.settings import agree, reconcile, written_arguments
 
 from vlm_dpo_plugins.collation.file_checks import CheckedFiles
 from vlm_dpo_plugins.config import VLMDPOConfig
@@ -56,6 +56,13 @@ def current_run(args: Any) -> SwiftRun:
         config, written = load_plugin_config(plugins, source)
         _current = SwiftRun(args, plugins, config, written, origin)
     return _current
+
+
+def check_settings(args: Any) -> SwiftRun:
+    """This run's plugins, with swift's flags and the plugin config checked to agree before any data is read."""
+    current = current_run(args)
+    agree(args, current.config, current.written, written_arguments(_command_line()))
+    return current
 
 
 def prepare_run(args: Any) -> PluginRun:

@@ -7,6 +7,7 @@ with the plugin config exactly as the DPO workflow does before ``load_model``.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,8 @@ pytest.importorskip("llamafactory", reason="needs the LLaMA-Factory test environ
 
 import llamafactory.train.dpo as dpo_package  # noqa: E402
 from llamafactory.hparams import get_train_args  # noqa: E402
-from vlm_dpo_plugins.adapters.llamafactory.activation import activate  # noqa: E402
 from vlm_dpo_plugins.adapters.hf_trainer.run import CONFIG_VARIABLE as CONFIG_PATH_VARIABLE  # noqa: E402
+from vlm_dpo_plugins.adapters.llamafactory.activation import activate  # noqa: E402
 from vlm_dpo_plugins.adapters.llamafactory.config_section import latest  # noqa: E402
 from vlm_dpo_plugins.adapters.llamafactory.workflow import PluginRun, prepare_run  # noqa: E402
 
@@ -63,7 +64,7 @@ def test_without_a_section_llamafactorys_keys_decide(tmp_path):
     assert not run.framework_computes_loss
     # LLaMA-Factory's default flags freeze vision tower and projector.
     assert run.config.freeze.trainable == ("language",)
-    assert run.origin == "defaults"
+    assert run.origin == "defaults, with LLaMA-Factory's pref_loss, pref_beta"
     # The guards clip (per group) and checkpointing goes non-reentrant, written where load_model/Trainer read it.
     assert training_args.max_grad_norm == 0.0
     assert run.config.guards.max_grad_norm == 1.0
@@ -190,3 +191,38 @@ def test_docs_examples_parse_and_reconcile(tmp_path):
         else:
             assert run.config.loss.type == example["pref_loss"]
         assert run.config.freeze.trainable == ("language",)
+
+
+def sft_arguments(tmp_path: Path, **config):
+    args = {
+        "model_name_or_path": str(tmp_path / "model"),
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "dataset": "pref",
+        "dataset_dir": str(tmp_path),
+        "template": "llava",
+        "output_dir": str(tmp_path / "out"),
+        "use_cpu": True,
+        **config,
+    }
+    return get_train_args(args)
+
+
+def test_a_section_in_another_stages_config_is_checked_then_said_to_be_ignored(tmp_path, caplog):
+    # Stock LLaMA-Factory rejects the unknown key; with the adapter the key is taken out, so it must not vanish.
+    package_logger = logging.getLogger("vlm_dpo_plugins")  # the adapter's console handler does not propagate
+    package_logger.addHandler(caplog.handler)
+    try:
+        _, _, training_args, finetuning_args, _ = sft_arguments(tmp_path, vlm_dpo={"loss": {"beta": 0.25}})
+    finally:
+        package_logger.removeHandler(caplog.handler)
+    assert finetuning_args.stage == "sft" and training_args.do_train
+    assert (
+        "vlm-dpo: the 'vlm_dpo:' section applies to stage: dpo only; this run is stage: sft, so it was checked and "
+        "is ignored"
+    ) in caplog.messages
+    with pytest.raises(ConfigError, match="loss.beta"):
+        sft_arguments(tmp_path, vlm_dpo={"loss": {"beta": -1}})
+    with pytest.raises(ConfigError, match="unknown"):
+        sft_arguments(tmp_path, vlm_dpo={"loss": {"betta": 0.2}})

@@ -155,6 +155,8 @@ def test_swift_freeze_and_learning_rate_flags_drive_the_policy(tmp_path, swift_d
     )
     assert run.returncode == 0, run.tail()
     assert "trainable: vision 0/" in output(run) and "projector 20,704/20,704" in output(run), run.tail()
+    # The start line says swift's flags took part, not "settings from defaults" alone.
+    assert "(settings from defaults, with swift's --freeze_aligner, --aligner_lr)" in output(run), run.tail()
     groups = torch.load(run.last_checkpoint() / "optimizer.pt", weights_only=False)["param_groups"]
     assert sorted({group["lr"] for group in groups}) == [2e-4, 1e-3], groups
     moved, _ = run.weight_changes()
@@ -169,6 +171,8 @@ def test_conflicting_settings_stop_with_both_names(tmp_path, swift_dpo, qwen2_vl
         "vlm_dpo_plugins.errors.ConfigError: swift's --beta is 0.2 and the plugin config's loss.beta is 0.3: "
         "set it in one place"
     ) in run.stderr, run.tail()
+    # Before swift loads a model or reads a row (on a real run that is hours of dataset encoding).
+    assert "_prepare_model_tokenizer" in run.stderr and "_prepare_dataset" not in run.stderr, run.tail()
 
 
 def test_findings_reach_the_console_and_logging_jsonl(tmp_path, swift_dpo, qwen2_vl, plugin_file):
