@@ -30,11 +30,11 @@ def adapter_active(monkeypatch):
     assert activate(dpo_package)
 
 
-def parse(tmp_path: Path, **config):
-    """LLaMA-Factory's parsed arguments and the reconciled plugin run for a LoRA DPO config plus ``config``."""
+def parsed_arguments(tmp_path: Path, stage: str = "dpo", **config):
+    """LLaMA-Factory's own parse of a LoRA config of ``stage`` plus ``config``, through the adapter's wrapper."""
     args = {
         "model_name_or_path": str(tmp_path / "model"),
-        "stage": "dpo",
+        "stage": stage,
         "do_train": True,
         "finetuning_type": "lora",
         "dataset": "pref",
@@ -44,7 +44,12 @@ def parse(tmp_path: Path, **config):
         "use_cpu": True,
         **config,
     }
-    model_args, _, training_args, finetuning_args, _ = get_train_args(args)
+    return get_train_args(args)
+
+
+def parse(tmp_path: Path, **config):
+    """LLaMA-Factory's parsed arguments and the reconciled plugin run for a LoRA DPO config plus ``config``."""
+    model_args, _, training_args, finetuning_args, _ = parsed_arguments(tmp_path, **config)
     run = prepare_run(latest(), model_args, training_args, finetuning_args)
     return run, model_args, training_args, finetuning_args
 
@@ -193,28 +198,12 @@ def test_docs_examples_parse_and_reconcile(tmp_path):
         assert run.config.freeze.trainable == ("language",)
 
 
-def sft_arguments(tmp_path: Path, **config):
-    args = {
-        "model_name_or_path": str(tmp_path / "model"),
-        "stage": "sft",
-        "do_train": True,
-        "finetuning_type": "lora",
-        "dataset": "pref",
-        "dataset_dir": str(tmp_path),
-        "template": "llava",
-        "output_dir": str(tmp_path / "out"),
-        "use_cpu": True,
-        **config,
-    }
-    return get_train_args(args)
-
-
 def test_a_section_in_another_stages_config_is_checked_then_said_to_be_ignored(tmp_path, caplog):
     # Stock LLaMA-Factory rejects the unknown key; with the adapter the key is taken out, so it must not vanish.
     package_logger = logging.getLogger("vlm_dpo_plugins")  # the adapter's console handler does not propagate
     package_logger.addHandler(caplog.handler)
     try:
-        _, _, training_args, finetuning_args, _ = sft_arguments(tmp_path, vlm_dpo={"loss": {"beta": 0.25}})
+        _, _, training_args, finetuning_args, _ = parsed_arguments(tmp_path, "sft", vlm_dpo={"loss": {"beta": 0.25}})
     finally:
         package_logger.removeHandler(caplog.handler)
     assert finetuning_args.stage == "sft" and training_args.do_train
@@ -223,6 +212,6 @@ def test_a_section_in_another_stages_config_is_checked_then_said_to_be_ignored(t
         "is ignored"
     ) in caplog.messages
     with pytest.raises(ConfigError, match="loss.beta"):
-        sft_arguments(tmp_path, vlm_dpo={"loss": {"beta": -1}})
+        parsed_arguments(tmp_path, "sft", vlm_dpo={"loss": {"beta": -1}})
     with pytest.raises(ConfigError, match="unknown"):
-        sft_arguments(tmp_path, vlm_dpo={"loss": {"betta": 0.2}})
+        parsed_arguments(tmp_path, "sft", vlm_dpo={"loss": {"betta": 0.2}})
