@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import logging
+from contextlib import nullcontext
 from typing import Any
 
+from vlm_dpo_plugins.adapters.hf_trainer.activation import patched
 from vlm_dpo_plugins.adapters.hf_trainer.run import (
     PluginRun,
     apply_ddp_plan,
@@ -39,16 +41,14 @@ def plugin_run_dpo(stock_run_dpo: Any) -> Any:
         from llamafactory.train.dpo import trainer as trainer_module
         from vlm_dpo_plugins.adapters.llamafactory.trainer import PluginDPOTrainer
 
-        stock_trainer = trainer_module.CustomDPOTrainer
-        trainer_module.CustomDPOTrainer = functools.partial(PluginDPOTrainer, vlm_dpo_run=run)
         report = collation_report(run.plugins)
-        try:
-            if report is None:  # the collation checks are blocked: no checks at all
-                return stock_run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
-            with checked_loading(run.config.collation, data_args, training_args, report) as run.checked_files:
-                return stock_run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
-        finally:
-            trainer_module.CustomDPOTrainer = stock_trainer
+        # With the collation checks blocked, the files are read as LLaMA-Factory alone reads them.
+        loading = nullcontext()
+        if report is not None:
+            loading = checked_loading(run.config.collation, data_args, training_args, report)
+        plugin_trainer = functools.partial(PluginDPOTrainer, vlm_dpo_run=run)
+        with patched(trainer_module, CustomDPOTrainer=plugin_trainer), loading as run.checked_files:
+            return stock_run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
 
     return run_dpo
 
