@@ -85,8 +85,8 @@ def check_loss_output(value: Any) -> str | None:
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             return f"a LossOutput whose {name} is {shown(tensor)}, not a floating-point tensor"
         shapes[name] = tuple(tensor.shape)
-    if len(set(shapes.values())) > 1 or len(shapes["losses"]) > 1:
-        return f"a LossOutput with shapes {shapes}; expected one value per pair in each"
+    if len(set(shapes.values())) > 1 or len(shapes["losses"]) != 1:
+        return f"a LossOutput with shapes {shapes}; expected one value per pair in each (1-D, equal lengths)"
     # NaN/Inf losses are left to the guards, which skip such a step (a bf16 overflow is not a plugin's fault).
     if not isinstance(value.metrics, Mapping) or not all(isinstance(key, str) for key in value.metrics):
         return f"a LossOutput whose metrics are {shown(value.metrics)}, not a mapping of names to numbers"

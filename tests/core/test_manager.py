@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from distributions import install_distribution
 
 from vlm_dpo_plugins import hookimpl
 from vlm_dpo_plugins.cli import main
@@ -41,18 +41,6 @@ THIRD_PARTY_PLUGIN = textwrap.dedent(
             return doubled_sigmoid(logps, config.loss)
     """
 )
-
-
-def install_distribution(site: Path, name: str, version: str, entry_point: str, monkeypatch) -> None:
-    """A real installed distribution: a .dist-info with a ``vlm_dpo_plugins`` entry point, found via sys.path."""
-    dist_info = site / f"{name.replace('-', '_')}-{version}.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    (dist_info / "entry_points.txt").write_text(f"[vlm_dpo_plugins]\n{entry_point}\n")
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delenv(LOAD_PLUGINS_ENV, raising=False)
-    monkeypatch.delenv(BLOCK_PLUGINS_ENV, raising=False)
-    importlib.invalidate_caches()
 
 
 @pytest.fixture
