@@ -112,7 +112,7 @@ def _reject_unknown(data: Mapping[str, Any], valid: set[str], prefix: str) -> No
 
 
 def _suggestion(key: str, valid: set[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5) if len(key) <= 200 else []
     if close:
         return f"; did you mean '{prefix}{close[0]}'?"
     return f"; valid keys: {', '.join(prefix + name for name in sorted(valid))}"

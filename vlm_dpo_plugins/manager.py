@@ -10,7 +10,6 @@ Environment variables (read when a manager is created):
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.metadata
 import os
 from collections.abc import Iterable, Mapping
@@ -25,6 +24,7 @@ from vlm_dpo_plugins.errors import ConfigError, PluginError, VLMDPOError
 from vlm_dpo_plugins.markers import PROJECT_NAME, hookimpl
 from vlm_dpo_plugins.plugin_calls import attribute, check_loss_output
 from vlm_dpo_plugins.shown import clipped, shown
+from vlm_dpo_plugins.validation import nearest
 
 ENTRY_POINT_GROUP = PROJECT_NAME
 LOAD_PLUGINS_ENV = "VLM_DPO_LOAD_PLUGINS"
@@ -291,9 +291,8 @@ class VLMDPOPluginManager(pluggy.PluginManager):
             return  # the loss plugin is blocked: the framework computes its own loss
         names = sorted(self.loss_functions())
         if config.loss.type not in names:
-            close = difflib.get_close_matches(config.loss.type, names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"'loss.type' is {config.loss.type!r}; registered variants: {names}{hint}")
+            raise ConfigError(f"'loss.type' is {shown(config.loss.type)}; registered variants: {names}"
+                              f"{nearest(config.loss.type, names)}")
 
 
 def _names_from_env(variable: str) -> set[str] | None:

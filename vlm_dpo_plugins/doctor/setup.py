@@ -217,12 +217,23 @@ def _deepspeed(setup: TrainingSetup, values: _Values) -> None:
             return  # deepspeed_rule names it, unless it is one of ms-swift's built-in names
         config = parse_json(read_text(candidate, "DeepSpeed config"), f"DeepSpeed config {shown_path(candidate)}")
     except (ConfigError, OSError, ValueError) as error:
-        values.bad("deepspeed", value, f"a readable DeepSpeed JSON file ({clipped(str(error), 200)})")
-        return
-    if isinstance(config, dict):
-        setup.deepspeed = config
+        problem = clipped(str(error), 300)
     else:
-        values.bad("deepspeed", value, "a DeepSpeed JSON file holding an object")
+        if isinstance(config, dict):
+            setup.deepspeed = config
+            return
+        problem = f"DeepSpeed config {shown_path(candidate)} holds a {type(config).__name__}, not an object"
+    setup.deepspeed_source = None  # found, so not "not found": this finding says what is wrong with it
+    setup.problems.append(
+        Finding(
+            "deepspeed-config",
+            Severity.ERROR,
+            f"{problem}: DeepSpeed fails on it at start-up",
+            "correct the DeepSpeed JSON file (one object of settings)",
+            field="deepspeed",
+            source=f"doctor:{setup.framework}",
+        )
+    )
 
 
 def _llamafactory(setup: TrainingSetup, values: _Values) -> None:
