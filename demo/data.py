@@ -23,6 +23,7 @@ import datasets
 from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.preference_data.images import ImageTarget, check_images, locate
 from vlm_dpo_plugins.preference_data.rows import BadRow, json_type, read_rows
+from vlm_dpo_plugins.shown import shown
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant", "tool")
@@ -348,5 +349,5 @@ def describe_value(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, str):
-        return f"the string {value!r}" if value else "an empty string"
+        return f"the string {shown(value)}" if value else "an empty string"
     return f"a JSON {json_type(value)}"

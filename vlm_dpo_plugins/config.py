@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlm_dpo_plugins.errors import ConfigError, MissingSection
+from vlm_dpo_plugins.shown import shown, shown_path
 from vlm_dpo_plugins.validation import FieldError, nearest
 
 SectionTypes = Mapping[str, type]
@@ -32,7 +33,7 @@ class VLMDPOConfig:
     def __init__(self, **sections: Any) -> None:
         for name, section in sections.items():
             if not dataclasses.is_dataclass(section) or isinstance(section, type):
-                raise ConfigError(f"config section {name!r} must be a dataclass instance, got {section!r}")
+                raise ConfigError(f"config section {name!r} must be a dataclass instance, got {shown(section)}")
         object.__setattr__(self, "_sections", dict(sections))
 
     def __getattr__(self, name: str) -> Any:
@@ -80,28 +81,38 @@ class VLMDPOConfig:
         return {name: dataclasses.asdict(section) for name, section in self._sections.items()}
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A plugin config file's top-level mapping, or a ``ConfigError`` naming the file."""
-    import yaml
+CONFIG_PATH_VARIABLE = "VLM_DPO_CONFIG"
+"""The environment variable the LLaMA-Factory and ms-swift adapters read the plugin config's path from."""
 
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A plugin config file's top-level mapping, read once; else a ``ConfigError`` naming the file (and the line)."""
+    from vlm_dpo_plugins.config_files import origin_of, parse_yaml, read_text
+
+    origin = origin_of(path, CONFIG_PATH_VARIABLE)
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    named = f"plugin config file {shown_path(path)}{origin}"
+    data = parse_yaml(read_text(path, "plugin config file", origin), named)
+    if data is None:
+        return {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{named}: expected a mapping of sections at the top level, got a {type(data).__name__} "
+            f"({shown(data)}). Fix: write 'section: {{key: value}}' lines (freeze, loss, guards, ...)"
+        )
     return dict(data)
 
 
 def _reject_unknown(data: Mapping[str, Any], valid: set[str], prefix: str) -> None:
     for key in data:
         if key not in valid:
-            raise ConfigError(f"unknown config key '{prefix}{key}'{_suggestion(str(key), valid, prefix)}")
+            if not isinstance(key, str):
+                raise ConfigError(f"config key {shown(key)} under '{prefix or '(top level)'}' is not a name")
+            raise ConfigError(f"unknown config key '{prefix}{shown(key)[1:-1]}'{_suggestion(key, valid, prefix)}")
 
 
 def _suggestion(key: str, valid: set[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5) if len(key) <= 200 else []
     if close:
         return f"; did you mean '{prefix}{close[0]}'?"
     return f"; valid keys: {', '.join(prefix + name for name in sorted(valid))}"
@@ -116,7 +127,7 @@ def _build(hint: Any, value: Any, path: str) -> Any:
         if value is None:
             value = {}
         if not isinstance(value, Mapping):
-            raise ConfigError(f"'{path}' must be a mapping of keys, got {value!r}")
+            raise ConfigError(f"'{path}' must be a mapping of keys, got {shown(value)}")
         fields = {f.name for f in dataclasses.fields(hint)}
         _reject_unknown(value, fields, prefix=f"{path}.")
         hints = typing.get_type_hints(hint)
@@ -128,7 +139,7 @@ def _build(hint: Any, value: Any, path: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
-            raise ConfigError(f"'{path}' is {value!r}; expected one of {list(choices)}{nearest(value, choices)}")
+            raise ConfigError(f"'{path}' is {shown(value)}; expected one of {list(choices)}{nearest(value, choices)}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -144,12 +155,12 @@ def _build(hint: Any, value: Any, path: str) -> Any:
     if origin is tuple:
         item_hint = typing.get_args(hint)[0]
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{path}' must be a list, got {value!r}")
+            raise ConfigError(f"'{path}' must be a list, got {shown(value)}")
         return tuple(_build(item_hint, item, f"{path}[{index}]") for index, item in enumerate(value))
     if origin is dict:
         key_hint, value_hint = typing.get_args(hint)
         if not isinstance(value, Mapping):
-            raise ConfigError(f"'{path}' must be a mapping, got {value!r}")
+            raise ConfigError(f"'{path}' must be a mapping, got {shown(value)}")
         return {_build(key_hint, k, path): _build(value_hint, v, f"{path}.{k}") for k, v in value.items()}
     if hint is Any:
         return value
@@ -174,4 +185,4 @@ def _scalar(hint: type, value: Any, path: str) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"'{path}' must be {hint.__name__}, got {value!r}")
+    raise ConfigError(f"'{path}' must be {hint.__name__}, got {shown(value)}")

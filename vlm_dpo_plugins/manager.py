@@ -10,7 +10,6 @@ Environment variables (read when a manager is created):
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.metadata
 import os
 from collections.abc import Iterable, Mapping
@@ -21,8 +20,11 @@ import pluggy
 
 from vlm_dpo_plugins import hookspecs
 from vlm_dpo_plugins.config import VLMDPOConfig, read_yaml
-from vlm_dpo_plugins.errors import ConfigError, PluginError
+from vlm_dpo_plugins.errors import ConfigError, PluginError, VLMDPOError
 from vlm_dpo_plugins.markers import PROJECT_NAME, hookimpl
+from vlm_dpo_plugins.plugin_calls import attribute, check_loss_output
+from vlm_dpo_plugins.shown import clipped, shown
+from vlm_dpo_plugins.validation import nearest
 
 ENTRY_POINT_GROUP = PROJECT_NAME
 LOAD_PLUGINS_ENV = "VLM_DPO_LOAD_PLUGINS"
@@ -62,10 +64,24 @@ class LossRegistryDispatch:
 
     @hookimpl(trylast=True)
     def vlm_dpo_compute_loss(self, logps: Any, config: VLMDPOConfig) -> Any:
-        function = self.manager.loss_functions().get(config.loss.type)
+        registry = self.manager.loss_functions()
+        function = registry.get(config.loss.type)
         if function is None:
             raise PluginError(f"no plugin registers loss.type {config.loss.type!r} (vlm_dpo_loss_functions)")
-        return function(logps, config.loss)
+        owner = self.manager.loss_function_owners().get(config.loss.type, "?")
+        variant = f"the loss variant {config.loss.type!r} of plugin {self.manager.describe(owner)}"
+        try:
+            output = function(logps, config.loss)
+        except VLMDPOError:
+            raise
+        except Exception as error:
+            if self.manager.is_builtin(owner):
+                raise
+            raise PluginError(f"{variant} failed: {type(error).__name__}: {clipped(str(error), 300)}") from error
+        problem = check_loss_output(output)
+        if problem is not None:
+            raise PluginError(f"{variant} returned {shown(output)}, {problem}")
+        return output
 
 
 LOSS_DISPATCH = "loss-registry"
@@ -85,20 +101,52 @@ class VLMDPOPluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self._sources: dict[str, str] = {}
 
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        """Register a plugin that is not a built-in: its errors and answers are attributed to it (plugin_calls)."""
+        return self._register(plugin, name, builtin=False)
+
     def register_builtin(self, name: str, plugin: object) -> None:
-        if self.register(plugin, name=name) is not None:
+        if self._register(plugin, name, builtin=True) is not None:
             self._sources[name] = "builtin"
+
+    def _register(self, plugin: object, name: str | None, builtin: bool) -> str | None:
+        registered = super().register(plugin, name=name)
+        if registered is None:  # blocked
+            return None
+        for caller in self.get_hookcallers(plugin) or ():
+            for implementation in caller.get_hookimpls():
+                if implementation.plugin is plugin:
+                    attribute(implementation, caller.name, lambda: self.describe(registered), third_party=not builtin)
+        return registered
+
+    def describe(self, name: str) -> str:
+        """The plugin as messages name it: its registration name and where it came from."""
+        return f"'{name}' ({self._sources.get(name, 'registered at run time')})"
+
+    def is_builtin(self, name: str) -> bool:
+        return self._sources.get(name) == "builtin"
 
     def load_entry_points(self, allowed: set[str] | None = None) -> list[str]:
         """Register every installed ``vlm_dpo_plugins`` entry point (or only ``allowed`` names); return their names."""
         loaded = []
-        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        entry_points = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+        if allowed:
+            _reject_unknown_names(allowed, {entry_point.name for entry_point in entry_points}, self)
+        for entry_point in entry_points:
             if allowed is not None and entry_point.name not in allowed:
                 continue
-            if self.is_blocked(entry_point.name) or self.has_plugin(entry_point.name):
+            if self.is_blocked(entry_point.name):
                 continue
             distribution = entry_point.dist
             origin = f"{distribution.name} {distribution.version}" if distribution else "unknown distribution"
+            if self.has_plugin(entry_point.name):
+                taken_by = "the built-in plugin" if self.is_builtin(entry_point.name) else "the plugin"
+                raise PluginError(
+                    f"the entry point '{entry_point.name}' of {origin} ({entry_point.value}) has the name of "
+                    f"{taken_by} {self.describe(entry_point.name)}, so it cannot be registered. Fix: rename the "
+                    f"entry point in that distribution, or uninstall it, or load only other plugins with "
+                    f"{LOAD_PLUGINS_ENV}=name,name"
+                )
             try:
                 plugin = entry_point.load()
             except Exception as error:
@@ -206,12 +254,36 @@ class VLMDPOPluginManager(pluggy.PluginManager):
         return self.load_config(None)
 
     def loss_functions(self) -> dict[str, Any]:
-        registry: dict[str, Any] = {}
-        for contribution in self.hook.vlm_dpo_loss_functions():
-            for name, function in (contribution or {}).items():
-                if name in registry and registry[name] is not function:
-                    raise PluginError(f"two plugins register the loss variant '{name}'")
-                registry[name] = function
+        return {name: function for name, (function, _) in self._loss_registry().items()}
+
+    def loss_function_owners(self) -> dict[str, str]:
+        """The plugin that registers each loss variant, by variant name."""
+        return {name: owner for name, (_, owner) in self._loss_registry().items()}
+
+    def _loss_registry(self) -> dict[str, tuple[Any, str]]:
+        registry: dict[str, tuple[Any, str]] = {}
+        for implementation in self.hook.vlm_dpo_loss_functions.get_hookimpls():
+            if implementation.wrapper or implementation.hookwrapper:
+                continue
+            contribution = implementation.function() or {}
+            owner = implementation.plugin_name
+            if not isinstance(contribution, Mapping):
+                raise PluginError(
+                    f"plugin {self.describe(owner)}: vlm_dpo_loss_functions returned {shown(contribution)}; expected "
+                    "a mapping of variant names to functions"
+                )
+            for name, function in contribution.items():
+                if not (isinstance(name, str) and callable(function)):
+                    raise PluginError(
+                        f"plugin {self.describe(owner)}: vlm_dpo_loss_functions maps {shown(name)} to "
+                        f"{shown(function)}; expected a variant name and its function"
+                    )
+                if name in registry and registry[name][0] is not function:
+                    raise PluginError(
+                        f"plugins {self.describe(registry[name][1])} and {self.describe(owner)} both register the "
+                        f"loss variant '{name}'"
+                    )
+                registry[name] = (function, owner)
         return registry
 
     def validate_loss_type(self, config: VLMDPOConfig) -> None:
@@ -219,9 +291,8 @@ class VLMDPOPluginManager(pluggy.PluginManager):
             return  # the loss plugin is blocked: the framework computes its own loss
         names = sorted(self.loss_functions())
         if config.loss.type not in names:
-            close = difflib.get_close_matches(config.loss.type, names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"'loss.type' is {config.loss.type!r}; registered variants: {names}{hint}")
+            raise ConfigError(f"'loss.type' is {shown(config.loss.type)}; registered variants: {names}"
+                              f"{nearest(config.loss.type, names)}")
 
 
 def _names_from_env(variable: str) -> set[str] | None:
@@ -232,6 +303,18 @@ def _names_from_env(variable: str) -> set[str] | None:
     if value.lower() in ("", "none"):
         return set()
     return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def _reject_unknown_names(allowed: set[str], installed: set[str], manager: VLMDPOPluginManager) -> None:
+    # Built-ins (blocked ones too) are always there: naming one is redundant, not a typo.
+    registered_or_blocked = {name for name, _ in manager.list_name_plugin()}
+    unknown = sorted(allowed - installed - registered_or_blocked)
+    if unknown:
+        known = ", ".join(sorted(installed)) or "none installed"
+        raise PluginError(
+            f"{LOAD_PLUGINS_ENV} names {unknown}, which no installed plugin entry point is called; entry points "
+            f"in the '{ENTRY_POINT_GROUP}' group: {known}. Fix the names, or install the plugin"
+        )
 
 
 def create_plugin_manager(

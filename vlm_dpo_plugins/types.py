@@ -169,6 +169,8 @@ class StepSignals:
     learning_rate: float | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     group_grad_norms: Mapping[str, float] = field(default_factory=dict)
+    learning_rate_scale: float = 1.0
+    """After the step (``vlm_dpo_after_optimizer_step``): the factor it was taken with; 1.0 when skipped."""
 
 
 ParameterGroups = Mapping[str, list[str]]

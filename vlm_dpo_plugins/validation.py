@@ -6,6 +6,7 @@ import difflib
 from typing import Any
 
 from vlm_dpo_plugins.errors import ConfigError
+from vlm_dpo_plugins.shown import shown
 
 PARAMETER_GROUPS = ("vision", "projector", "language", "other")
 
@@ -20,15 +21,17 @@ class FieldError(ConfigError):
 
 
 def nearest(value: Any, choices) -> str:
-    close = difflib.get_close_matches(str(value), [str(choice) for choice in choices], n=1, cutoff=0.5)
+    if not isinstance(value, str) or len(value) > 200:  # str() of a YAML alias bomb would expand it
+        return ""
+    close = difflib.get_close_matches(value, [str(choice) for choice in choices], n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def require(condition: bool, key: str, value: Any, expected: str) -> None:
     if not condition:
-        raise FieldError(key, f"is {value!r}; expected {expected}")
+        raise FieldError(key, f"is {shown(value)}; expected {expected}")
 
 
 def require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise FieldError(key, f"has {value!r}; expected one of {list(choices)}{nearest(value, choices)}")
+        raise FieldError(key, f"has {shown(value)}; expected one of {list(choices)}{nearest(value, choices)}")

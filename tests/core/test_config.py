@@ -68,7 +68,7 @@ def test_yaml_file_loads_and_bad_yaml_names_the_file(tmp_path):
     assert (config.loss.type, config.loss.beta, config.freeze.trainable) == ("hinge", 0.2, ("language", "projector"))
     listing = tmp_path / "list.yaml"
     listing.write_text("- loss\n")
-    with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
+    with pytest.raises(ConfigError, match="list.yaml': expected a mapping of sections at the top level, got a list"):
         create_plugin_manager(load_entry_points=False).load_config(listing)
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from distributions import install_distribution
 
 from vlm_dpo_plugins import hookimpl
 from vlm_dpo_plugins.cli import main
@@ -41,18 +41,6 @@ THIRD_PARTY_PLUGIN = textwrap.dedent(
             return doubled_sigmoid(logps, config.loss)
     """
 )
-
-
-def install_distribution(site: Path, name: str, version: str, entry_point: str, monkeypatch) -> None:
-    """A real installed distribution: a .dist-info with a ``vlm_dpo_plugins`` entry point, found via sys.path."""
-    dist_info = site / f"{name.replace('-', '_')}-{version}.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    (dist_info / "entry_points.txt").write_text(f"[vlm_dpo_plugins]\n{entry_point}\n")
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delenv(LOAD_PLUGINS_ENV, raising=False)
-    monkeypatch.delenv(BLOCK_PLUGINS_ENV, raising=False)
-    importlib.invalidate_caches()
 
 
 @pytest.fixture
@@ -89,12 +77,24 @@ def test_entry_point_plugin_is_loaded_and_called(installed_plugin):
     assert float(output.losses) == pytest.approx(2 * 0.6210, abs=1e-4)
 
 
-@pytest.mark.parametrize("allow, loaded", [("", False), ("none", False), ("other", False), ("doubled", True), (None, True)])
+@pytest.mark.parametrize(
+    "allow, loaded", [("", False), ("none", False), ("doubled", True), ("doubled,guards", True), (None, True)]
+)
 def test_load_plugins_env_is_an_allow_list(installed_plugin, monkeypatch, allow, loaded):
     if allow is not None:
         monkeypatch.setenv(LOAD_PLUGINS_ENV, allow)
     manager = create_plugin_manager()
     assert manager.has_plugin(installed_plugin) is loaded
+
+
+def test_an_unknown_name_in_the_load_list_is_an_error_listing_the_installed_ones(installed_plugin, monkeypatch):
+    monkeypatch.setenv(LOAD_PLUGINS_ENV, "doubled, dubled, other")
+    with pytest.raises(PluginError) as error:
+        create_plugin_manager()
+    assert str(error.value) == (
+        "VLM_DPO_LOAD_PLUGINS names ['dubled', 'other'], which no installed plugin entry point is called; entry "
+        "points in the 'vlm_dpo_plugins' group: doubled. Fix the names, or install the plugin"
+    )
 
 
 def test_block_env_blocks_builtins_and_entry_points(installed_plugin, monkeypatch):

@@ -94,7 +94,7 @@ def test_every_kind_of_entry_resolves_and_is_checked(tmp_path):
     assert problem({"bytes": b"junk"}).startswith("the image bytes cannot be read as an image (")
     assert problem(None) == "the image is None"
     assert problem({"id": 3}) == "the image entry has neither 'bytes' nor 'path'"
-    assert problem(7) == "the image entry is a JSON number, neither a path nor {'path'/'bytes'}"
+    assert problem(7) == "the image entry is a JSON number (7), neither a path nor {'path'/'bytes'}"
 
 
 def test_each_distinct_file_is_opened_once(tmp_path):

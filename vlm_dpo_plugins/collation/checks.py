@@ -6,13 +6,14 @@ is the check's own default; the plugin restates it after applying the policy.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import compress, groupby
 from pathlib import Path
 from typing import Any
 
 from vlm_dpo_plugins.collation.codes import CHECKS
 from vlm_dpo_plugins.preference_data.images import inspect, locate
+from vlm_dpo_plugins.shown import shown
 from vlm_dpo_plugins.types import Finding, Severity, TokenizedPair, TokenizedSequence
 
 SIDES = ("chosen", "rejected")
@@ -233,9 +234,18 @@ def check_example_images(example: Mapping[str, Any], row: int, verify: bool = Tr
     directory, where the framework that hands over the row opens them.
     """
     if "images" in example:
-        if example["images"] is None:
+        images = example["images"]
+        if images is None:
             return []
-        items = [(f"images[{index}]", item) for index, item in enumerate(example["images"])]
+        if isinstance(images, (str, bytes, Mapping)) or not isinstance(images, Sequence):
+            # A string would otherwise be checked letter by letter, and a number fails to iterate.
+            return [finding(
+                "image-unreadable",
+                f"'images' is a {type(images).__name__} ({shown(images)}); expected a list of images",
+                "give 'images' as a list (of paths, {'path'}/{'bytes'} entries or images), or drop the row",
+                row, "images",
+            )]
+        items = [(f"images[{index}]", item) for index, item in enumerate(images)]
     elif "image" in example:
         items = [("image", example["image"])]
     else:

@@ -149,5 +149,5 @@ def _unskippable(finding: Finding, framework: str) -> Finding:
         severity=Severity.ERROR,
         message=f"{finding.message}; {framework} reads the file as a whole and fails on such a line, so the row "
         "cannot be left out",
-        fix="re-encode the file as UTF-8 and fix or delete the line",
+        fix=f"{finding.fix}, before {framework} reads the file",
     )

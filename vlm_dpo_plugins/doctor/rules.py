@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vlm_dpo_plugins.doctor.setup import TrainingSetup
 from vlm_dpo_plugins.guards.deepspeed_buckets import bucket_memory_ceiling, deepspeed_bucket_sizes
+from vlm_dpo_plugins.shown import clipped, shown
 from vlm_dpo_plugins.types import Finding, Severity
 
 VISION_MODULE = re.compile(
@@ -66,7 +67,7 @@ KEYS = {
 
 
 def lint(setup: TrainingSetup, hidden_size: int | None = None) -> list[Finding]:
-    findings: list[Finding] = []
+    findings: list[Finding] = list(setup.problems)
     for rule in RULES:
         findings += rule(setup, hidden_size)
     return findings
@@ -253,10 +254,11 @@ def deepspeed_rule(setup: TrainingSetup, hidden_size: int | None) -> list[Findin
             )
         ]
     zero = (setup.deepspeed or {}).get("zero_optimization") or {}
-    stage = zero.get("stage", 0)
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
     if not isinstance(stage, int) or stage not in (1, 2, 3):
         return []
-    dtype = "bf16" if setup.bf16 or (setup.deepspeed.get("bf16") or {}).get("enabled") in (True, "auto") else "fp32"
+    bf16 = setup.deepspeed.get("bf16")
+    dtype = "bf16" if setup.bf16 or (isinstance(bf16, dict) and bf16.get("enabled") in (True, "auto")) else "fp32"
     ceiling = bucket_memory_ceiling(dtype)
     wanted = deepspeed_bucket_sizes(10**12, hidden_size, stage, dtype=dtype) if hidden_size else {}
     findings = []
@@ -291,7 +293,7 @@ def loss_rule(setup: TrainingSetup, _: int | None) -> list[Finding]:
                 setup,
                 "pref-loss-ignored",
                 Severity.WARNING,
-                f"pref_loss: {setup.loss} is silently computed as sigmoid DPO by LLaMA-Factory 0.9.5 with "
+                f"pref_loss: {clipped(setup.loss, 80)} is silently computed as sigmoid DPO by LLaMA-Factory 0.9.5 with "
                 "trl >= 0.20 (its loss call passes no loss_type)",
                 f"with the vlm-dpo adapter set vlm_dpo: {{loss: {{type: {setup.loss}}}}}, which computes it",
                 "pref_loss",
@@ -303,7 +305,7 @@ def loss_rule(setup: TrainingSetup, _: int | None) -> list[Finding]:
                 setup,
                 "pref-loss-ignored",
                 Severity.ERROR,
-                f"pref_loss: {setup.loss} does not run in LLaMA-Factory 0.9.5 DPO",
+                f"pref_loss: {clipped(setup.loss, 80)} does not run in LLaMA-Factory 0.9.5 DPO",
                 f"use one of {', '.join(x for x in LLAMAFACTORY_LOSSES if x != 'kto_pair')}",
                 "pref_loss",
             )
@@ -315,9 +317,9 @@ def adapter_rule(setup: TrainingSetup, _: int | None) -> list[Finding]:
     """A LoRA adapter folder given where a full model is read, or an adapter the framework will not apply."""
     findings = []
     model_key = {"llamafactory": "model_name_or_path", "swift": "--model", "trl": "model_name_or_path"}[setup.framework]
-    folder = Path(str(setup.model)) if setup.model else None
-    if folder is not None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    folder = Path(setup.model) if setup.model else None
+    if folder is not None and _is_file(folder / "adapter_config.json") and not _is_file(folder / "config.json"):
+        base = _json_object(folder / "adapter_config.json").get("base_model_name_or_path")
         where = {"llamafactory": "adapter_name_or_path", "swift": "--adapters", "trl": "a PeftModel on the base model"}
         findings.append(
             _finding(
@@ -337,7 +339,8 @@ def adapter_rule(setup: TrainingSetup, _: int | None) -> list[Finding]:
                 setup,
                 "adapter-not-applied",
                 Severity.WARNING,
-                f"adapter_name_or_path is set but finetuning_type is not lora: LLaMA-Factory will not apply {adapters}",
+                f"adapter_name_or_path is set but finetuning_type is not lora: LLaMA-Factory will not apply "
+                f"{shown(adapters)}",
                 "set finetuning_type: lora to load (or keep training) the adapter",
                 "adapter_name_or_path",
             )
@@ -364,12 +367,28 @@ def hidden_size_of(model: str | None) -> int | None:
     if not model:
         return None
     config = Path(model) / "config.json"
-    if not config.is_file():
+    if not _is_file(config):
         return None
-    data = json.loads(config.read_text(encoding="utf-8"))
+    data = _json_object(config)  # an unreadable config.json: the width is unknown, the run's own load names it
     widths = [
         section.get("hidden_size")
         for section in (data, data.get("text_config") or {}, data.get("vision_config") or {})
         if isinstance(section, dict)
     ]
     return max((width for width in widths if isinstance(width, int)), default=None)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the filesystem: no such file here
+        return False
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in a model folder's file; ``{}`` when it cannot be read as one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -54,6 +54,7 @@ class StabilityGuards:
         self.spikes = LossSpikeDetector(config.spike_window, config.spike_factor)
         self.backoff = LearningRateBackoff(config.lr_backoff_factor, config.lr_backoff_steps)
         self.last_norms = GradNorms(total=math.nan)
+        self.applied_scale = 1.0
         self.last_step_spiked = False
         self.frozen_groups = False
 
@@ -93,6 +94,8 @@ class StabilityGuards:
 
     @hookimpl
     def vlm_dpo_after_optimizer_step(self, signals: StepSignals, skipped: bool, reasons: Sequence[str]) -> None:
+        # Logged as what the last step used, whichever plugin decided it (another plugin's answer comes first).
+        self.applied_scale = signals.learning_rate_scale
         self.last_norms = GradNorms(
             total=math.nan if signals.grad_norm is None else signals.grad_norm, groups=dict(signals.group_grad_norms)
         )
@@ -144,7 +147,7 @@ class StabilityGuards:
         metrics = {
             "vlm_dpo/skipped_steps": float(self.skipped_steps),
             "vlm_dpo/loss_spikes": float(self.spikes.spikes),
-            "vlm_dpo/lr_scale": self.backoff.scale,
+            "vlm_dpo/lr_scale": self.applied_scale,
         }
         if not math.isnan(self.last_norms.total):
             metrics["vlm_dpo/grad_norm"] = self.last_norms.total

@@ -14,6 +14,7 @@ Under DeepSpeed ZeRO the engine steps and skips by itself; the adapter then pass
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,22 +90,26 @@ class StepGuard:
         norms = self.hook.vlm_dpo_clip_gradients(parameters=parameters or {})
         signals = _signals(step, loss_value, norms, optimizer)
         local_reasons = [reason for reason in self.hook.vlm_dpo_skip_step_reason(signals=signals) if reason]
+        # Each plugin's answer is checked where it returns (plugin_calls: finite, 0 < scale <= 1, else a
+        # PluginError naming the plugin), so by here nothing has been changed yet and any scale is safe to apply.
         scale = self.hook.vlm_dpo_learning_rate_scale(step=step)
         # One collective for both: any rank's skip skips everywhere, and the smallest scale applies everywhere,
         # since ranks that step with different learning rates drift apart.
         skip_vote, negated_scale = max_across_ranks([1.0 if local_reasons else 0.0, -(1.0 if scale is None else scale)])
         skipped, scale = skip_vote > 0, -negated_scale
         reasons: tuple[str, ...] = ()
+        applied = 1.0
         if skipped:
             reasons = _reasons_from_every_rank(local_reasons)
             _clear_gradients(optimizer, parameters)
         else:
             with scaled_learning_rates(optimizer, scale):
                 (step_fn or optimizer.step)()
+            applied = scale
             if scheduler is not None:
                 scheduler.step()
-        self._after_step(signals, skipped, reasons, save_checkpoint)
-        return StepOutcome(step, skipped, reasons, norms, scale if not skipped else 1.0)
+        self._after_step(dataclasses.replace(signals, learning_rate_scale=applied), skipped, reasons, save_checkpoint)
+        return StepOutcome(step, skipped, reasons, norms, applied)
 
     def _account_for_framework_step(
         self,

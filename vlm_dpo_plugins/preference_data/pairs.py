@@ -16,12 +16,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlm_dpo_plugins.preference_data.rows import json_type
+from vlm_dpo_plugins.shown import shown
 from vlm_dpo_plugins.types import Finding, Severity
 
 IMAGE_PLACEHOLDER = "<image>"
 USER_ROLES = ("user", "human")
 ASSISTANT_ROLES = ("assistant", "gpt")
 MALFORMED = "malformed-row"
+ROW_FIX = (
+    "write one JSON object per row (a .jsonl file holds one object per line; a file that is one JSON array of "
+    "rows must be named .json)"
+)
 LLAMAFACTORY_READ = {
     "sharegpt": {
         "messages": ("conversations", "messages"),
@@ -84,7 +90,7 @@ def malformed(row: int, problem: RowProblem) -> Finding:
 def parse_pair(row: int, value: Any) -> Pair:
     """The neutral pair; raises ``RowProblem`` naming the field when the row cannot be read."""
     if not isinstance(value, Mapping):
-        raise RowProblem(None, f"the row is a JSON {type(value).__name__}, not an object", "write one object per row")
+        raise RowProblem(None, f"the row is a JSON {json_type(value)} ({shown(value, 40)}), not an object", ROW_FIX)
     if "conversations" in value or ("messages" in value and "rejected_response" not in value):
         pair = _sharegpt(value)
     elif "messages" in value:
@@ -96,7 +102,7 @@ def parse_pair(row: int, value: Any) -> Pair:
     else:
         raise RowProblem(
             None,
-            f"no known preference layout: keys {sorted(value)}",
+            f"no known preference layout: keys {shown(list(value))}",
             "use prompt/chosen/rejected (TRL), conversations+chosen+rejected or instruction+chosen+rejected "
             "(LLaMA-Factory), or messages+rejected_response (ms-swift)",
         )
@@ -257,5 +263,4 @@ def _images(value: Mapping[str, Any]) -> list[Any]:
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
-    return f"a {type(value).__name__} ({text[:40]}{'...' if len(text) > 40 else ''})"
+    return f"a {type(value).__name__} ({shown(value, 40)})"

@@ -107,8 +107,8 @@ def _image_findings(uses: list[_ImageUse], results: dict[str, ImageResult]) -> l
         finding(
             "image-unreadable",
             results[use.key].problem,
-            "fix the path (relative paths start from --images-root, default the data file's folder) or "
-            "replace the file, or drop the row",
+            "fix the path (relative paths start from --images-root, default the data file's folder) or the "
+            "image's bytes, or replace the file, or drop the row",
             use.row,
             use.field,
         )
