@@ -110,6 +110,10 @@ class PreferenceStep:
         prepared = self.prepare(inputs, labels, response_mask)
         with self._policy_pass(prepared):
             policy, outputs = forward(model, prepared, batch)
+        if self.sharing is not None and self.sharing.layout_ignored(prepared):
+            prepared = self.prepare(inputs, labels, response_mask)
+            with self._policy_pass(prepared):
+                policy, outputs = forward(model, prepared, batch)
         reference_logps = precomputed_reference if self.needs.reference else None
         if reference_logps is None and self.reference_pass and reference is not None:
             reference_model, contexts = reference(model)

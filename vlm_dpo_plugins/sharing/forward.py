@@ -27,8 +27,17 @@ import torch
 
 from vlm_dpo_plugins.sharing.features import ImageFeatureSharing
 from vlm_dpo_plugins.sharing.images import PER_ROW_KEYS, PER_TOKEN_KEYS, chosen_half_of_images, images_repeated
-from vlm_dpo_plugins.sharing.packing import PackedPairs, PackingUnavailable, pack_pairs, packed_per_token_inputs
+from vlm_dpo_plugins.sharing.packing import (
+    CHOSEN,
+    REJECTED,
+    SHARED,
+    PackedPairs,
+    PackingUnavailable,
+    pack_pairs,
+    packed_per_token_inputs,
+)
 from vlm_dpo_plugins.sharing.positions import RopeIndex
+from vlm_dpo_plugins.sharing.prefix_attention import LAYOUT_KEYWORD, PairLayout, dispatches_through_interface, install
 from vlm_dpo_plugins.sharing.settings import SharingConfig
 
 logger = logging.getLogger("vlm_dpo_plugins.sharing")
@@ -45,6 +54,8 @@ class PreparedBatch:
     packed: PackedPairs | None
     encode_chosen_half: bool
     """Unpacked rows whose images repeat per pair: the vision tower encodes the first half only."""
+    layout: PairLayout | None = None
+    """Packed rows whose attention is computed from their layout, without a mask (``prefix_attention.py``)."""
 
     def to_collated(self, per_token_shifted: torch.Tensor) -> torch.Tensor:
         """Per-token outputs (position t scores token t + 1) in the collated ``[2B, T - 1]`` layout."""
@@ -59,12 +70,24 @@ class PairSharing:
         self._rope_index = RopeIndex.of(model)
         self._packing_announced = False
         self.unpacked_batches = 0
-        self._mask_kind = self._attention_mask_kind(model) if config.prompt else None
+        config_of_model = getattr(model, "config", None)
+        text_config = config_of_model.get_text_config() if hasattr(config_of_model, "get_text_config") else None
+        self._implementation = getattr(text_config or config_of_model, "_attn_implementation", None) or "eager"
+        self._mask_kind = self._attention_kind(text_config or config_of_model) if config.prompt else None
 
-    def _attention_mask_kind(self, model: torch.nn.Module) -> str | None:
-        config = getattr(model, "config", None)
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        implementation = getattr(text_config, "_attn_implementation", None) or "eager"
+    def _attention_kind(self, text_config: Any) -> str | None:
+        """``layout`` (no mask: ``prefix_attention.py``), ``bool``/``float`` (a dense 4D mask), or None (two rows)."""
+        if (
+            self.config.attention == "auto"
+            and dispatches_through_interface(self._implementation)
+            and not _has_sliding_window(text_config)
+        ):
+            install()
+            return "layout"
+        return self._dense_mask_kind()
+
+    def _dense_mask_kind(self) -> str | None:
+        implementation = self._implementation
         kind = MASKABLE_ATTENTION.get(implementation)
         if kind is None:
             logger.warning(
@@ -81,11 +104,12 @@ class PairSharing:
             packed = prepared.packed
             logger.info(
                 "vlm-dpo: sharing.prompt: each pair runs as one row [prompt, chosen, rejected] (first batch: %d x %d "
-                "tokens as %d x %d)",
+                "tokens as %d x %d; %s)",
                 rows,
                 length,
                 packed.pairs,
                 packed.length,
+                "two causal attention calls per row, no mask" if prepared.layout else "a dense 4D attention mask",
             )
 
     def prepare(
@@ -143,9 +167,33 @@ class PairSharing:
             kwargs[key] = kwargs[key][: packed.pairs]
         if "position_ids" not in per_token:  # positions the collator computed are gathered, exact as they are
             kwargs["position_ids"] = self._rope_index.positions(packed, per_token, images)
-        kwargs["attention_mask"] = self._mask(packed)
+        layout = None
+        if self._mask_kind == "layout":
+            layout = PairLayout.of(packed.side, SHARED, CHOSEN, REJECTED)
+            # All ones: transformers then builds no mask (SDPA's is_causal path). Without a 2D mask it would read the
+            # rejected branch's restarting positions as packed documents and build a dense one; padding is the
+            # layout's to skip.
+            kwargs["attention_mask"] = torch.ones_like(packed.side)
+            kwargs[LAYOUT_KEYWORD] = layout
+        else:
+            kwargs["attention_mask"] = self._mask(packed)
         packed_labels = packed.labels(labels) if labels is not None else None
-        return PreparedBatch(kwargs, packed_labels, packed=packed, encode_chosen_half=False)
+        return PreparedBatch(kwargs, packed_labels, packed=packed, encode_chosen_half=False, layout=layout)
+
+    def layout_ignored(self, prepared: PreparedBatch) -> bool:
+        """After the policy forward: True when the model never passed the layout to its attention, so the pass
+        computed plain causal attention over both responses. Sharing then uses the dense mask (or two rows) from
+        here on, said once; the caller runs the batch again."""
+        if prepared.layout is None or prepared.layout.dispatched:
+            return False
+        self._mask_kind = MASKABLE_ATTENTION.get(self._implementation)
+        logger.warning(
+            "vlm-dpo: sharing.attention: this model does not pass its keyword arguments down to its %s attention, "
+            "so a packed row's responses cannot be kept apart without a mask; from now on %s",
+            self._implementation,
+            "with a dense 4D mask" if self._mask_kind else "chosen and rejected run as two rows each",
+        )
+        return True
 
     def _mask(self, packed: PackedPairs) -> torch.Tensor:
         # fp32 for eager: added to bf16 scores it promotes them, and the softmax runs in fp32 there anyway.
@@ -183,3 +231,13 @@ class PairSharing:
         if self._reference_features is None or self._reference_features[0] is not reference_model:
             self._reference_features = (reference_model, ImageFeatureSharing(reference_model))
         return self._reference_features[1]
+
+
+def _has_sliding_window(text_config: Any) -> bool:
+    """Whether any layer attends through a window: two causal calls per row would ignore it (the dense mask too)."""
+    if not getattr(text_config, "sliding_window", None):
+        return False
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is not None:
+        return "sliding_attention" in layer_types
+    return bool(getattr(text_config, "use_sliding_window", True))

@@ -15,6 +15,7 @@ import pytest
 trl = pytest.importorskip("trl")
 
 import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from trl_runs import EVERYTHING_TRAINS, make_trainer, snapshot, training_logs  # noqa: E402
 
@@ -118,14 +119,14 @@ def test_eager_attention_takes_the_additive_mask(tiny_model_dirs, uneven_rows, t
     assert_same_step(shared, unshared)
 
 
-def test_an_attention_that_cannot_take_the_mask_runs_two_rows_and_says_so_once(
+def test_with_the_dense_mask_an_attention_that_cannot_take_it_runs_two_rows_and_says_so_once(
     tiny_model_dirs, uneven_rows, tmp_path, monkeypatch, caplog
 ):
     from vlm_dpo_plugins.sharing import forward
 
     monkeypatch.setattr(forward, "MASKABLE_ATTENTION", {"eager": "float"})
     with caplog.at_level(logging.WARNING, logger="vlm_dpo_plugins.sharing"):
-        shared = one_step(tiny_model_dirs["llava"], uneven_rows, tmp_path / "on", {}, FROZEN)
+        shared = one_step(tiny_model_dirs["llava"], uneven_rows, tmp_path / "on", {"attention": "dense"}, FROZEN)
     unshared = one_step(tiny_model_dirs["llava"], uneven_rows, tmp_path / "off", NO_SHARING, FROZEN)
     assert_same_step(shared, unshared)
     notices = [r.getMessage() for r in caplog.records if "sharing.prompt" in r.getMessage()]
@@ -159,3 +160,73 @@ def test_training_with_sharing_follows_the_unshared_run(tiny_model_dirs, uneven_
             assert entry[key] == pytest.approx(entry_ref[key], abs=1e-5), key
     for name, value in parameters.items():
         assert torch.allclose(value, parameters_ref[name], atol=1e-5, rtol=0), name
+
+
+class DenseMasks(TorchFunctionMode):
+    """Every ``[B, 1, T, T]`` or ``[B, T, T]`` tensor (B pairs) built while the mode is on: a dense attention mask."""
+
+    def __init__(self, pairs):
+        super().__init__()
+        self.pairs, self.found = pairs, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.ndim in (3, 4) and out.shape[0] == self.pairs:
+            if out.shape[-1] == out.shape[-2] > 1 and (out.ndim == 3 or out.shape[1] == 1):
+                self.found.append((tuple(out.shape), str(func)))
+        return out
+
+
+@pytest.mark.parametrize("model", ["llava", "qwen2_vl"])
+def test_with_sdpa_packed_rows_attend_without_a_dense_mask(tiny_model_dirs, uneven_rows, tmp_path, monkeypatch, model):
+    from vlm_dpo_plugins.sharing import forward
+
+    layouts = []
+    monkeypatch.setattr(forward.PairLayout, "of", record(forward.PairLayout.of, layouts))
+    with DenseMasks(pairs=4) as probe:
+        shared = one_step(tiny_model_dirs[model], uneven_rows, tmp_path / "on", {}, FROZEN)
+    assert probe.found == []
+    # Policy and reference: every decoder layer's attention computed from the layout (the tiny models have 2).
+    assert [layout.dispatched for layout in layouts] == [4]
+    dense = one_step(tiny_model_dirs[model], uneven_rows, tmp_path / "dense", {"attention": "dense"}, FROZEN)
+    unshared = one_step(tiny_model_dirs[model], uneven_rows, tmp_path / "off", NO_SHARING, FROZEN)
+    assert_same_step(shared, unshared)
+    assert_same_step(shared, dense)
+
+
+def record(build, built):
+    def of(*args, **kwargs):
+        built.append(build(*args, **kwargs))
+        return built[-1]
+
+    return of
+
+
+def test_a_model_that_does_not_pass_the_layout_down_falls_back_to_the_mask_once(
+    tiny_model_dirs, uneven_rows, tmp_path, caplog
+):
+    from vlm_dpo_plugins.sharing.prefix_attention import LAYOUT_KEYWORD
+
+    trainer = make_trainer(
+        tiny_model_dirs["llava"], uneven_rows, tmp_path / "on", vlm_dpo_config={}, per_device_train_batch_size=4,
+        bf16=False,
+    )  # fmt: skip
+    model_forward = trainer.model.forward
+
+    def forward_dropping_keywords(*args, **kwargs):  # a model whose forward keeps its keyword arguments to itself
+        kwargs.pop(LAYOUT_KEYWORD, None)
+        return model_forward(*args, **kwargs)
+
+    trainer.model.forward = forward_dropping_keywords
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    with caplog.at_level(logging.WARNING, logger="vlm_dpo_plugins.sharing"):
+        loss = trainer.compute_loss(trainer.model, batch)
+        trainer.compute_loss(trainer.model, batch)
+    notices = [r.getMessage() for r in caplog.records if "sharing.attention" in r.getMessage()]
+    assert notices == [
+        "vlm-dpo: sharing.attention: this model does not pass its keyword arguments down to its sdpa attention, so a "
+        "packed row's responses cannot be kept apart without a mask; from now on with a dense 4D mask"
+    ]
+    unshared = one_step(tiny_model_dirs["llava"], uneven_rows, tmp_path / "off", NO_SHARING, FROZEN)
+    assert torch.allclose(loss.detach(), unshared[0], atol=1e-5, rtol=0)
