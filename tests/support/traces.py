@@ -82,6 +82,29 @@ def check_trace(name: str, steps: list[dict[str, Any]], weights: str) -> None:
     assert trace["weights_sha256"] == stored["weights_sha256"], f"the trained weights differ from {path.name}"
 
 
+def follows_trace(name: str, steps: list[dict[str, Any]], tolerance: float) -> float:
+    """Compare with the stored trace ``name`` value by value within ``tolerance`` (absolute); the largest difference.
+
+    For a change meant to alter rounding only (another attention kernel): the recorded run is still reproduced bit
+    for bit by its own configuration, and the new computation is shown to follow it.
+    """
+    import math
+
+    stored = json.loads((TRACE_DIR / f"{name}.json").read_text())["steps"]
+    assert [entry["step"] for entry in steps] == [entry["step"] for entry in stored]
+    largest = 0.0
+    for now, then in zip(_exact(steps), stored, strict=True):
+        assert now.keys() == then.keys(), (now, then)
+        for key, value in now.items():
+            if isinstance(value, float) and math.isnan(value):
+                assert math.isnan(then[key]), (key, now, then)
+                continue
+            difference = abs(value - then[key])
+            assert difference <= tolerance, f"step {now['step']}: {key} is {value}, recorded {then[key]}"
+            largest = max(largest, difference)
+    return largest
+
+
 def _exact(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     # Through JSON and back, so a freshly computed trace compares with a stored one value for value.
     return json.loads(json.dumps(steps))

@@ -15,17 +15,31 @@ if getattr(swift, "__file__", None) is None:
 
 import yaml  # noqa: E402
 from fault_plugin import install as install_fault_plugin  # noqa: E402
-from traces import check_trace, saved_weights, step_trace, weights_digest  # noqa: E402
+from traces import check_trace, follows_trace, saved_weights, step_trace, weights_digest  # noqa: E402
 
 RUNS = {
-    "qwen2_vl-full-grad-nan": dict(model="qwen2_vl", fault_at=1, config={"loss": {"type": "sigmoid"}}),
+    # Recorded with packed rows under a dense mask, which stays available.
+    "qwen2_vl-full-grad-nan": dict(
+        model="qwen2_vl", fault_at=1, config={"loss": {"type": "sigmoid"}, "sharing": {"attention": "dense"}}
+    ),
     "llava-full-swift-loss": dict(model="llava", fault_at=None, config=None),
 }
 
 
 @pytest.mark.parametrize("name", RUNS)
 def test_training_reproduces_the_recorded_trace(swift_dpo, swift_tiny_models, plugin_file, tmp_path, name):
-    spec = RUNS[name]
+    run = traced_run(swift_dpo, swift_tiny_models, plugin_file, tmp_path, RUNS[name])
+    check_trace(f"swift-{name}", step_trace(run.logged_steps()), weights_digest(saved_weights(run.last_checkpoint())))
+
+
+def test_the_mask_free_attention_follows_the_recorded_trace(swift_dpo, swift_tiny_models, plugin_file, tmp_path):
+    spec = {**RUNS["qwen2_vl-full-grad-nan"], "config": {"loss": {"type": "sigmoid"}}}
+    run = traced_run(swift_dpo, swift_tiny_models, plugin_file, tmp_path, spec)
+    assert "two causal attention calls per row, no mask" in run.stdout + run.stderr, run.tail()
+    follows_trace("swift-qwen2_vl-full-grad-nan", step_trace(run.logged_steps()), tolerance=1e-5)
+
+
+def traced_run(swift_dpo, swift_tiny_models, plugin_file, tmp_path, spec):
     env = {}
     if spec["config"] is not None:
         path = tmp_path / "vlm_dpo.yaml"
@@ -41,7 +55,7 @@ def test_training_reproduces_the_recorded_trace(swift_dpo, swift_tiny_models, pl
         env_extra=env,
     )
     assert run.returncode == 0, run.tail()
-    check_trace(f"swift-{name}", step_trace(run.logged_steps()), weights_digest(saved_weights(run.last_checkpoint())))
+    return run
 
 
 def test_a_variant_an_installed_plugin_only_registers_trains(swift_dpo, swift_tiny_models, plugin_file, tmp_path):

@@ -13,17 +13,19 @@ pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
 
 from fault_plugin import FaultInjector  # noqa: E402
-from traces import check_trace, step_trace, weights_digest  # noqa: E402
+from traces import check_trace, follows_trace, step_trace, weights_digest  # noqa: E402
 from trl_runs import make_trainer  # noqa: E402
 
 from vlm_dpo_plugins.manager import create_plugin_manager  # noqa: E402
 
+DENSE_MASK = {"sharing": {"attention": "dense"}}
+"""The traces were recorded with packed rows under a dense mask, which stays available."""
 RUNS = {
-    "llava-full-grad-nan": dict(model="llava", fault_at=1, plugin_config={}),
+    "llava-full-grad-nan": dict(model="llava", fault_at=1, plugin_config=DENSE_MASK),
     "qwen2_vl-lora": dict(
         model="qwen2_vl",
         fault_at=None,
-        plugin_config={},
+        plugin_config=DENSE_MASK,
         peft_config=lambda: peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0),
     ),
     "llava-full-mdpo": dict(model="llava", fault_at=None, plugin_config={"loss": {"type": "mdpo"}}),
@@ -32,7 +34,18 @@ RUNS = {
 
 @pytest.mark.parametrize("name", RUNS)
 def test_training_reproduces_the_recorded_trace(tiny_model_dirs, preference_rows, tmp_path, name):
-    run = RUNS[name]
+    trainer = traced_run(tiny_model_dirs, preference_rows, tmp_path, RUNS[name])
+    weights = {name: parameter for name, parameter in trainer.model.named_parameters()}
+    check_trace(f"trl-{name}", step_trace(trainer.state.log_history), weights_digest(weights))
+
+
+@pytest.mark.parametrize("name", ["llava-full-grad-nan", "qwen2_vl-lora"])
+def test_the_mask_free_attention_follows_the_recorded_trace(tiny_model_dirs, preference_rows, tmp_path, name):
+    trainer = traced_run(tiny_model_dirs, preference_rows, tmp_path, {**RUNS[name], "plugin_config": {}})
+    follows_trace(f"trl-{name}", step_trace(trainer.state.log_history), tolerance=1e-5)
+
+
+def traced_run(tiny_model_dirs, preference_rows, tmp_path, run):
     manager = create_plugin_manager(load_entry_points=False)
     if run["fault_at"] is not None:
         manager.register(FaultInjector("grad-nan", [run["fault_at"]]), name="test_fault_injection")
@@ -49,8 +62,7 @@ def test_training_reproduces_the_recorded_trace(tiny_model_dirs, preference_rows
         **extra,
     )
     trainer.train()
-    weights = {name: parameter for name, parameter in trainer.model.named_parameters()}
-    check_trace(f"trl-{name}", step_trace(trainer.state.log_history), weights_digest(weights))
+    return trainer
 
 
 def test_a_variant_a_plugin_only_registers_trains(tiny_model_dirs, preference_rows, tmp_path):
