@@ -53,7 +53,9 @@ from vlm_dpo_plugins.tiny import make_preference_examples, trl_conversational_ro
 from vlm_dpo_plugins.tiny.llava import build_tiny_llava  # noqa: E402
 from vlm_dpo_plugins.tiny.qwen2_vl import build_tiny_qwen2_vl  # noqa: E402
 
-ARMS = ("stock", "plugins, no sharing", "plugins")
+ARMS = ("stock", "plugins, no sharing", "plugins, dense mask", "plugins")
+"""``plugins``: the defaults (with sdpa or flash attention: packed rows without a mask); ``plugins, dense mask``:
+``sharing.attention: dense``, the packed rows under a 4D mask."""
 
 PRESETS = {
     # Widths and depths of the released checkpoints; the vocabulary stays the tiny tokenizer's (LLaVA ~500 ids,
@@ -86,7 +88,9 @@ PRESETS = {
 }
 
 
-def preset_model(model_dir: Path, preset: str, layers: int | None, dtype: torch.dtype, device: str):
+def preset_model(
+    model_dir: Path, preset: str, layers: int | None, dtype: torch.dtype, device: str, attention: str = "sdpa"
+):
     """A random-weight model with the preset's widths, built on ``device`` (``layers`` cuts both stacks for a try)."""
     from transformers import AutoConfig
 
@@ -105,7 +109,7 @@ def preset_model(model_dir: Path, preset: str, layers: int | None, dtype: torch.
         config.text_config.layer_types = [config.text_config.layer_types[0]] * text["num_hidden_layers"]
     torch.manual_seed(0)
     with torch.device(device):
-        return AutoModelForImageTextToText.from_config(config, dtype=dtype)
+        return AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attention)
 
 
 def preference_rows(count: int, response_words: int) -> list[dict]:
@@ -180,10 +184,12 @@ def run_arm(arm: str, model_dir: Path, rows: list[dict], args, output_dir: str):
     if args.preset:
         # Too large to save and reload per arm: the same seed gives every arm the same weights, and the
         # reference is a copy (TRL would otherwise load it from the folder, with the tiny widths).
-        model = preset_model(model_dir, args.preset, args.preset_layers, dtype, args.device)
+        model = preset_model(model_dir, args.preset, args.preset_layers, dtype, args.device, args.attn_implementation)
         reference = copy.deepcopy(model)
     else:
-        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(args.device)
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=args.attn_implementation
+        ).to(args.device)
     config = trl.DPOConfig(
         output_dir=output_dir,
         max_steps=args.steps,
@@ -210,7 +216,10 @@ def run_arm(arm: str, model_dir: Path, rows: list[dict], args, output_dir: str):
             parameter.requires_grad_(".language_model." in f".{name}" or name.startswith("lm_head"))
         trainer = trl.DPOTrainer(**kwargs)
     else:
-        sharing = {"prompt": False, "vision_features": False} if arm == "plugins, no sharing" else {}
+        sharing = {
+            "plugins, no sharing": {"prompt": False, "vision_features": False},
+            "plugins, dense mask": {"attention": "dense"},
+        }.get(arm, {})
         trainer = VLMDPOTrainer(**kwargs, vlm_dpo_config={"sharing": sharing, "diagnostics": {"enabled": False}})
     trainer.remove_callback(PrinterCallback)
     probe = StepProbe(trainer.model, trainer.ref_model, args.device, args.batch_size)
@@ -242,6 +251,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument(
+        "--attn-implementation",
+        default="sdpa",
+        help="sdpa, flash_attention_2 (needs flash-attn and CUDA; the dense-mask arm then runs two rows), eager",
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="the released model's widths, random weights")
     parser.add_argument("--preset-layers", type=int, help="with --preset: this many layers in each stack (a try run)")
     args = parser.parse_args()
@@ -292,6 +306,7 @@ def report(results: dict[str, list[dict]], args) -> None:
     print(
         f"\n{args.preset or args.model}, {_shape(args)}, {args.image_tokens} image "
         f"tokens, batch {args.batch_size} pairs, {args.device}{' bf16' if args.bf16 else ' fp32'}, "
+        f"{args.attn_implementation}, "
         f"{args.repeats} runs x {args.steps - args.warmup} timed steps per arm\n"
     )
     header = (
