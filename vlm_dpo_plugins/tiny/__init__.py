@@ -14,10 +14,12 @@ from vlm_dpo_plugins.tiny.data import (
     write_preference_images,
 )
 from vlm_dpo_plugins.tiny.llava import build_tiny_llava
+from vlm_dpo_plugins.tiny.qwen2_5_vl import build_tiny_qwen2_5_vl
 from vlm_dpo_plugins.tiny.qwen2_vl import build_tiny_qwen2_vl
 
 __all__ = [
     "PreferenceExample",
+    "build_tiny_qwen2_5_vl",
     "build_tiny_llava",
     "build_tiny_qwen2_vl",
     "make_preference_examples",

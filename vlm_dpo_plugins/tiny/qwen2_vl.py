@@ -59,7 +59,29 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 
-def _mrope_section(head_dim: int) -> list[int]:
+def qwen_tokenizer():
+    """Qwen2's byte-level BPE with the special tokens at their real ids (Qwen2-VL and Qwen2.5-VL share it)."""
+    special_tokens = list(QWEN_SPECIAL_TOKEN_IDS)
+    return wrap_for_transformers(
+        train_byte_level_bpe(tokenizer_corpus(), special_tokens, pinned_ids=QWEN_SPECIAL_TOKEN_IDS),
+        bos_token=None,  # Qwen has no BOS; the chat template starts with <|im_start|>
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+        extra_special_tokens=special_tokens[1:],
+    )
+
+
+def qwen_vision_processors(image_pixels: int | None) -> dict:
+    """The image and video processors of Qwen2-VL and Qwen2.5-VL (the same classes and patching)."""
+    pixels = {"min_pixels": image_pixels or MIN_PIXELS, "max_pixels": image_pixels or MAX_PIXELS}
+    return {
+        "image_processor": Qwen2VLImageProcessor(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, **pixels),
+        "video_processor": Qwen2VLVideoProcessor(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, **pixels),
+    }
+
+
+def mrope_section(head_dim: int) -> list[int]:
     # Temporal/height/width split of the rotary half-dim, in Qwen's 16:24:24 proportions; must sum to head_dim / 2.
     half = head_dim // 2
     temporal = half // 4
@@ -78,22 +100,9 @@ def build_tiny_qwen2_vl(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    special_tokens = list(QWEN_SPECIAL_TOKEN_IDS)
-    tokenizer = wrap_for_transformers(
-        train_byte_level_bpe(tokenizer_corpus(), special_tokens, pinned_ids=QWEN_SPECIAL_TOKEN_IDS),
-        bos_token=None,  # Qwen has no BOS; the chat template starts with <|im_start|>
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
-        extra_special_tokens=special_tokens[1:],
-    )
-    pixels = {"min_pixels": image_pixels or MIN_PIXELS, "max_pixels": image_pixels or MAX_PIXELS}
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, **pixels),
-        video_processor=Qwen2VLVideoProcessor(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, **pixels),
-        tokenizer=tokenizer,
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
-    )
+    tokenizer = qwen_tokenizer()
+    processor = Qwen2VLProcessor(**qwen_vision_processors(image_pixels), tokenizer=tokenizer,
+                                 chat_template=QWEN2_VL_CHAT_TEMPLATE)  # fmt: skip
     num_heads = 2
     config = Qwen2VLConfig(
         vision_config={
@@ -117,7 +126,7 @@ def build_tiny_qwen2_vl(
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 1000000.0,
-                "mrope_section": _mrope_section(hidden_size // num_heads),
+                "mrope_section": mrope_section(hidden_size // num_heads),
             },
             "bos_token_id": QWEN_SPECIAL_TOKEN_IDS["<|endoftext|>"],
             "eos_token_id": tokenizer.eos_token_id,

@@ -87,7 +87,7 @@ def assert_same_step(shared, unshared, tolerance=1e-5):
     assert metrics["rewards/accuracies"] == metrics_ref["rewards/accuracies"]
 
 
-@pytest.mark.parametrize("model", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("model", ["llava", "qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize(
     ("freeze", "encodes_per_pair"), [(FROZEN, 1), (EVERYTHING_TRAINS, 2)], ids=["frozen", "trained"]
 )
@@ -177,7 +177,7 @@ class DenseMasks(TorchFunctionMode):
         return out
 
 
-@pytest.mark.parametrize("model", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("model", ["llava", "qwen2_vl", "qwen2_5_vl"])
 def test_with_sdpa_packed_rows_attend_without_a_dense_mask(tiny_model_dirs, uneven_rows, tmp_path, monkeypatch, model):
     from vlm_dpo_plugins.sharing import forward
 
