@@ -5,7 +5,9 @@ transformers 5 saves VLMs (LLaVA, Qwen2-VL, ...) in their original hub layout
 ``model.language_model.layers...``; from_pretrained renames on load, but the
 Trainer's resume path calls ``model.load_state_dict(..., strict=False)`` on the raw
 file. Every key misses, a warning lists them, and the "resumed" run trains on from
-the initial weights (seen with transformers 5.23 and stock ``trl.DPOTrainer``).
+the initial weights (seen with transformers 5.23 and stock ``trl.DPOTrainer``, and with
+stock LLaMA-Factory 0.9.5 full tuning on transformers 5.6). The shared step applies both
+halves below in every framework.
 
 So checkpoints are written in the live layout, which both loaders read, and a
 checkpoint written in the hub layout (by stock TRL, say) is reloaded through

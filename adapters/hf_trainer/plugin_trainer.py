@@ -25,8 +25,8 @@ When what runs (lifecycle, in order), and what the plugins do then:
 The binding (what an adapter answers): ``vlm_dpo_reference_model`` (the reference pass's model and contexts),
 ``vlm_dpo_training_rows`` (the training set as the pre-scan reads it), ``vlm_dpo_framework_optimizer`` (why the
 framework must build the optimizer, if it must), ``vlm_dpo_frozen_group_hint`` (what to tell a user whose group
-stays frozen), ``vlm_dpo_context`` (the run's facts). ``_save_checkpoint`` and ``_get_grad_norm`` are the
-Trainer's private methods: it has no public moment between writing a checkpoint's files and returning, nor for
+stays frozen), ``vlm_dpo_context`` (the run's facts). ``_save_checkpoint``, ``_load_from_checkpoint`` and
+``_get_grad_norm`` are the Trainer's private methods: it has no public moment around a checkpoint's files, nor for
 the norm it logs.
 """
 
@@ -44,6 +44,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_choice import choose_checkpoint, mark_saved, mark_saving
+from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_format import reload_if_keys_were_renamed, runtime_format_saves
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_state import collect_state, read_state, write_state
 from vlm_dpo_plugins.adapters.hf_trainer.logits_forward import logits_forward
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_choice import PASSED_IN, framework_builds_optimizer
@@ -427,15 +428,22 @@ class PluginTrainerMixin:
     # -- each checkpoint ----------------------------------------------------------------------
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        if trial is not None:
-            return super()._save_checkpoint(model, trial)
-        checkpoint_dir = self._checkpoint_dir()
-        # Until the marker is gone, a resumed run will not pick this folder: a kill mid-save leaves it behind.
-        mark_saving(checkpoint_dir, self.args.process_index)
-        super()._save_checkpoint(model, trial)
+        # Weights in the layout the Trainer's resume loads back (checkpoint_format.py).
+        with runtime_format_saves(self.model):
+            if trial is not None:
+                return super()._save_checkpoint(model, trial)
+            checkpoint_dir = self._checkpoint_dir()
+            # Until the marker is gone, a resumed run will not pick this folder: a kill mid-save leaves it behind.
+            mark_saving(checkpoint_dir, self.args.process_index)
+            super()._save_checkpoint(model, trial)
         adapter_state = {"scan_skipped_rows": self._scan_skipped_rows, "global_step": self.state.global_step}
         write_state(checkpoint_dir, self.args.process_index, collect_state(self.plugins, adapter_state))
         mark_saved(checkpoint_dir, self.args.process_index)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # A checkpoint in the hub layout (written without the plugins) loads back through from_pretrained.
+        reload_if_keys_were_renamed(model if model is not None else self.model, resume_from_checkpoint)
 
     def _checkpoint_dir(self) -> str:
         return os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

@@ -27,7 +27,6 @@ from vlm_dpo_plugins.adapters.hf_trainer.run import plan_checkpointing, run_cont
 from vlm_dpo_plugins.adapters.hf_trainer.settings import framework_max_grad_norm
 from vlm_dpo_plugins.adapters.hf_trainer.trainable import lora_targets_from_policy
 from vlm_dpo_plugins.adapters.trl.batch import collated_outputs, completion_labels, model_inputs, summed_logps
-from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_format import reload_if_keys_were_renamed, runtime_format_saves
 from vlm_dpo_plugins.adapters.trl.metrics import record_token_metrics
 from vlm_dpo_plugins.adapters.trl.settings import reconcile
 
@@ -143,16 +142,6 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         # Only switching adapters touches requires_grad; entered first, so it restores after the adapter is back.
         return self.model, [requires_grad_kept(self.model), no_checkpointing, adapter]
-
-    # -- checkpoints ------------------------------------------------------------
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        with runtime_format_saves(self.model):
-            super()._save_checkpoint(model, trial)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        reload_if_keys_were_renamed(model if model is not None else self.model, resume_from_checkpoint)
 
     def vlm_dpo_context(self) -> RunContext:
         context = self._run_context(self.args, uses_peft=is_peft_model(self.model))

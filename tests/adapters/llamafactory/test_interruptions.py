@@ -10,6 +10,8 @@ half-written checkpoint-4 (and say so), resume from checkpoint-2, and end exactl
 from __future__ import annotations
 
 import json
+import math
+import shutil
 
 import pytest
 
@@ -18,6 +20,8 @@ pytest.importorskip("llamafactory", reason="needs the LLaMA-Factory test environ
 from fault_matrix import KILL_LINE, KILL_ROWS, assert_resumed_exactly  # noqa: E402
 from fault_plugin import install as install_fault_plugin  # noqa: E402
 from llamafactory_runs import TINY_MODELS, dpo_config, run_llamafactory  # noqa: E402
+
+LN2 = math.log(2)
 
 
 def train(tmp_path, llava, tiny_dataset_dir, output_dir, *, kill=None, resume=False, name="cfg"):
@@ -71,3 +75,45 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_and_loses_nothin
         ) in resumed.output, resumed.log()
     assert_resumed_exactly(output_dir, uninterrupted, last_step=6)
     assert losses(output_dir, 6) == losses(uninterrupted, 6)
+
+
+def full_tuning(tmp_path, llava, tiny_dataset_dir, output_dir, *, env=None, resume=False, name="full"):
+    config = dpo_config(
+        TINY_MODELS["llava"],
+        llava,
+        tiny_dataset_dir,
+        output_dir,
+        "full",
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        save_only_model=False,
+        overwrite_output_dir=None if resume else True,
+    )
+    return run_llamafactory(tmp_path, config, env=env, name=name)
+
+
+def logged_losses(output_dir):
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def test_a_resumed_full_tuning_run_continues_from_its_checkpoints_weights(tmp_path, llava, tiny_dataset_dir):
+    # transformers 5 saves the checkpoint in the hub layout; the Trainer's resume loads it with strict=False, every
+    # key misses, and stock LLaMA-Factory trains on from the initial weights: its loss after resuming is ln 2 again
+    # (policy = reference). The shared step saves the live layout and reloads a hub-layout one by its names.
+    uninterrupted = tmp_path / "uninterrupted"
+    assert full_tuning(tmp_path, llava, tiny_dataset_dir, uninterrupted).returncode == 0
+    expected = logged_losses(uninterrupted)
+    for env, name in ((None, "adapter"), ({"VLM_DPO_LLAMAFACTORY": "0"}, "stock")):
+        output_dir = tmp_path / name
+        first = full_tuning(tmp_path, llava, tiny_dataset_dir, output_dir, env=env, name=f"{name}-first")
+        assert first.returncode == 0, first.log()
+        shutil.rmtree(output_dir / "checkpoint-4")  # as if killed after checkpoint-2
+        resumed = full_tuning(tmp_path, llava, tiny_dataset_dir, output_dir, env=env, resume=True, name=name)
+        assert resumed.returncode == 0, resumed.log()
+        losses = logged_losses(output_dir)
+        if name == "adapter":
+            assert losses == pytest.approx(expected, abs=1e-6), (losses, expected)
+        else:
+            assert losses[2] == pytest.approx(LN2, abs=1e-6) and abs(losses[2] - expected[2]) > 1e-3, losses
