@@ -154,3 +154,16 @@ def test_a_call_that_does_not_match_its_layout_is_refused_naming_the_way_out():
         attention(Attention(True), query[:1], key[:1], value[:1], None, **{LAYOUT_KEYWORD: layout})
     with pytest.raises(RuntimeError, match="sliding window 3"):
         attention(Attention(True), query, key, value, None, sliding_window=3, **{LAYOUT_KEYWORD: layout})
+
+
+def test_under_autocast_mixed_input_dtypes_are_cast_as_sdpa_would_be():
+    # bf16 autocast hands the attention fp32 queries (rotary in fp32) and bf16 values; stock SDPA is autocast to
+    # bf16, the lower-right causal bias bypasses autocast and would refuse mixed dtypes.
+    packed = packed_batch()
+    layout = PairLayout.of(packed.side, SHARED, CHOSEN, REJECTED)
+    query, key, value = projections(packed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = pair_attention(query, key, value.bfloat16(), layout)
+        reference = dense_reference(query, key, value.bfloat16(), packed)
+    assert ours.dtype == reference.dtype == torch.bfloat16
+    assert torch.allclose(ours.float(), reference.float(), atol=2e-2, rtol=2e-2)

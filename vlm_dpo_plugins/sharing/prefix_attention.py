@@ -73,6 +73,11 @@ def pair_attention(
     dropout: float = 0.0,
 ) -> torch.Tensor:
     """``[B, H, L, D]`` queries, keys and values of packed rows -> ``[B, L, H, D]`` attention output (0 on padding)."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast casts SDPA's inputs, but the lower-right causal bias dispatches past it: cast them here, as it would.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if key.shape[1] != query.shape[1]:  # grouped-query attention: each key head serves a group of query heads
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
