@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from framework_cli import console_script, isolated_env
+from saved_models import live_weights
 
 FATAL_LINE = re.compile(r"terminate called|what\(\):|Fatal Python error|Aborted|Segmentation fault|gloo|Traceback")
 
@@ -209,26 +210,16 @@ class SwiftRun:
     def weight_changes(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
         """(moved, kept): saved tensor names per model part (vision/aligner/language) that differ / are equal."""
         import torch
-        from safetensors.torch import load_file
 
         assert self.model is not None and self.model_dir is not None
-        before = _load_safetensors(self.model_dir, load_file)
-        after = _load_safetensors(self.last_checkpoint(), load_file)
+        before = live_weights(self.model_dir)
+        after = live_weights(self.last_checkpoint())
         assert before.keys() == after.keys(), sorted(set(before) ^ set(after))
         moved: dict[str, list[str]] = {"vision": [], "aligner": [], "language": []}
         kept: dict[str, list[str]] = {"vision": [], "aligner": [], "language": []}
         for name, tensor in before.items():
             (kept if torch.equal(tensor, after[name]) else moved)[self.model.part(name)].append(name)
         return moved, kept
-
-
-def _load_safetensors(directory: Path, load_file) -> dict:
-    files = sorted(directory.glob("*.safetensors"))
-    assert files, f"no *.safetensors in {directory}"
-    tensors: dict = {}
-    for file in files:
-        tensors.update(load_file(file))
-    return tensors
 
 
 def run_swift(

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from framework_cli import free_port  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from saved_models import live_weights  # noqa: E402
 
 from vlm_dpo_plugins.diagnostics.replay import replay_detectors  # noqa: E402
 from vlm_dpo_plugins.runlog.findings import FINDINGS_FILE, read_findings  # noqa: E402
@@ -132,8 +133,8 @@ def test_projector_unfreezes_at_its_stage_with_its_own_learning_rate(tmp_path, s
     assert "step 2: unfroze" in output(run) and "projector parameter(s)" in output(run), run.tail()
     # Swift's freeze flags were written from the policy: the projector trains at some step.
     assert run.args_json()["freeze_aligner"] is True  # args.json is saved before the plugin rewrites the flags
-    original = {key: value for key, value in load_file(run.model_dir / "model.safetensors").items()}
-    saved = [load_file(checkpoint(run, step) / "model.safetensors") for step in (1, 2, 3)]
+    original = live_weights(run.model_dir)
+    saved = [live_weights(checkpoint(run, step)) for step in (1, 2, 3)]
 
     def part(tensors: dict, name: str) -> dict:
         return {key: value for key, value in tensors.items() if qwen2_vl.part(key) == name}
