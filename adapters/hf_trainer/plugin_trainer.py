@@ -22,7 +22,8 @@ When what runs (lifecycle, in order), and what the plugins do then:
   until both are written;
 - the loop ends, ``vlm_dpo_train_end``;
 - ``train()`` returns (or raises), ``vlm_dpo_train_returns``: the DDP wrapper freed while its process group is
-  still alive (``ddp_teardown.py``).
+  still alive; after a completed run, the process group destroyed at exit, before interpreter shutdown, unless
+  the framework did it (``ddp_teardown.py``).
 
 The binding (what an adapter answers): ``vlm_dpo_reference_model`` (the reference pass's model and contexts),
 ``vlm_dpo_training_rows`` (the training set as the pre-scan reads it), ``vlm_dpo_framework_optimizer`` (why the
@@ -47,7 +48,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_choice import choose_checkpoint, mark_saved, mark_saving
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_state import collect_state, read_state, write_state
-from vlm_dpo_plugins.adapters.hf_trainer.ddp_teardown import release_ddp_wrapper
+from vlm_dpo_plugins.adapters.hf_trainer.ddp_teardown import release_ddp_wrapper, tear_down_before_interpreter_exit
 from vlm_dpo_plugins.adapters.hf_trainer.logits_forward import logits_forward
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_choice import PASSED_IN, framework_builds_optimizer
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_step import GuardedOptimizerStep
@@ -245,14 +246,20 @@ class PluginTrainerMixin:
             self.vlm_dpo_resume(checkpoint)
         self.vlm_dpo_prescan()
         try:
-            return super().train(checkpoint, *args, **kwargs)
-        finally:
-            self.vlm_dpo_train_returns()
+            output = super().train(checkpoint, *args, **kwargs)
+        except BaseException:
+            self.vlm_dpo_train_returns(completed=False)
+            raise
+        self.vlm_dpo_train_returns(completed=True)
+        return output
 
-    def vlm_dpo_train_returns(self) -> None:
-        """``train()`` returns or raises: the DDP wrapper freed while its process group is alive (``ddp_teardown``)."""
+    def vlm_dpo_train_returns(self, completed: bool) -> None:
+        """``train()`` returns or raises: the DDP wrapper freed while its process group is alive; after a completed
+        run, the process group destroyed before interpreter shutdown unless the framework did it (``ddp_teardown``)."""
         if release_ddp_wrapper(self):
             logger.debug("vlm-dpo: DDP wrapper released at the end of train()")
+        if completed:
+            tear_down_before_interpreter_exit()
 
     def vlm_dpo_resume(self, checkpoint: str) -> None:
         """Before the optimizer exists: the plugins' state and the freeze stage of the checkpoint's step."""
