@@ -3,9 +3,10 @@
     .nox/llamafactory/bin/python scripts/two_rank_exit_soak.py --framework llamafactory --runs 50
     .nox/swift/bin/python scripts/two_rank_exit_soak.py --framework swift --runs 50
 
-Run with the framework's test environment's interpreter. Each run is the two-rank configuration of that
-framework's ``test_distributed.py`` that gives DDP a static graph (LoRA, reentrant gradient checkpointing), with
-a checkpoint after every step: ``llamafactory-cli train`` (``FORCE_TORCHRUN=1 NPROC_PER_NODE=2``) or
+Run with the framework's test environment's interpreter. Each run is a two-rank run like those of the
+framework's ``test_distributed.py``, in the configuration of the reported crash at exit: LoRA with reentrant
+gradient checkpointing asked for, which the guards keep and give DDP a static graph, 3 steps, a checkpoint after
+every step: ``llamafactory-cli train`` (``FORCE_TORCHRUN=1 NPROC_PER_NODE=2``) or
 ``swift rlhf`` (``NPROC_PER_NODE=2 --use_cpu true``). Prints one line per run (exit code, seconds, any fatal
 line such as ``terminate called without an active exception``) and a summary; the output of every failed run
 is kept under ``--workdir``. Exits 1 if any run did not exit 0. ``--stock`` runs the framework without the
@@ -29,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "support"))
 
-from framework_cli import free_port
+from framework_cli import free_port  # noqa: E402
 
 FATAL = re.compile(
     r"terminate called|what\(\):|Fatal Python error|Segmentation fault|SIGABRT|Signal 6|exitcode\s*:\s*-"
