@@ -20,7 +20,10 @@ When what runs (lifecycle, in order), and what the plugins do then:
 - each log, ``log``: the plugins' metrics added; the logged dict to the detectors;
 - each checkpoint, ``_save_checkpoint``: the plugins' state next to the Trainer's; the folder marked incomplete
   until both are written;
-- the loop ends, ``vlm_dpo_train_end``.
+- the loop ends, ``vlm_dpo_train_end``;
+- ``train()`` returns (or raises), ``vlm_dpo_train_returns``: the DDP wrapper freed while its process group is
+  still alive; after a completed run, the process group destroyed at exit, before interpreter shutdown, unless
+  the framework did it (``ddp_teardown.py``).
 
 The binding (what an adapter answers): ``vlm_dpo_reference_model`` (the reference pass's model and contexts),
 ``vlm_dpo_training_rows`` (the training set as the pre-scan reads it), ``vlm_dpo_framework_optimizer`` (why the
@@ -46,6 +49,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_choice import choose_checkpoint, mark_saved, mark_saving
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_format import reload_if_keys_were_renamed, runtime_format_saves
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_state import collect_state, read_state, write_state
+from vlm_dpo_plugins.adapters.hf_trainer.ddp_teardown import release_ddp_wrapper, tear_down_before_interpreter_exit
 from vlm_dpo_plugins.adapters.hf_trainer.logits_forward import logits_forward
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_choice import PASSED_IN, framework_builds_optimizer
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_step import GuardedOptimizerStep
@@ -242,7 +246,21 @@ class PluginTrainerMixin:
         if checkpoint is not None:
             self.vlm_dpo_resume(checkpoint)
         self.vlm_dpo_prescan()
-        return super().train(checkpoint, *args, **kwargs)
+        try:
+            output = super().train(checkpoint, *args, **kwargs)
+        except BaseException:
+            self.vlm_dpo_train_returns(completed=False)
+            raise
+        self.vlm_dpo_train_returns(completed=True)
+        return output
+
+    def vlm_dpo_train_returns(self, completed: bool) -> None:
+        """``train()`` returns or raises: the DDP wrapper freed while its process group is alive; after a completed
+        run, the process group destroyed before interpreter shutdown unless the framework did it (``ddp_teardown``)."""
+        if release_ddp_wrapper(self):
+            logger.debug("vlm-dpo: DDP wrapper released at the end of train()")
+        if completed:
+            tear_down_before_interpreter_exit()
 
     def vlm_dpo_resume(self, checkpoint: str) -> None:
         """Before the optimizer exists: the plugins' state and the freeze stage of the checkpoint's step."""

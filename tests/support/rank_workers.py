@@ -110,3 +110,54 @@ def _checkpointing_under_ddp() -> dict:
         ddp_kwargs = {"find_unused_parameters": True, **plan.ddp_kwargs}
         outcomes[name] = _train_two_steps(plan.gradient_checkpointing_kwargs["use_reentrant"], ddp_kwargs)
     return outcomes
+
+
+def ddp_teardown_on_two_ranks(rank: int, world_size: int, port: int, results) -> None:
+    """A trained static-graph DDP wrapper held by a trainer in a reference cycle, with and without the release."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        results[rank] = _ddp_teardown()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _trainer_in_a_cycle() -> tuple[object, object]:
+    """A trainer-like object after training, as the plugin trainer is: its callbacks point back at it."""
+    import weakref
+    from types import SimpleNamespace
+
+    model = _FrozenTowerModel(use_reentrant=True)
+    wrapper = torch.nn.parallel.DistributedDataParallel(model, static_graph=True)
+    for _ in range(2):
+        wrapper(torch.ones(2, 4)).backward()
+    trainer = SimpleNamespace(model=model, model_wrapped=wrapper, accelerator=SimpleNamespace(_models=[wrapper]))
+    trainer.callbacks = [SimpleNamespace(trainer=trainer)]
+    return trainer, weakref.ref(wrapper)
+
+
+def _ddp_teardown() -> dict:
+    import gc
+
+    from vlm_dpo_plugins.adapters.hf_trainer.ddp_teardown import release_ddp_wrapper
+
+    gc.collect()
+    gc.disable()  # no collection at a moment of the collector's choosing: the outcome is deterministic
+    try:
+        trainer, wrapper = _trainer_in_a_cycle()
+        del trainer  # the framework's training function returns
+        outlives_the_trainer = wrapper() is not None  # until a collection: at exit, after destroy_process_group
+        gc.collect()
+        trainer, wrapper = _trainer_in_a_cycle()
+        released = release_ddp_wrapper(trainer)
+        return {
+            "outlives_the_trainer": outlives_the_trainer,
+            "released": released,
+            "freed": wrapper() is None,
+            "model_wrapped_is_model": trainer.model_wrapped is trainer.model,
+            "accelerator_models_unwrapped": [model is trainer.model for model in trainer.accelerator._models],
+            "released_again": release_ddp_wrapper(trainer),
+        }
+    finally:
+        gc.enable()

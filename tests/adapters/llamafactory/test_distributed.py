@@ -5,7 +5,9 @@
   the same weights and AdamW state) and both ranks' plugin state counts the skip.
 - LoRA, LLaMA-Factory's default reentrant gradient checkpointing and ``ddp_find_unused_parameters: true`` (what
   users set for a frozen tower): LLaMA-Factory itself fails on both ranks with DDP's "Expected to mark a variable
-  ready only once" (the Qwen2.5-VL report); with the adapter installed it trains.
+  ready only once" (the Qwen2.5-VL report); with the adapter installed it trains, and no DDP wrapper is left for
+  interpreter shutdown to tear down after LLaMA-Factory's ``destroy_process_group()`` (the crash at exit that
+  ``scripts/two_rank_exit_soak.py`` counts; ``exit_check_plugin.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import pytest
 
 pytest.importorskip("llamafactory", reason="needs the LLaMA-Factory test environment (llamafactory==0.9.5)")
 
+from exit_check_plugin import expected_lines as no_ddp_wrapper_at_exit  # noqa: E402
+from exit_check_plugin import install as install_exit_check  # noqa: E402
 from fault_matrix import DDP_CRASH, assert_one_rank_fault_skipped_on_both, assert_step_changed_nothing  # noqa: E402
 from fault_plugin import install as install_fault_plugin  # noqa: E402
 from llamafactory_runs import TINY_MODELS, dpo_config, run_llamafactory, write_dataset  # noqa: E402
@@ -55,7 +59,10 @@ def test_lora_with_reentrant_checkpointing_under_ddp_fails_stock_and_trains_with
     for rank in (0, 1):
         assert f"[rank{rank}]: {DDP_CRASH}" in stock.output, stock.log()
 
-    run = two_ranks(tmp_path, llava, dataset, name="adapter", **settings)
+    exit_check = install_exit_check(tmp_path / "plugins")
+    run = two_ranks(tmp_path, llava, dataset, env=exit_check, name="adapter", **settings)
     assert run.returncode == 0, run.log()
     assert DDP_CRASH not in run.output and "world size: 2" in run.output, run.log()
     assert len(run.losses) == 2 and all(math.isfinite(loss) for loss in run.losses), run.losses
+    for line in no_ddp_wrapper_at_exit():
+        assert line in run.output, run.log()

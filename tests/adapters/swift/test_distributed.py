@@ -6,7 +6,8 @@
 - LoRA with reentrant checkpointing (LoRA makes the model a PeftModel, for which transformers turns DDP's
   find_unused_parameters on): swift itself fails on both ranks with DDP's "Expected to mark a variable ready only
   once" (the Qwen2.5-VL report); with the adapter, which keeps the reentrant checkpointing asked for and gives DDP
-  a static graph, it trains.
+  a static graph, it trains, and no DDP wrapper is left for interpreter shutdown to tear down in whatever order
+  with the process group (the crash at exit that ``scripts/two_rank_exit_soak.py`` counts; ``exit_check_plugin.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ if getattr(swift, "__file__", None) is None:
     pytest.skip("`swift` is not ms-swift here", allow_module_level=True)
 
 import yaml  # noqa: E402
+from exit_check_plugin import expected_lines as no_ddp_wrapper_at_exit  # noqa: E402
+from exit_check_plugin import install as install_exit_check  # noqa: E402
 from fault_matrix import DDP_CRASH, assert_one_rank_fault_skipped_on_both, assert_step_changed_nothing  # noqa: E402
 from fault_plugin import install as install_fault_plugin  # noqa: E402
 from framework_cli import free_port  # noqa: E402
@@ -63,14 +66,17 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_both(tmp_path, swift_dpo, qwen
 
 @pytest.mark.reliability("ms-swift", row="ddp-reentrant")
 def test_lora_with_reentrant_checkpointing_under_ddp_fails_stock_and_trains_with_the_adapter(
-    swift_dpo, qwen2_vl, plugin_file
+    tmp_path, swift_dpo, qwen2_vl, plugin_file
 ):
     stock = two_ranks(swift_dpo, qwen2_vl, REENTRANT, output_name="stock")
     assert stock.returncode != 0, stock.tail()
     for rank in (0, 1):
         assert f"[rank{rank}]: {DDP_CRASH}" in stock.stdout + stock.stderr, stock.tail()
 
-    run = two_ranks(swift_dpo, qwen2_vl, [*REENTRANT, "--external_plugins", plugin_file], output_name="adapter")
+    exit_check = install_exit_check(tmp_path / "plugins")
+    run = two_ranks(
+        swift_dpo, qwen2_vl, [*REENTRANT, "--external_plugins", plugin_file], env=exit_check, output_name="adapter"
+    )
     output = run.stdout + run.stderr
     assert run.returncode == 0, run.tail()
     assert "world_size: 2" in output and "reentrant checkpointing under DDP: static_graph" in output, run.tail()
@@ -79,3 +85,5 @@ def test_lora_with_reentrant_checkpointing_under_ddp_fails_stock_and_trains_with
     assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-6) and all(map(math.isfinite, losses))
     state_files = sorted(path.name for path in run.last_checkpoint().glob("vlm_dpo_plugins_state.*"))
     assert state_files == ["vlm_dpo_plugins_state.rank0.json", "vlm_dpo_plugins_state.rank1.json"], state_files
+    for line in no_ddp_wrapper_at_exit():
+        assert line in output, run.tail()
