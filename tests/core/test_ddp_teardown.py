@@ -17,18 +17,12 @@ import socket
 from types import SimpleNamespace
 
 import pytest
-import torch.multiprocessing as mp
-from rank_workers import ddp_teardown_on_two_ranks
+from rank_workers import ddp_teardown_on_two_ranks, results_on_two_ranks
 
 
 @pytest.fixture(scope="module")
 def ranks():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(ddp_teardown_on_two_ranks, args=(2, port, results), nprocs=2, join=True)
-    return dict(results)
+    return results_on_two_ranks(ddp_teardown_on_two_ranks)
 
 
 def test_a_trainer_in_a_reference_cycle_keeps_its_ddp_wrapper_alive_after_it_is_dropped(ranks):

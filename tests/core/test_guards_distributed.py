@@ -5,24 +5,17 @@ All scenarios share one spawn of two processes (tests/support/rank_workers.py), 
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from rank_workers import guards_on_two_ranks
+from rank_workers import guards_on_two_ranks, results_on_two_ranks
 
 from vlm_dpo_plugins.distributed import any_rank, gather_from_ranks, max_across_ranks
 
 
 @pytest.fixture(scope="module")
 def ranks():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(guards_on_two_ranks, args=(2, port, results), nprocs=2, join=True)
-    return dict(results)
+    return results_on_two_ranks(guards_on_two_ranks)
 
 
 def test_outside_a_process_group_agreement_is_the_local_value():

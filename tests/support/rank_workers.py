@@ -11,6 +11,20 @@ from torch.utils.checkpoint import checkpoint
 from vlm_dpo_plugins.distributed import any_rank
 
 
+def results_on_two_ranks(worker) -> dict:
+    """``worker(rank, world_size, port, results)`` run on two gloo ranks; what each rank put in ``results``."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(2, port, results), nprocs=2, join=True)
+    return dict(results)
+
+
 def guards_on_two_ranks(rank: int, world_size: int, port: int, results) -> None:
     """Every two-rank guard scenario in one process group, since spawning ranks costs seconds each time."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
 from vlm_dpo_plugins.tiny.qwen2_vl import (
     PATCH_SIZE,
     QWEN2_VL_CHAT_TEMPLATE,
-    QWEN_SPECIAL_TOKEN_IDS,
-    mrope_section,
+    qwen_text_config,
     qwen_tokenizer,
     qwen_vision_processors,
+    save_qwen_model,
 )
 
 
@@ -47,29 +46,8 @@ def build_tiny_qwen2_5_vl(
             "window_size": 2 * 2 * PATCH_SIZE,
             "fullatt_block_indexes": [layers - 1],
         },
-        text_config={
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": num_heads // 2,  # grouped-query attention, as in every Qwen2.5-VL size
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 1024,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1000000.0,
-                "mrope_section": mrope_section(hidden_size // num_heads),
-            },
-            "bos_token_id": QWEN_SPECIAL_TOKEN_IDS["<|endoftext|>"],
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
+        # grouped-query attention, as in every Qwen2.5-VL size
+        text_config=qwen_text_config(tokenizer, hidden_size, layers, num_heads, num_key_value_heads=num_heads // 2),
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return save_qwen_model(Qwen2_5_VLForConditionalGeneration, config, tokenizer, processor, directory, seed)

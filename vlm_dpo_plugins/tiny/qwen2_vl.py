@@ -115,28 +115,38 @@ def build_tiny_qwen2_vl(
             "spatial_merge_size": MERGE_SIZE,
             "temporal_patch_size": 2,
         },
-        text_config={
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": num_heads,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 1024,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1000000.0,
-                "mrope_section": mrope_section(hidden_size // num_heads),
-            },
-            "bos_token_id": QWEN_SPECIAL_TOKEN_IDS["<|endoftext|>"],
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
+        text_config=qwen_text_config(tokenizer, hidden_size, layers, num_heads, num_key_value_heads=num_heads),
         # Untied like Qwen2-VL-7B: a tied head is saved once, and versions disagree on where the flag lives.
         tie_word_embeddings=False,
     )
+    return save_qwen_model(Qwen2VLForConditionalGeneration, config, tokenizer, processor, directory, seed)
+
+
+def qwen_text_config(tokenizer, hidden_size: int, layers: int, num_heads: int, *, num_key_value_heads: int) -> dict:
+    """The language model of Qwen2-VL and Qwen2.5-VL at tiny width: Qwen2 with M-RoPE, the real special ids."""
+    return {
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 1024,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": mrope_section(hidden_size // num_heads),
+        },
+        "bos_token_id": QWEN_SPECIAL_TOKEN_IDS["<|endoftext|>"],
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def save_qwen_model(model_class, config, tokenizer, processor, directory: Path, seed: int) -> Path:
+    """Random weights from ``seed``, Qwen's generation ids, saved with the processor like a hub checkpoint."""
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     model.save_pretrained(directory)
