@@ -93,18 +93,13 @@ def full_tuning(tmp_path, llava, tiny_dataset_dir, output_dir, *, env=None, resu
     return run_llamafactory(tmp_path, config, env=env, name=name)
 
 
-def logged_losses(output_dir):
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-
-
 def test_a_resumed_full_tuning_run_continues_from_its_checkpoints_weights(tmp_path, llava, tiny_dataset_dir):
     # transformers 5 saves the checkpoint in the hub layout; the Trainer's resume loads it with strict=False, every
     # key misses, and stock LLaMA-Factory trains on from the initial weights: its loss after resuming is ln 2 again
     # (policy = reference). The shared step saves the live layout and reloads a hub-layout one by its names.
     uninterrupted = tmp_path / "uninterrupted"
     assert full_tuning(tmp_path, llava, tiny_dataset_dir, uninterrupted).returncode == 0
-    expected = logged_losses(uninterrupted)
+    expected = losses(uninterrupted, 4)
     for env, name in ((None, "adapter"), ({"VLM_DPO_LLAMAFACTORY": "0"}, "stock")):
         output_dir = tmp_path / name
         first = full_tuning(tmp_path, llava, tiny_dataset_dir, output_dir, env=env, name=f"{name}-first")
@@ -112,8 +107,8 @@ def test_a_resumed_full_tuning_run_continues_from_its_checkpoints_weights(tmp_pa
         shutil.rmtree(output_dir / "checkpoint-4")  # as if killed after checkpoint-2
         resumed = full_tuning(tmp_path, llava, tiny_dataset_dir, output_dir, env=env, resume=True, name=name)
         assert resumed.returncode == 0, resumed.log()
-        losses = logged_losses(output_dir)
+        logged = losses(output_dir, 4)
         if name == "adapter":
-            assert losses == pytest.approx(expected, abs=1e-6), (losses, expected)
+            assert logged == pytest.approx(expected, abs=1e-6), (logged, expected)
         else:
-            assert losses[2] == pytest.approx(LN2, abs=1e-6) and abs(losses[2] - expected[2]) > 1e-3, losses
+            assert logged[3] == pytest.approx(LN2, abs=1e-6) and abs(logged[3] - expected[3]) > 1e-3, logged
