@@ -14,7 +14,8 @@ When what runs (lifecycle, in order), and what the plugins do then:
 - the optimizer is built, ``create_optimizer``: one param group per freeze group with its learning rate;
 - ``train()`` starts, ``vlm_dpo_resume`` and ``vlm_dpo_prescan``: plugin state restored from a complete
   checkpoint; every row pre-scanned, skipped rows left out;
-- the loop starts, ``vlm_dpo_train_begin``: ``optimizer.step`` replaced by the guarded step;
+- the loop starts, ``vlm_dpo_train_begin``: ``optimizer.step`` replaced by the guarded step; with
+  ``sharing.reference: precompute``, the reference pass over the training set, then a separate reference released;
 - each optimizer step starts, ``vlm_dpo_step_begin``: progressive unfreezing;
 - each batch, ``training_step`` and ``compute_loss``: ``vlm_dpo_check_batch``; the loss kept for the guards' vote;
 - each log, ``log``: the plugins' metrics added; the logged dict to the detectors;
@@ -25,7 +26,8 @@ When what runs (lifecycle, in order), and what the plugins do then:
   still alive; after a completed run, the process group destroyed at exit, before interpreter shutdown, unless
   the framework did it (``ddp_teardown.py``).
 
-The binding (what an adapter answers): ``vlm_dpo_reference_model`` (the reference pass's model and contexts),
+The binding (what an adapter answers): ``vlm_dpo_step_inputs`` (a collated batch as the step reads it: model
+inputs, labels, response mask, forward), ``vlm_dpo_reference_model`` (the reference pass's model and contexts),
 ``vlm_dpo_training_rows`` (the training set as the pre-scan reads it), ``vlm_dpo_framework_optimizer`` (why the
 framework must build the optimizer, if it must), ``vlm_dpo_frozen_group_hint`` (what to tell a user whose group
 stays frozen), ``vlm_dpo_context`` (the run's facts). ``_save_checkpoint``, ``_load_from_checkpoint`` and
@@ -53,8 +55,18 @@ from vlm_dpo_plugins.adapters.hf_trainer.ddp_teardown import release_ddp_wrapper
 from vlm_dpo_plugins.adapters.hf_trainer.logits_forward import logits_forward
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_choice import PASSED_IN, framework_builds_optimizer
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_step import GuardedOptimizerStep
-from vlm_dpo_plugins.adapters.hf_trainer.preference_step import PreferenceStep, StepResult, preference_metrics
+from vlm_dpo_plugins.adapters.hf_trainer.preference_step import (
+    PreferenceStep,
+    StepInputs,
+    StepResult,
+    preference_metrics,
+)
 from vlm_dpo_plugins.adapters.hf_trainer.prescan import TrainingRows, prescan
+from vlm_dpo_plugins.adapters.hf_trainer.reference_precompute import (
+    check_precompute,
+    precompute_reference,
+    release_reference,
+)
 from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun
 from vlm_dpo_plugins.adapters.hf_trainer.trainable import TrainableState
 
@@ -62,13 +74,16 @@ from vlm_dpo_plugins.collation.accounting import RowAccount
 from vlm_dpo_plugins.collation.file_checks import CheckedFiles
 from vlm_dpo_plugins.collation.wrapper import HookedCollator
 from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.errors import VLMDPOError
 from vlm_dpo_plugins.freeze.optimizer import optimizer_param_groups, unfreeze_into_optimizer
 from vlm_dpo_plugins.freeze.report import trainable_report
 from vlm_dpo_plugins.guards.deepspeed import tune_deepspeed_config
 from vlm_dpo_plugins.guards.deepspeed_buckets import model_hidden_size
 from vlm_dpo_plugins.guards.deepspeed_live import describe_live_buckets
 from vlm_dpo_plugins.guards.step import StepOutcome
+from vlm_dpo_plugins.losses.logprobs import SequenceLogps
 from vlm_dpo_plugins.runlog.findings import append_finding
+from vlm_dpo_plugins.sharing.reference_cache import ReferenceAttach, take_attached
 from vlm_dpo_plugins.types import Finding, ParameterGroups, RunContext
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters")
@@ -92,6 +107,10 @@ class PluginTrainerMixin:
         self.vlm_dpo_checked_files = run.checked_files
 
     # -- the binding: what an adapter answers ------------------------------------------------
+
+    def vlm_dpo_step_inputs(self, batch: dict[str, Any]) -> StepInputs:
+        """A collated batch as the DPO step reads it, the loss variant's rows appended (``vlm_dpo_step.extend``)."""
+        raise NotImplementedError(f"{type(self).__name__} must say how the step reads its framework's batch")
 
     def vlm_dpo_reference_model(self, model: Any) -> tuple[Any, list[Any]]:
         """The model of the reference pass and the contexts to run it in, given the model the step runs.
@@ -136,6 +155,26 @@ class PluginTrainerMixin:
         self._resumed_from_stock_checkpoint = False
         self._tune_deepspeed(self.vlm_dpo_context())
         self._framework_collator = self.data_collator
+        self._reference_released = False
+        self.vlm_dpo_step = PreferenceStep(
+            self.plugins,
+            self.vlm_dpo_config,
+            self.model,
+            self.vlm_dpo_groups,
+            framework_computes_loss=framework_computes_loss,
+            reference_model=self.ref_model,
+            reference_pass=reference_pass,
+            unwrap=self.accelerator.unwrap_model,
+        )
+        precompute = check_precompute(
+            self.vlm_dpo_config,
+            framework=self._vlm_dpo_run.context.framework,
+            framework_computes_loss=framework_computes_loss,
+            step=self.vlm_dpo_step,
+        )
+        # Inside the collation hooks: it sees exactly the examples the framework's collator gets, in batch order.
+        self._reference_attach = ReferenceAttach(self.data_collator) if precompute else None
+        self.data_collator = self._reference_attach or self.data_collator
         if self.vlm_dpo_config.section("collation") is not None:
             self.data_collator = HookedCollator(self.plugins, self.data_collator)
         self._scan_skipped_rows: list[int] | None = None
@@ -149,16 +188,6 @@ class PluginTrainerMixin:
         )
         self._logged_grad_norm: torch.Tensor | None = None
         self.add_callback(PluginLifecycle(self))
-        self.vlm_dpo_step = PreferenceStep(
-            self.plugins,
-            self.vlm_dpo_config,
-            self.model,
-            self.vlm_dpo_groups,
-            framework_computes_loss=framework_computes_loss,
-            reference_model=self.ref_model,
-            reference_pass=reference_pass,
-            unwrap=self.accelerator.unwrap_model,
-        )
 
     @property
     def vlm_dpo_groups(self) -> ParameterGroups:
@@ -310,7 +339,19 @@ class PluginTrainerMixin:
         live = describe_live_buckets(engine) if engine is not None else None
         if live is not None and self.is_world_process_zero():
             logger.info("vlm-dpo: %s", live)  # what the engine uses, read back after the framework built it
+        if self._reference_attach is not None and self._reference_attach.cache is None:
+            self.vlm_dpo_precompute_reference()
         self.plugins.hook.vlm_dpo_train_begin(model=self.model, context=self.vlm_dpo_context())
+
+    def vlm_dpo_precompute_reference(self) -> None:
+        """The reference over the training set, once; a separate reference model then leaves memory unless an
+        evaluation set will need it."""
+        precompute_reference(self, self._reference_attach)
+        if self.eval_dataset is not None:
+            logger.info("vlm-dpo: sharing.reference: the reference model stays loaded for the evaluation set")
+        elif release_reference(self):
+            self._reference_released = True
+            logger.info("vlm-dpo: sharing.reference: the separate reference model is released from memory")
 
     def vlm_dpo_step_begin(self, step: int) -> None:
         newly = self._trainable.apply(step)
@@ -344,27 +385,41 @@ class PluginTrainerMixin:
             self._guarded_step.record_loss(result[0] if return_outputs else result)
         return result
 
-    def logits_step(self, model: Any, batch: dict[str, Any], ignore_index: int) -> StepResult:
-        """The DPO step for a framework whose batch has ``labels`` (``ignore_index`` outside the responses) and
-        whose model returns logits (LLaMA-Factory, ms-swift)."""
+    def vlm_dpo_run_step(self, model: Any, batch: dict[str, Any]) -> StepResult:
+        """The DPO step of one collated batch, with the reference it carries when it was precomputed."""
+        attached = take_attached(batch)
+        step = self.vlm_dpo_step_inputs(batch)
+        if attached is not None:
+            step.precomputed_reference = SequenceLogps(attached[:, 0].float(), attached[:, 1].long())
+        return self.vlm_dpo_step.run(model, step, self._step_reference)
+
+    def _step_reference(self, model: Any) -> tuple[Any, list[Any]]:
+        if self._reference_released:
+            raise VLMDPOError(
+                "sharing.reference: precompute: this batch's reference log-probs are not in the cache (its pairs are "
+                "not training pairs the pass saw, or changed since: a random transform in the data?) and the "
+                "reference model was released after the pass; set sharing.reference: live"
+            )
+        return self.vlm_dpo_reference_model(model)
+
+    def logits_step_inputs(self, batch: dict[str, Any], ignore_index: int) -> StepInputs:
+        """A batch with ``labels`` (``ignore_index`` outside the responses) for a model that returns logits
+        (LLaMA-Factory, ms-swift)."""
         extended = self.vlm_dpo_step.extend(batch)
         labels = extended["labels"]
-        return self.vlm_dpo_step.run(
-            model,
+        return StepInputs(
             {key: value for key, value in extended.items() if key != "labels"},
             labels,
             labels != ignore_index,
-            batch=extended,
+            extended,
             pairs=batch["labels"].shape[0] // 2,
             forward=lambda model, prepared, _: logits_forward(model, prepared, ignore_index),
-            reference=self.vlm_dpo_reference_model,
         )
 
     def logits_loss(
         self,
         model: Any,
         batch: dict[str, Any],
-        ignore_index: int,
         train_eval: str,
         *,
         logit_means: Callable[[StepResult], Sequence[float]],
@@ -377,7 +432,7 @@ class PluginTrainerMixin:
         over ranks, None for this rank's (a framework that averages its logged values itself); ``losses``: the
         per-pair losses with any term of the framework's own added.
         """
-        step = self.logits_step(model, batch, ignore_index)
+        step = self.vlm_dpo_run_step(model, batch)
         metrics = preference_metrics(step.output, step.logps, gather)
         metrics.update(zip(("logits/chosen", "logits/rejected"), logit_means(step)))
         prefix = "eval_" if train_eval == "eval" else ""

@@ -32,6 +32,24 @@ model's output (for the framework's own metrics)."""
 
 
 @dataclass
+class StepInputs:
+    """One collated batch as the step reads it, in the framework's 2B-row layout (chosen rows first)."""
+
+    inputs: dict[str, Any]
+    """The model's keyword arguments (loss-variant rows appended)."""
+    labels: torch.Tensor
+    response_mask: torch.Tensor
+    batch: dict[str, Any]
+    """The whole batch, for a framework's forward that reads more than the model's inputs."""
+    pairs: int
+    forward: Forward
+    reference_forward: Forward | None = None
+    """The reference pass's forward, when it differs from the policy's (default: ``forward``)."""
+    precomputed_reference: SequenceLogps | None = None
+    """The reference log-probs the batch carried (``sharing.reference: precompute``)."""
+
+
+@dataclass
 class StepResult:
     output: LossOutput
     logps: PreferenceLogps
@@ -91,42 +109,55 @@ class PreferenceStep:
         return extend_batch(batch, self.extra_rows) if self.extra_rows else batch
 
     def run(
+        self, model: Any, step: StepInputs, reference: Callable[[Any], tuple[Any, Sequence[Any]]] | None
+    ) -> StepResult:
+        """One batch; ``reference(model)`` gives the model and the contexts of the reference pass (not called when
+        the batch carries its reference log-probs, nor for a variant that reads none)."""
+        prepared = self.prepare(step.inputs, step.labels, step.response_mask)
+        with self._policy_pass(prepared):
+            policy, outputs = step.forward(model, prepared, step.batch)
+        if self.sharing is not None and self.sharing.layout_ignored(prepared):
+            prepared = self.prepare(step.inputs, step.labels, step.response_mask)
+            with self._policy_pass(prepared):
+                policy, outputs = step.forward(model, prepared, step.batch)
+        reference_logps = step.precomputed_reference if self.needs.reference else None
+        if reference_logps is not None:
+            _require_same_rows(reference_logps, policy)
+        elif self.reference_pass and reference is not None:
+            reference_logps = self._reference_pass(model, step, prepared, reference)
+        output, logps = compute_preference_loss(
+            self.plugins, self.config, policy, reference_logps, pairs=step.pairs, extra_rows=self.extra_rows
+        )
+        return StepResult(output, logps, outputs, prepared, step.pairs)
+
+    def reference_only(
+        self, model: Any, step: StepInputs, reference: Callable[[Any], tuple[Any, Sequence[Any]]]
+    ) -> SequenceLogps:
+        """The reference pass alone (``sharing.reference: precompute``): packed rows, images encoded once per pair."""
+        prepared = self.prepare(step.inputs, step.labels, step.response_mask)
+        if self.sharing is not None:
+            self.sharing.features.forget()  # nothing recorded by a policy pass is replayed into this one
+        logps = self._reference_pass(model, step, prepared, reference)
+        if self.sharing is not None and self.sharing.layout_ignored(prepared):
+            prepared = self.prepare(step.inputs, step.labels, step.response_mask)
+            logps = self._reference_pass(model, step, prepared, reference)
+        return logps
+
+    def _reference_pass(
         self,
         model: Any,
-        inputs: dict[str, Any],
-        labels: torch.Tensor,
-        response_mask: torch.Tensor,
-        *,
-        batch: dict[str, Any],
-        pairs: int,
-        forward: Forward,
-        reference: Callable[[Any], tuple[Any, Sequence[Any]]] | None,
-        reference_forward: Forward | None = None,
-        precomputed_reference: SequenceLogps | None = None,
-    ) -> StepResult:
-        """One batch: ``inputs``/``labels``/``response_mask`` already extended; ``reference(model)`` gives the model
-        and the contexts of the reference pass (not called with ``precomputed_reference``), which runs
-        ``reference_forward`` (default: ``forward``)."""
-        prepared = self.prepare(inputs, labels, response_mask)
-        with self._policy_pass(prepared):
-            policy, outputs = forward(model, prepared, batch)
-        if self.sharing is not None and self.sharing.layout_ignored(prepared):
-            prepared = self.prepare(inputs, labels, response_mask)
-            with self._policy_pass(prepared):
-                policy, outputs = forward(model, prepared, batch)
-        reference_logps = precomputed_reference if self.needs.reference else None
-        if reference_logps is None and self.reference_pass and reference is not None:
-            reference_model, contexts = reference(model)
-            separate = None if reference_model is self.model else self.unwrap(reference_model)
-            shared = self.sharing.reference_pass(prepared, reference_model=separate) if self.sharing else None
-            with torch.no_grad(), contextlib.ExitStack() as stack:
-                for context in (*contexts, shared or contextlib.nullcontext()):
-                    stack.enter_context(context)
-                reference_logps, _ = (reference_forward or forward)(reference_model, prepared, batch)
-        output, logps = compute_preference_loss(
-            self.plugins, self.config, policy, reference_logps, pairs=pairs, extra_rows=self.extra_rows
-        )
-        return StepResult(output, logps, outputs, prepared, pairs)
+        step: StepInputs,
+        prepared: PreparedBatch,
+        reference: Callable[[Any], tuple[Any, Sequence[Any]]],
+    ) -> SequenceLogps:
+        reference_model, contexts = reference(model)
+        separate = None if reference_model is self.model else self.unwrap(reference_model)
+        shared = self.sharing.reference_pass(prepared, reference_model=separate) if self.sharing else None
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for context in (*contexts, shared or contextlib.nullcontext()):
+                stack.enter_context(context)
+            logps, _ = (step.reference_forward or step.forward)(reference_model, prepared, step.batch)
+        return logps
 
     def prepare(self, kwargs: dict[str, Any], labels: torch.Tensor, response_mask: torch.Tensor) -> PreparedBatch:
         if self.sharing is None:
@@ -141,6 +172,18 @@ class PreferenceStep:
         keep = self.feature_reuse is not None and self.feature_reuse.allowed()
         with self.sharing.policy_pass(prepared, keep_features=keep):
             yield
+
+
+def _require_same_rows(reference: SequenceLogps, policy: SequenceLogps) -> None:
+    """The precomputed entries must describe this batch's rows: the same responses, token for token."""
+    counts = reference.token_counts.to(policy.token_counts.device)
+    if counts.shape != policy.token_counts.shape or not torch.equal(counts.long(), policy.token_counts.long()):
+        raise ConfigError(
+            "sharing.reference: the precomputed reference log-probs of this batch were computed for responses of "
+            f"{counts.long().tolist()} tokens, but its responses have {policy.token_counts.long().tolist()}: the "
+            "collated rows changed after the pass (a collator that is not deterministic?); set "
+            "sharing.reference: live"
+        )
 
 
 def preference_metrics(

@@ -13,7 +13,7 @@ import torch
 from llamafactory.extras.constants import IGNORE_INDEX
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
 from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, with_row_index
-from vlm_dpo_plugins.adapters.hf_trainer.preference_step import StepResult
+from vlm_dpo_plugins.adapters.hf_trainer.preference_step import StepInputs, StepResult
 from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun
 from vlm_dpo_plugins.adapters.llamafactory.trainer_log import extend_trainer_log
 
@@ -64,9 +64,10 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
     def get_batch_loss_metrics(self, model: Any, batch: dict[str, Any], train_eval: str = "train"):
         if self._vlm_dpo_run.framework_computes_loss:
             return super().get_batch_loss_metrics(model, batch, train_eval)
-        return self.logits_loss(
-            model, batch, IGNORE_INDEX, train_eval, logit_means=_row_logit_means, losses=self._with_sft_term
-        )
+        return self.logits_loss(model, batch, train_eval, logit_means=_row_logit_means, losses=self._with_sft_term)
+
+    def vlm_dpo_step_inputs(self, batch: dict[str, Any]) -> StepInputs:
+        return self.logits_step_inputs(batch, IGNORE_INDEX)
 
     def _with_sft_term(self, step: StepResult) -> torch.Tensor:
         """LLaMA-Factory's ``pref_ftx``: an SFT term on the chosen responses, length-averaged."""

@@ -17,6 +17,7 @@ from swift.optimizers import OptimizerCallback
 from swift.optimizers.multimodal import MultimodalOptimizerCallback
 from swift.rlhf_trainers import DPOTrainer
 from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import FindingsOnLogLine, PluginTrainerMixin, requires_grad_kept
+from vlm_dpo_plugins.adapters.hf_trainer.preference_step import StepInputs
 from vlm_dpo_plugins.adapters.hf_trainer.prescan import TrainingRows
 from vlm_dpo_plugins.adapters.swift.workflow import take_run
 
@@ -106,7 +107,6 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
         return self.logits_loss(
             model,
             without_text_positions,
-            self.label_pad_token_id,
             train_eval,
             # Swift's logits/* are the mean over response tokens of each token's mean logit, over ranks.
             logit_means=lambda step: [
@@ -117,6 +117,9 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
             ],
             gather=gather,
         )
+
+    def vlm_dpo_step_inputs(self, batch: dict[str, Any]) -> StepInputs:
+        return self.logits_step_inputs(batch, self.label_pad_token_id)
 
     def vlm_dpo_reference_model(self, model: Any) -> tuple[Any, list[Any]]:
         return (model, [self.null_ref_context()]) if self.ref_model is None else (self.ref_model, [])

@@ -58,6 +58,13 @@ TRL = FrameworkSettings(
             to_plugin=lambda reentrant: not reentrant,
             written=lambda args, _: _use_reentrant(args) is not None,
         ),
+        # TRL refuses its own precompute for image data; the plugins' pass replaces it (docs/trl.md).
+        SharedSetting(
+            "sharing.reference",
+            "precompute_ref_log_probs",
+            read=lambda args: args.precompute_ref_log_probs,
+            to_plugin=lambda precompute: "precompute" if precompute else "live",
+        ),
     ),
     loss_only=("loss.label_smoothing",),  # TRL's own loss reads DPOConfig.label_smoothing
 )
@@ -82,6 +89,8 @@ def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, set[str]]) 
         for name in ("beta", "label_smoothing"):
             if name not in trl_set:
                 setattr(args, name, getattr(loss_section, name))
+    if not reconciled.framework_computes_loss and reconciled.config.section("sharing") is not None:
+        args.precompute_ref_log_probs = False  # the plugins' pass, when asked for, runs instead of TRL's
     if not reconciled.framework_computes_loss and loss_section.type == "sigmoid":
         if args.label_smoothing > 0 and "label_smoothing" in trl_set:
             reconciled.notes.append(
@@ -98,5 +107,5 @@ def _trl_fields_set(args: Any) -> set[str]:
             defaults[entry.name] = entry.default
         elif entry.default_factory is not dataclasses.MISSING:
             defaults[entry.name] = entry.default_factory()
-    watched = ("beta", "label_smoothing", "loss_type", "max_grad_norm", *TRL_ONLY_LOSS_OPTIONS)
+    watched = ("beta", "label_smoothing", "loss_type", "max_grad_norm", "precompute_ref_log_probs", *TRL_ONLY_LOSS_OPTIONS)
     return {name for name in watched if name in defaults and getattr(args, name) != defaults[name]}

@@ -22,7 +22,7 @@ from accelerate.utils import is_peft_model
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept, with_row_index
-from vlm_dpo_plugins.adapters.hf_trainer.preference_step import preference_metrics
+from vlm_dpo_plugins.adapters.hf_trainer.preference_step import StepInputs, preference_metrics
 from vlm_dpo_plugins.adapters.hf_trainer.run import plan_checkpointing, run_context, start_run
 from vlm_dpo_plugins.adapters.hf_trainer.settings import framework_max_grad_norm
 from vlm_dpo_plugins.adapters.hf_trainer.trainable import lora_targets_from_policy
@@ -31,8 +31,6 @@ from vlm_dpo_plugins.adapters.trl.metrics import record_token_metrics
 from vlm_dpo_plugins.adapters.trl.settings import reconcile
 
 from vlm_dpo_plugins.config_source import PluginSource, load_plugin_config
-from vlm_dpo_plugins.errors import ConfigError
-from vlm_dpo_plugins.losses.logprobs import SequenceLogps
 from vlm_dpo_plugins.manager import create_plugin_manager
 from vlm_dpo_plugins.sharing.forward import PreparedBatch
 from vlm_dpo_plugins.types import RunContext
@@ -67,14 +65,7 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
 
         if not self._trl_computes_loss:
             self.beta = self.vlm_dpo_config.loss.beta
-        self.vlm_dpo_attach(
-            framework_computes_loss=self._trl_computes_loss, reference_pass=not self.precompute_ref_logps
-        )
-        if self.vlm_dpo_step.extra_rows and self.precompute_ref_logps:
-            raise ConfigError(
-                f"loss.type {self.vlm_dpo_config.loss.type!r} needs reference log-probs of rows TRL does not "
-                "precompute (the chosen response under a corrupted image): set precompute_ref_log_probs=False"
-            )
+        self.vlm_dpo_attach(framework_computes_loss=self._trl_computes_loss)
 
     # -- set-up ------------------------------------------------------------
 
@@ -95,23 +86,7 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         if self._trl_computes_loss:
             return super()._compute_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
-        batch = self.vlm_dpo_step.extend(inputs)
-        precomputed = None
-        if self.precompute_ref_logps:
-            logps = torch.cat((batch["ref_chosen_logps"], batch["ref_rejected_logps"]))
-            precomputed = SequenceLogps(logps, batch["completion_mask"][:, 1:].sum(dim=1))
-        step = self.vlm_dpo_step.run(
-            model,
-            model_inputs(batch),
-            completion_labels(batch),
-            batch["completion_mask"],
-            batch=batch,
-            pairs=inputs["input_ids"].shape[0] // 2,
-            forward=self._policy_forward,
-            reference=self.vlm_dpo_reference_model,
-            reference_forward=_fused_forward,
-            precomputed_reference=precomputed,
-        )
+        step = self.vlm_dpo_run_step(model, inputs)
         outputs = step.outputs
         loss = step.output.losses.mean()
         if self.aux_loss_enabled:
@@ -129,6 +104,18 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
                 outputs = model(**model_inputs(inputs))
             return loss, outputs
         return loss
+
+    def vlm_dpo_step_inputs(self, batch: dict[str, Any]) -> StepInputs:
+        extended = self.vlm_dpo_step.extend(batch)
+        return StepInputs(
+            model_inputs(extended),
+            completion_labels(extended),
+            extended["completion_mask"],
+            extended,
+            pairs=batch["input_ids"].shape[0] // 2,
+            forward=self._policy_forward,
+            reference_forward=_fused_forward,
+        )
 
     def _policy_forward(self, model: Any, prepared: PreparedBatch, batch: dict[str, Any]):
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
-from vlm_dpo_plugins.validation import require_choice
+from vlm_dpo_plugins.validation import require, require_choice
 
 PairAttention = Literal["auto", "dense"]
+ReferenceSource = Literal["live", "precompute"]
 
 
 @dataclass
@@ -24,5 +26,22 @@ class SharingConfig:
     vision tower and projector are frozen, and without prompt sharing the duplicated images of the rejected rows
     are not encoded again."""
 
+    reference: ReferenceSource = "live"
+    """Where the reference log-probs come from. ``live``: a reference forward in every step; ``precompute``: one
+    pass of the reference over the training set before step 0 (images encoded once per pair, packed rows), cached
+    on disk by the content of each tokenized pair and its images; the steps then run no reference forward, and a
+    separate reference model is released from memory (docs/performance.md)."""
+    reference_cache: str | None = None
+    """The folder of the precomputed log-probs (one file per reference model); default: ``vlm_dpo_reference`` in
+    the output folder. A folder shared between runs reuses what an earlier run computed for the same rows."""
+
     def __post_init__(self) -> None:
         require_choice("attention", self.attention, ("auto", "dense"))
+        require_choice("reference", self.reference, ("live", "precompute"))
+        folder = self.reference_cache
+        require(
+            folder is None or (isinstance(folder, (str, os.PathLike)) and str(folder).strip() != ""),
+            "reference_cache",
+            self.reference_cache,
+            "a folder path, or null for vlm_dpo_reference in the output folder",
+        )
