@@ -38,8 +38,9 @@ def check_precompute(config: Any, *, framework: str, framework_computes_loss: bo
         return False
     if framework_computes_loss:
         raise ConfigError(
-            f"sharing.reference: precompute feeds the plugins' loss, but this run leaves the loss to {framework}'s "
-            "own code (a loss type or option only it has): use a loss the plugins compute, or sharing.reference: live"
+            "sharing.reference: precompute feeds the plugins' loss, but this run leaves the loss to the framework's "
+            f"own code ({framework}: a loss type or option only it has): use a loss the plugins compute, or "
+            "sharing.reference: live"
         )
     if step.extra_rows:
         raise ConfigError(
@@ -89,8 +90,8 @@ def precompute_reference(trainer: Any, attach: ReferenceAttach) -> ReferenceCach
                 model, trainer.vlm_dpo_step_inputs(batch), trainer._step_reference
             )
             if needed:
-                cache.add(keys, logps.logps, logps.token_counts)
-                computed.update({key: cache.entries[key] for key in keys})
+                added = cache.add(keys, logps.logps, logps.token_counts)
+                computed.update({key: cache.entries[key] for key in added})
     finally:
         model.train(mode)
         attach.carry_keys = False

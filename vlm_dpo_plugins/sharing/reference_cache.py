@@ -141,11 +141,15 @@ class ReferenceCache:
         )
         os.replace(partial, self.path)
 
-    def add(self, keys: Sequence[str], logps: torch.Tensor, token_counts: torch.Tensor) -> None:
-        """The collated rows' values (chosen rows first, as ``keys`` lists the pairs) recorded by pair."""
+    def add(self, keys: Sequence[str], logps: torch.Tensor, token_counts: torch.Tensor) -> list[str]:
+        """The collated rows' values (chosen rows first, as ``keys`` lists the pairs) recorded for the pairs not
+        cached yet; those keys returned."""
         pairs = len(keys)
         values, counts = logps.detach().double().cpu().tolist(), token_counts.detach().cpu().tolist()
+        added = []
         for pair, key in enumerate(keys):
+            if key in self.entries:
+                continue
             entry = (values[pair], values[pairs + pair], int(counts[pair]), int(counts[pairs + pair]))
             if not all(math.isfinite(value) for value in entry[:2]):
                 raise ConfigError(
@@ -154,6 +158,8 @@ class ReferenceCache:
                     "reference, whose non-finite steps the guards skip)"
                 )
             self.entries[key] = entry
+            added.append(key)
+        return added
 
     def batch_tensor(self, keys: Sequence[str]) -> torch.Tensor | None:
         """``[2B, 2]`` for a batch whose pairs are all cached, else None."""
