@@ -15,6 +15,9 @@ for the plugins, so the backward does the same work):
 - ``plugins, no sharing``: ``VLMDPOTrainer`` with ``sharing.prompt`` and ``sharing.vision_features`` off:
   what the plugins cost without sharing.
 - ``plugins``: ``VLMDPOTrainer`` with the defaults (one packed row per pair, one vision encode per pair).
+- ``plugins + precompute``: the defaults and ``sharing.reference: precompute``: the reference scores the
+  training set once before step 0 (timed apart, as the one-off pass) and is then released; the steps run the
+  policy alone.
 
 Runs alternate stock, sharing-off, plugins, plugins, sharing-off, stock, ... so a drift in the
 machine's speed costs every arm the same; the first ``--warmup`` steps of each run are dropped.
@@ -24,7 +27,9 @@ optimizer) and its ratio to stock; peak memory and its ratio (CUDA: ``max_memory
 the step; CPU, which keeps no allocator statistics: the activation memory, the bytes of the distinct
 buffers saved for backward during the step, weights left out); images through the vision
 tower per pair per step; tokens the language model reads per pair in the policy pass (padding
-included); and the largest difference of the logged loss from stock's over the run.
+included); the weights resident during the steps (policy and reference); the one-off pass and the step
+time with it spread over ``--epochs`` epochs of the timed steps; and the largest difference of the logged
+loss from stock's over the run.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from vlm_dpo_plugins.tiny import make_preference_examples, trl_conversational_ro
 from vlm_dpo_plugins.tiny.llava import build_tiny_llava  # noqa: E402
 from vlm_dpo_plugins.tiny.qwen2_vl import build_tiny_qwen2_vl  # noqa: E402
 
-ARMS = ("stock", "plugins, no sharing", "plugins, dense mask", "plugins")
+ARMS = ("stock", "plugins, no sharing", "plugins, dense mask", "plugins", "plugins + precompute")
 """``plugins``: the defaults (with sdpa or flash attention: packed rows without a mask); ``plugins, dense mask``:
 ``sharing.attention: dense``, the packed rows under a 4D mask."""
 
@@ -126,9 +131,10 @@ def preference_rows(count: int, response_words: int) -> list[dict]:
 class StepProbe(TrainerCallback):
     """Step times, peak memory, vision-tower images and language-model tokens, per optimizer step."""
 
-    def __init__(self, model, reference_model, device: str, pairs: int):
-        self.device, self.pairs = device, pairs
-        self.times, self.memory, self.images, self.tokens = [], [], [], []
+    def __init__(self, trainer, device: str, pairs: int):
+        model, reference_model = trainer.model, trainer.ref_model
+        self.trainer, self.device, self.pairs = trainer, device, pairs
+        self.times, self.memory, self.images, self.tokens, self.resident = [], [], [], [], []
         self._images = self._tokens = self._saved = 0
         self._seen: set[int] = set()
         # Weights saved for backward (every linear layer saves its own) exist anyway: not activation memory.
@@ -175,6 +181,8 @@ class StepProbe(TrainerCallback):
         self.memory.append(peak)
         self.images.append(self._images / self.pairs)
         self.tokens.append(self._tokens / self.pairs)
+        models = (self.trainer.model, self.trainer.ref_model)
+        self.resident.append(sum(p.numel() * p.element_size() for m in models if m is not None for p in m.parameters()))
 
 
 def run_arm(arm: str, model_dir: Path, rows: list[dict], args, output_dir: str):
@@ -219,11 +227,24 @@ def run_arm(arm: str, model_dir: Path, rows: list[dict], args, output_dir: str):
         sharing = {
             "plugins, no sharing": {"prompt": False, "vision_features": False},
             "plugins, dense mask": {"attention": "dense"},
+            # A fresh cache folder per run: every run times the whole pass.
+            "plugins + precompute": {"reference": "precompute", "reference_cache": tempfile.mkdtemp(dir=output_dir)},
         }.get(arm, {})
         trainer = VLMDPOTrainer(**kwargs, vlm_dpo_config={"sharing": sharing, "diagnostics": {"enabled": False}})
+    del kwargs, reference  # the trainer holds the reference alone, so releasing it frees it
     trainer.remove_callback(PrinterCallback)
-    probe = StepProbe(trainer.model, trainer.ref_model, args.device, args.batch_size)
+    probe = StepProbe(trainer, args.device, args.batch_size)
     trainer.add_callback(probe)
+    passes = []
+    if arm == "plugins + precompute":
+        precompute = trainer.vlm_dpo_precompute_reference
+
+        def timed_pass():
+            started = time.perf_counter()
+            precompute()
+            passes.append(time.perf_counter() - started)
+
+        trainer.vlm_dpo_precompute_reference = timed_pass
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     warm = slice(args.warmup, None)
@@ -232,6 +253,8 @@ def run_arm(arm: str, model_dir: Path, rows: list[dict], args, output_dir: str):
         "memory": probe.memory[warm],
         "images": probe.images[warm],
         "tokens": probe.tokens[warm],
+        "resident": probe.resident[warm],
+        "pass": passes,
         "losses": losses,
     }
 
@@ -250,6 +273,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3, help="spread the one-off pass over this many epochs")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument(
         "--attn-implementation",
@@ -309,21 +333,29 @@ def report(results: dict[str, list[dict]], args) -> None:
         f"{args.attn_implementation}, "
         f"{args.repeats} runs x {args.steps - args.warmup} timed steps per arm\n"
     )
+    stock_resident = statistics.median(pooled("stock", "resident"))
+    steps_per_epoch = args.steps  # the data holds one epoch of steps
     header = (
-        "| arm | step time (median) | × stock | memory, " + memory_kind + " | × stock | vision images / pair / step "
-        "| LM tokens / pair (policy pass) | max abs loss diff vs stock |"
+        "| arm | step time (median) | × stock | memory, " + memory_kind + " | × stock | weights resident | × stock "
+        f"| one-off pass | step time with the pass over {args.epochs} epochs | × stock "
+        "| vision images / pair / step | LM tokens / pair (policy pass) | max abs loss diff vs stock |"
     )
     print(header)
-    print("|" + " --- |" * 8)
+    print("|" + " --- |" * 13)
     for arm in ARMS:
         step = statistics.median(pooled(arm, "times"))
         memory = statistics.median(pooled(arm, "memory"))
+        resident = statistics.median(pooled(arm, "resident"))
+        one_off = statistics.median(pooled(arm, "pass")) if pooled(arm, "pass") else 0.0
+        amortised = step + one_off / (args.epochs * steps_per_epoch)
         images = statistics.median(pooled(arm, "images"))
         tokens = statistics.median(pooled(arm, "tokens"))
         loss_diff = max(abs(a - b) for a, b in zip(results[arm][0]["losses"], stock_losses))
         print(
             f"| {arm} | {step * 1000:.0f} ms | {step / stock_time:.2f} | {memory / 2**20:.1f} MiB "
-            f"| {memory / stock_memory:.2f} | {images:g} | {tokens:g} | {loss_diff:.1e} |"
+            f"| {memory / stock_memory:.2f} | {resident / 2**20:.1f} MiB | {resident / stock_resident:.2f} "
+            f"| {one_off * 1000:.0f} ms | {amortised * 1000:.0f} ms | {amortised / stock_time:.2f} "
+            f"| {images:g} | {tokens:g} | {loss_diff:.1e} |"
         )
 
 

@@ -49,13 +49,19 @@ def check_precompute(config: Any, *, framework: str, framework_computes_loss: bo
             "score; set sharing.reference: live"
         )
     if not step.needs.reference:
-        logger.info("vlm-dpo: sharing.reference: loss.type %r reads no reference: nothing to precompute", config.loss.type)
+        logger.info("vlm-dpo: sharing.reference: loss.type %r reads no reference: nothing to compute", config.loss.type)
         return False
     return True
 
 
 def precompute_reference(trainer: Any, attach: ReferenceAttach) -> ReferenceCache:
     """The pass; afterwards ``attach`` adds each batch's cached reference to it."""
+    if not hasattr(trainer.train_dataset, "__len__"):
+        raise ConfigError(
+            "sharing.reference: precompute reads the training set before step 0, but this one is streamed (an "
+            "iterable dataset, which has no fixed set of rows to score): load it map-style, or set "
+            "sharing.reference: live"
+        )
     accelerator = trainer.accelerator
     model = trainer.model_wrapped
     reference_model, _ = trainer.vlm_dpo_reference_model(model)

@@ -107,5 +107,6 @@ def _trl_fields_set(args: Any) -> set[str]:
             defaults[entry.name] = entry.default
         elif entry.default_factory is not dataclasses.MISSING:
             defaults[entry.name] = entry.default_factory()
-    watched = ("beta", "label_smoothing", "loss_type", "max_grad_norm", "precompute_ref_log_probs", *TRL_ONLY_LOSS_OPTIONS)
+    watched = ("beta", "label_smoothing", "loss_type", "max_grad_norm", "precompute_ref_log_probs")
+    watched += tuple(TRL_ONLY_LOSS_OPTIONS)
     return {name for name in watched if name in defaults and getattr(args, name) != defaults[name]}

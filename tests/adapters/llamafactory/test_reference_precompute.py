@@ -34,9 +34,8 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def train(tmp_path, models, dataset, model, finetuning, sharing, nproc=None):
-    config = dpo_config(
-        TINY_MODELS[model], models[model], dataset, tmp_path / "out", finetuning, max_steps=6, vlm_dpo={"sharing": sharing}
-    )
+    options = {"max_steps": 6, "vlm_dpo": {"sharing": sharing}}
+    config = dpo_config(TINY_MODELS[model], models[model], dataset, tmp_path / "out", finetuning, **options)
     return run_llamafactory(tmp_path, config, nproc=nproc)
 
 
