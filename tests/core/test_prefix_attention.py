@@ -154,6 +154,12 @@ def test_a_call_that_does_not_match_its_layout_is_refused_naming_the_way_out():
         attention(Attention(True), query[:1], key[:1], value[:1], None, **{LAYOUT_KEYWORD: layout})
     with pytest.raises(RuntimeError, match="sliding window 3"):
         attention(Attention(True), query, key, value, None, sliding_window=3, **{LAYOUT_KEYWORD: layout})
+    # A window shorter than the packed row but covering every branch, prompt included, sees what two rows see.
+    assert layout.longest_branch < layout.length
+    output, _ = attention(
+        Attention(True), query, key, value, None, sliding_window=layout.longest_branch, **{LAYOUT_KEYWORD: layout}
+    )
+    assert output.shape[1] == layout.length
 
 
 def test_under_autocast_mixed_input_dtypes_are_cast_as_sdpa_would_be():

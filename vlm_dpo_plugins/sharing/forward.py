@@ -73,15 +73,12 @@ class PairSharing:
         config_of_model = getattr(model, "config", None)
         text_config = config_of_model.get_text_config() if hasattr(config_of_model, "get_text_config") else None
         self._implementation = getattr(text_config or config_of_model, "_attn_implementation", None) or "eager"
-        self._mask_kind = self._attention_kind(text_config or config_of_model) if config.prompt else None
+        self._window = _sliding_window(text_config or config_of_model)
+        self._mask_kind = self._attention_kind() if config.prompt else None
 
-    def _attention_kind(self, text_config: Any) -> str | None:
+    def _attention_kind(self) -> str | None:
         """``layout`` (no mask: ``prefix_attention.py``), ``bool``/``float`` (a dense 4D mask), or None (two rows)."""
-        if (
-            self.config.attention == "auto"
-            and dispatches_through_interface(self._implementation)
-            and not _has_sliding_window(text_config)
-        ):
+        if self.config.attention == "auto" and dispatches_through_interface(self._implementation):
             install()
             return "layout"
         return self._dense_mask_kind()
@@ -159,6 +156,7 @@ class PairSharing:
             raise PackingUnavailable("the batch already carries a 4D attention mask")
         images = chosen_half_of_images(model_kwargs, per_token_keys)
         packed = pack_pairs(input_ids, attention_mask, response_mask)
+        self._require_within_window(packed)
         per_token = packed_per_token_inputs(packed, model_kwargs, per_token_keys)
         kwargs = {key: value for key, value in model_kwargs.items() if key not in per_token_keys and key not in images}
         kwargs.update(per_token)
@@ -179,6 +177,21 @@ class PairSharing:
             kwargs["attention_mask"] = self._mask(packed)
         packed_labels = packed.labels(labels) if labels is not None else None
         return PreparedBatch(kwargs, packed_labels, packed=packed, encode_chosen_half=False, layout=layout)
+
+    def _require_within_window(self, packed: PackedPairs) -> None:
+        """A sliding-window layer sees the same keys packed as unpacked only while no branch, prompt included, is
+        longer than the window: each branch's positions then all lie within it, as in its own row."""
+        if self._window is None:
+            return
+        sides = packed.side.cpu()
+        shared = (sides == SHARED).sum(dim=1)
+        branches = torch.maximum((sides == CHOSEN).sum(dim=1), (sides == REJECTED).sum(dim=1))
+        longest = int((shared + branches).max())
+        if longest > self._window:
+            raise PackingUnavailable(
+                f"a pair runs {longest} tokens (prompt and one response), longer than the model's sliding window "
+                f"({self._window}): packed, its windowed layers would see other keys than in two rows"
+            )
 
     def layout_ignored(self, prepared: PreparedBatch) -> bool:
         """After the policy forward: True when the model never passed the layout to its attention, so the pass
@@ -233,11 +246,12 @@ class PairSharing:
         return self._reference_features[1]
 
 
-def _has_sliding_window(text_config: Any) -> bool:
-    """Whether any layer attends through a window: two causal calls per row would ignore it (the dense mask too)."""
-    if not getattr(text_config, "sliding_window", None):
-        return False
+def _sliding_window(text_config: Any) -> int | None:
+    """The window of the model's windowed layers (Gemma 2/3, Mistral, Qwen2 ``use_sliding_window``), or None."""
+    window = getattr(text_config, "sliding_window", None)
+    if not window:
+        return None
     layer_types = getattr(text_config, "layer_types", None)
     if layer_types is not None:
-        return "sliding_attention" in layer_types
-    return bool(getattr(text_config, "use_sliding_window", True))
+        return int(window) if "sliding_attention" in layer_types else None
+    return int(window) if getattr(text_config, "use_sliding_window", True) else None

@@ -62,6 +62,11 @@ class PairLayout:
     def rows(self) -> int:
         return len(self.shared)
 
+    @property
+    def longest_branch(self) -> int:
+        """The longest prompt-and-response span of any row: the keys one query can reach, as in its own row."""
+        return max(s + max(c, r) for s, c, r in zip(self.shared, self.chosen, self.rejected))
+
 
 def pair_attention(
     query: torch.Tensor,
@@ -118,7 +123,8 @@ def _dispatcher(stock: Callable[..., Any]) -> Callable[..., Any]:
         # packed rows is a packed row's attention.
         if layout is None or not getattr(module, "is_causal", True) or query.shape[2] != layout.length:
             return stock(module, query, key, value, attention_mask, **kwargs)
-        if query.shape[0] != layout.rows or (kwargs.get("sliding_window") or layout.length) < layout.length:
+        window = kwargs.get("sliding_window") or layout.longest_branch
+        if query.shape[0] != layout.rows or window < layout.longest_branch:
             raise RuntimeError(
                 f"vlm-dpo: a packed attention call does not match its layout ({query.shape[0]} rows for "
                 f"{layout.rows}, sliding window {kwargs.get('sliding_window')}): sharing.attention: dense avoids it"

@@ -230,3 +230,35 @@ def test_a_model_that_does_not_pass_the_layout_down_falls_back_to_the_mask_once(
     ]
     unshared = one_step(tiny_model_dirs["llava"], uneven_rows, tmp_path / "off", NO_SHARING, FROZEN)
     assert torch.allclose(loss.detach(), unshared[0], atol=1e-5, rtol=0)
+
+
+def windowed(model_dir, tmp_path, window):
+    """The tiny Qwen2-VL with its second layer attending through a sliding window of ``window`` tokens."""
+    import json
+    import shutil
+
+    folder = tmp_path / f"window-{window}"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    text = config.setdefault("text_config", {})
+    text.update(use_sliding_window=True, sliding_window=window, max_window_layers=1)
+    text["layer_types"] = ["full_attention", "sliding_attention"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(("window", "packed"), [(4096, True), (40, False)], ids=["pairs-within", "pairs-longer"])
+def test_a_sliding_window_model_packs_only_pairs_within_its_window(
+    tiny_model_dirs, uneven_rows, tmp_path, caplog, window, packed
+):
+    # Packed, the rejected branch sits further along the row than in its own: a windowed layer would see other keys
+    # unless every branch, prompt included, fits the window. Longer pairs run as two rows, said once.
+    model_dir = windowed(tiny_model_dirs["qwen2_vl"], tmp_path, window)
+    with caplog.at_level(logging.INFO, logger="vlm_dpo_plugins.sharing"):
+        shared = one_step(model_dir, uneven_rows, tmp_path / "on", {}, FROZEN)
+    unshared = one_step(model_dir, uneven_rows, tmp_path / "off", NO_SHARING, FROZEN)
+    assert_same_step(shared, unshared)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("each pair runs as one row" in m for m in messages) == packed
+    longer = [m for m in messages if "longer than the model's sliding window (40)" in m]
+    assert len(longer) == (0 if packed else 1), messages
