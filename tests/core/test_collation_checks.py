@@ -289,3 +289,17 @@ def test_the_builtin_answers_the_pair_hook_and_can_be_switched_off():
 
 def _load(data):
     return create_plugin_manager(load_entry_points=False).load_config(data)
+
+
+def test_the_image_token_is_the_one_the_model_fills_with_features():
+    from types import SimpleNamespace
+
+    tokenizer = SimpleNamespace(bos_token_id=2, eos_token_id=1, pad_token_id=0, all_special_ids=[0, 1, 2])
+    # Gemma 3's processor from transformers 5.7 on: image_token_id is <start_of_image>, written once per image;
+    # image_token_ids names the soft token the model replaces, image_seq_length of them per image.
+    gemma3 = SimpleNamespace(tokenizer=tokenizer, image_token_id=6, image_token_ids=[8])
+    assert TokenFacts.from_processor(gemma3).special.image == 8
+    # Pixtral-style lists add break and end ids that take no feature: the image_token_id stays the one counted.
+    pixtral = SimpleNamespace(tokenizer=tokenizer, image_token_id=10, image_token_ids=[10, 11, 12])
+    assert TokenFacts.from_processor(pixtral).special.image == 10
+    assert TokenFacts.from_processor(SimpleNamespace(tokenizer=tokenizer, image_token_id=5)).special.image == 5

@@ -275,3 +275,21 @@ def test_unpacked_batches_are_reported_once_and_counted(caplog):
     assert sharing.unpacked_batches == 2
     [record] = caplog.records
     assert "this batch runs unpacked: row 2 has no response token" in record.getMessage()
+
+
+def test_image_blocks_attend_both_ways_inside_the_prompt_and_nothing_else_changes():
+    from vlm_dpo_plugins.sharing.attention_patterns import image_blocks
+
+    # Pair 0's prompt [11, 12, 13]: 11 and 12 one image's soft tokens (Gemma 3 marks them 1 in token_type_ids).
+    input_ids, attention_mask, response_mask = collated(PAIRS)
+    packed = pack_pairs(input_ids, attention_mask, response_mask)
+    token_types = torch.zeros_like(packed.side)
+    token_types[0, :2] = 1
+    token_types[1, [0, 2, 3]] = 1  # two images in pair 1's prompt: [14] and [16, 17]
+    blocks = image_blocks(token_types)
+    assert blocks.tolist() == [[0, 0] + [-1] * 8, [0, -1, 1, 1] + [-1] * 6]
+    plain, with_blocks = packed.visible()[:, 0], packed.visible(blocks)[:, 0]
+    assert with_blocks[0, 0, 1] and not plain[0, 0, 1]  # the first soft token sees the second
+    assert with_blocks[1, 2, 3] and not with_blocks[1, 0, 2]  # within an image, never a later image
+    changed = (with_blocks != plain).nonzero().tolist()
+    assert changed == [[0, 0, 1], [1, 2, 3]]

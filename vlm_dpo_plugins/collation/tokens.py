@@ -33,7 +33,7 @@ class TokenFacts:
     @classmethod
     def from_processor(cls, processor: Any) -> TokenFacts:
         tokenizer = getattr(processor, "tokenizer", None) or processor
-        image = _token_id(processor, "image_token_id")
+        image = _model_image_token(processor)
         if image is None:
             image = _token_id(tokenizer, "image_token_id")
         special = SpecialTokens(
@@ -76,6 +76,22 @@ def _fixed_image_token_count(processor: Any) -> int | None:
         return None
     counts = {_positive_int(count) for count in counts}
     return counts.pop() if len(counts) == 1 else None
+
+
+def _model_image_token(processor: Any) -> int | None:
+    """The id the model replaces with image features, one per feature.
+
+    Usually the processor's ``image_token_id``. Some processors name there the placeholder a prompt is written
+    with instead (Gemma 3 from transformers 5.7: ``<start_of_image>``, once per image, which then expands to its
+    soft tokens); their ``image_token_ids`` lists the one feature id alone. A longer list (Pixtral, InternVL, ...)
+    adds break and border ids that take no feature, so it says nothing here.
+    """
+    listed = getattr(processor, "image_token_ids", None)
+    if isinstance(listed, (list, tuple)) and len(listed) == 1:
+        only = listed[0]
+        if isinstance(only, int) and not isinstance(only, bool) and only >= 0:
+            return only
+    return _token_id(processor, "image_token_id")
 
 
 def _token_id(owner: Any, name: str) -> int | None:

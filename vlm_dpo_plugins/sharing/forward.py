@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from vlm_dpo_plugins.sharing.attention_patterns import image_block_key, image_blocks
 from vlm_dpo_plugins.sharing.features import ImageFeatureSharing
 from vlm_dpo_plugins.sharing.images import PER_ROW_KEYS, PER_TOKEN_KEYS, chosen_half_of_images, images_repeated
 from vlm_dpo_plugins.sharing.packing import (
@@ -74,11 +75,17 @@ class PairSharing:
         text_config = config_of_model.get_text_config() if hasattr(config_of_model, "get_text_config") else None
         self._implementation = getattr(text_config or config_of_model, "_attn_implementation", None) or "eager"
         self._window = _sliding_window(text_config or config_of_model)
+        self._image_block_key = image_block_key(getattr(config_of_model, "model_type", None))
         self._mask_kind = self._attention_kind() if config.prompt else None
 
     def _attention_kind(self) -> str | None:
         """``layout`` (no mask: ``prefix_attention.py``), ``bool``/``float`` (a dense 4D mask), or None (two rows)."""
-        if self.config.attention == "auto" and dispatches_through_interface(self._implementation):
+        if self._image_block_key is not None and self.config.attention == "auto":
+            logger.info(
+                "vlm-dpo: sharing.attention: this model's image tokens attend to each other both ways in training: "
+                "packed rows take a dense 4D mask with those blocks"
+            )
+        elif self.config.attention == "auto" and dispatches_through_interface(self._implementation):
             install()
             return "layout"
         return self._dense_mask_kind()
@@ -174,7 +181,10 @@ class PairSharing:
             kwargs["attention_mask"] = torch.ones_like(packed.side)
             kwargs[LAYOUT_KEYWORD] = layout
         else:
-            kwargs["attention_mask"] = self._mask(packed)
+            blocks = None
+            if self._image_block_key is not None and self._image_block_key in kwargs:
+                blocks = image_blocks(kwargs[self._image_block_key])
+            kwargs["attention_mask"] = self._mask(packed, blocks)
         packed_labels = packed.labels(labels) if labels is not None else None
         return PreparedBatch(kwargs, packed_labels, packed=packed, encode_chosen_half=False, layout=layout)
 
@@ -208,9 +218,9 @@ class PairSharing:
         )
         return True
 
-    def _mask(self, packed: PackedPairs) -> torch.Tensor:
+    def _mask(self, packed: PackedPairs, blocks: torch.Tensor | None = None) -> torch.Tensor:
         # fp32 for eager: added to bf16 scores it promotes them, and the softmax runs in fp32 there anyway.
-        return packed.visible() if self._mask_kind == "bool" else packed.attention_bias(torch.float32)
+        return packed.visible(blocks) if self._mask_kind == "bool" else packed.attention_bias(torch.float32, blocks)
 
     @contextlib.contextmanager
     def policy_pass(self, prepared: PreparedBatch, *, keep_features: bool = False) -> Iterator[None]:

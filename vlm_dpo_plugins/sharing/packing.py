@@ -89,19 +89,25 @@ class PackedPairs:
         labels[self.packed_row, self.packed_column] = input_ids[self.scored_row, self.scored_column]
         return labels
 
-    def visible(self) -> torch.Tensor:
-        """``[B, 1, L, L]``, True where a query (dim 2) may attend to a key (dim 3)."""
+    def visible(self, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, 1, L, L]``, True where a query (dim 2) may attend to a key (dim 3).
+
+        ``blocks``: ``[B, L]`` ids of tokens that attend to each other both ways (-1: none), as some models' image
+        tokens do in training (``attention_patterns.py``); the blocks lie in the shared prompt.
+        """
         index = torch.arange(self.length, device=self.side.device)
         causal = index[None, :, None] >= index[None, None, :]
+        if blocks is not None:
+            causal = causal | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
         query_side, key_side = self.side[:, :, None], self.side[:, None, :]
         visible = causal & (query_side >= 0) & (key_side >= 0) & ((key_side == SHARED) | (key_side == query_side))
         # A padding query sees only itself, so no row of the softmax is empty.
         visible |= torch.eye(self.length, dtype=torch.bool, device=self.side.device)[None]
         return visible[:, None]
 
-    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
+    def attention_bias(self, dtype: torch.dtype, blocks: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, 1, L, L]`` additive mask: 0 where a query may attend to a key, the dtype's minimum elsewhere."""
-        visible = self.visible()
+        visible = self.visible(blocks)
         bias = torch.zeros(visible.shape, dtype=dtype, device=self.side.device)
         return bias.masked_fill_(~visible, torch.finfo(dtype).min)
 

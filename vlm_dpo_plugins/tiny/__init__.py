@@ -13,12 +13,14 @@ from vlm_dpo_plugins.tiny.data import (
     trl_conversational_rows,
     write_preference_images,
 )
+from vlm_dpo_plugins.tiny.gemma3 import build_tiny_gemma3
 from vlm_dpo_plugins.tiny.llava import build_tiny_llava
 from vlm_dpo_plugins.tiny.qwen2_5_vl import build_tiny_qwen2_5_vl
 from vlm_dpo_plugins.tiny.qwen2_vl import build_tiny_qwen2_vl
 
 __all__ = [
     "PreferenceExample",
+    "build_tiny_gemma3",
     "build_tiny_qwen2_5_vl",
     "build_tiny_llava",
     "build_tiny_qwen2_vl",

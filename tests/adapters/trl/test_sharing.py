@@ -47,7 +47,8 @@ class VisionCalls:
     def _counter(self, role):
         def count(module, args, kwargs):
             grid = kwargs.get("grid_thw")
-            self.images[role] += int(grid.shape[0] if grid is not None else args[0].shape[0])
+            pixels = args[0] if args else kwargs["pixel_values"]  # Gemma 3 passes them by name
+            self.images[role] += int(grid.shape[0] if grid is not None else pixels.shape[0])
 
         return count
 
@@ -87,7 +88,7 @@ def assert_same_step(shared, unshared, tolerance=1e-5):
     assert metrics["rewards/accuracies"] == metrics_ref["rewards/accuracies"]
 
 
-@pytest.mark.parametrize("model", ["llava", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("model", ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3"])
 @pytest.mark.parametrize(
     ("freeze", "encodes_per_pair"), [(FROZEN, 1), (EVERYTHING_TRAINS, 2)], ids=["frozen", "trained"]
 )

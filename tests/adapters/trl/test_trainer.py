@@ -27,7 +27,7 @@ from vlm_dpo_plugins.errors import ConfigError, TrainingHalted  # noqa: E402
 # -- the plugin must not change correct training ------------------------------------------
 
 
-@pytest.mark.parametrize("architecture", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("architecture", ["llava", "qwen2_vl", "gemma3"])
 def test_losses_equal_stock_dpo_trainer_when_nothing_needs_fixing(
     architecture, tiny_model_dirs, preference_rows, tmp_path
 ):
@@ -52,7 +52,7 @@ def test_losses_equal_stock_dpo_trainer_when_nothing_needs_fixing(
 # -- freeze policy -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("architecture", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("architecture", ["llava", "qwen2_vl", "gemma3"])
 def test_default_policy_keeps_vision_and_projector_unchanged_and_the_margin_grows(
     architecture, tiny_model_dirs, preference_rows, tmp_path
 ):
@@ -70,7 +70,8 @@ def test_default_policy_keeps_vision_and_projector_unchanged_and_the_margin_grow
     assert not moved & (set(groups["vision"]) | set(groups["projector"]))
     margins = [entry["rewards/margins"] for entry in training_logs(trainer)]
     assert margins[0] == pytest.approx(0.0, abs=1e-6)
-    assert margins[-1] > 0.3 and margins[-1] == max(margins), margins
+    # Tiny Gemma 3 (embeddings scaled by sqrt(hidden), soft-capped logits) learns slower at the same rate.
+    assert margins[-1] > {"gemma3": 0.2}.get(architecture, 0.3) and margins[-1] == max(margins), margins
 
 
 def test_per_group_learning_rates_reach_the_optimizer(tiny_model_dirs, preference_rows, tmp_path):
