@@ -75,6 +75,14 @@ TINY_MODELS = {
         vision_keys=("visual",),
         projector_keys=("visual.merger",),
     ),
+    "gemma3": TinyModel(
+        "gemma3",
+        "gemma3",
+        "vlm_dpo_plugins.tiny.gemma3:build_tiny_gemma3",
+        {},
+        vision_keys=("vision_tower",),
+        projector_keys=("multi_modal_projector",),
+    ),
 }
 
 

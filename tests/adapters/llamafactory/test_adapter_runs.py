@@ -264,3 +264,22 @@ def test_shared_pairs_train_like_two_rows_per_pair(tmp_path, models, dataset, mo
             assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
         for key in ("logps/chosen", "logps/rejected"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-6), (key, mine, theirs)
+
+
+def test_gemma3_trains_like_llamafactory_with_its_image_blocks_packed(tmp_path, models, dataset):
+    # Gemma 3: the image-count check counts its soft tokens, and packed rows keep each image's tokens attending
+    # both ways (the dense mask with the blocks), as LLaMA-Factory's two rows per pair do.
+    ours = train(tmp_path / "ours", models, dataset, "gemma3", "full", pref_loss="sigmoid")
+    stock = train(tmp_path / "stock", models, dataset, "gemma3", "full", env=DISABLED, pref_loss="sigmoid")
+    assert ours.returncode == 0 and stock.returncode == 0, ours.log() + stock.log()
+    assert PACKED_LINE in ours.output and "image tokens attend to each other both ways" in ours.output, ours.log()
+    assert len(ours.step_logs) == len(stock.step_logs) == 3
+    for mine, theirs in zip(ours.step_logs, stock.step_logs, strict=True):
+        for key in ("loss", "rewards/margins", "rewards/chosen", "grad_norm"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
+    before = load_file(models["gemma3"] / "model.safetensors")
+    after = load_file(ours.output_dir / "model.safetensors")
+    assert before.keys() == after.keys(), sorted(set(before) ^ set(after))
+    parts = changed_parts(before, after, TINY_MODELS["gemma3"].part)
+    assert parts["vision"]["changed"] == [] and parts["projector"]["changed"] == [], parts
+    assert parts["language"]["changed"], "the language model did not train"
