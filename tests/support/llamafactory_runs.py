@@ -75,6 +75,14 @@ TINY_MODELS = {
         vision_keys=("visual",),
         projector_keys=("visual.merger",),
     ),
+    "qwen2_5_vl": TinyModel(
+        "qwen2_5_vl",
+        "qwen2_vl",  # LLaMA-Factory serves Qwen2.5-VL with the qwen2_vl template
+        "vlm_dpo_plugins.tiny.qwen2_5_vl:build_tiny_qwen2_5_vl",
+        {"image_max_pixels": 3136, "image_min_pixels": 784},
+        vision_keys=("visual",),
+        projector_keys=("visual.merger",),
+    ),
     "gemma3": TinyModel(
         "gemma3",
         "gemma3",

@@ -81,6 +81,17 @@ TINY_QWEN2_VL = SwiftTinyModel(
     aligner_key="visual.merger",
 )
 
+TINY_QWEN2_5_VL = SwiftTinyModel(
+    name="qwen2_5_vl",
+    builder="vlm_dpo_plugins.tiny.qwen2_5_vl:build_tiny_qwen2_5_vl",
+    # the same pinned <|image_pad|>/<|video_pad|> ids and chat template as Qwen2-VL's
+    model_type="qwen2_5_vl",
+    template="qwen2_5_vl",
+    vision_key="visual",
+    aligner_key="visual.merger",
+)
+"""Not in ``SWIFT_TINY_MODELS``: the tests that run every model stay at two; the DDP report's setting runs it."""
+
 
 # --- data --------------------------------------------------------------------------------
 
@@ -315,3 +326,8 @@ def plugin_file() -> str:
 @pytest.fixture
 def qwen2_vl(swift_tiny_models):
     return swift_tiny_models["qwen2_vl"]
+
+
+@pytest.fixture
+def qwen2_5_vl():
+    return TINY_QWEN2_5_VL

@@ -68,14 +68,24 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_both(tmp_path, swift_dpo, qwen
 def test_lora_with_reentrant_checkpointing_under_ddp_fails_stock_and_trains_with_the_adapter(
     tmp_path, swift_dpo, qwen2_vl, plugin_file
 ):
-    stock = two_ranks(swift_dpo, qwen2_vl, REENTRANT, output_name="stock")
+    assert_stock_fails_and_the_adapter_trains(tmp_path, swift_dpo, qwen2_vl, plugin_file)
+
+
+def test_qwen2_5_vl_lora_with_reentrant_checkpointing_under_ddp(tmp_path, swift_dpo, qwen2_5_vl, plugin_file):
+    # The setting of the "Expected to mark a variable ready only once" reports: Qwen2.5-VL, LoRA, reentrant
+    # checkpointing, two DDP ranks, through swift rlhf.
+    assert_stock_fails_and_the_adapter_trains(tmp_path, swift_dpo, qwen2_5_vl, plugin_file)
+
+
+def assert_stock_fails_and_the_adapter_trains(tmp_path, swift_dpo, model, plugin_file):
+    stock = two_ranks(swift_dpo, model, REENTRANT, output_name="stock")
     assert stock.returncode != 0, stock.tail()
     for rank in (0, 1):
         assert f"[rank{rank}]: {DDP_CRASH}" in stock.stdout + stock.stderr, stock.tail()
 
     exit_check = install_exit_check(tmp_path / "plugins")
     run = two_ranks(
-        swift_dpo, qwen2_vl, [*REENTRANT, "--external_plugins", plugin_file], env=exit_check, output_name="adapter"
+        swift_dpo, model, [*REENTRANT, "--external_plugins", plugin_file], env=exit_check, output_name="adapter"
     )
     output = run.stdout + run.stderr
     assert run.returncode == 0, run.tail()
