@@ -73,9 +73,19 @@ def link_shared_torch(session: nox.Session) -> None:
     (Path(site_packages) / "_vlm_dpo_shared_torch.pth").write_text(f"{SHARED_TORCH}\n")
 
 
+def model_results(name: str) -> Path:
+    """The cells of docs/models.md one session's tests record (``model_support`` marks)."""
+    return ROOT / ".nox" / f"model-results-{name}.jsonl"
+
+
+MODELS_PAGE = ROOT / "docs" / "models.md"
+
+
 def run_tests(session: nox.Session, *paths: str, browser: bool = False) -> None:
     session.run("python", "-c", "import torch, torchvision; print('torch', torch.__version__, torchvision.__version__)")
-    env = dict(TEST_ENVIRONMENT)
+    results = model_results(session.name)
+    results.unlink(missing_ok=True)
+    env = {**TEST_ENVIRONMENT, "VLM_DPO_MODEL_RESULTS": str(results)}
     if not browser:
         # The report's headless-Chromium test runs in the trl session only (playwright is installed there).
         env["VLM_DPO_REQUIRE_CHROMIUM"] = "0"
@@ -131,11 +141,19 @@ def reliability(session: nox.Session) -> None:
     """Fault injection through every framework, then docs/reliability.md's table checked against the results.
 
     Runs in the environments the trl, llamafactory and swift sessions built (run those first; plain ``nox``
-    does). ``nox -s reliability -- write`` rewrites the table from this run instead of checking it.
+    does). ``nox -s reliability -- write`` rewrites the table from this run instead of checking it; the same goes
+    for docs/models.md's table, from the cells this session and the three before it recorded.
     """
     results = ROOT / ".nox" / "reliability-results.jsonl"
     results.unlink(missing_ok=True)
-    env = {**TEST_ENVIRONMENT, "VLM_DPO_REQUIRE_CHROMIUM": "0", "VLM_DPO_RELIABILITY_RESULTS": str(results)}
+    cells = model_results(session.name)
+    cells.unlink(missing_ok=True)
+    env = {
+        **TEST_ENVIRONMENT,
+        "VLM_DPO_REQUIRE_CHROMIUM": "0",
+        "VLM_DPO_RELIABILITY_RESULTS": str(results),
+        "VLM_DPO_MODEL_RESULTS": str(cells),
+    }
     failures = []
     for environment, paths in RELIABILITY_TESTS.items():
         pytest = ROOT / ".nox" / environment / "bin" / "pytest"
@@ -152,6 +170,15 @@ def reliability(session: nox.Session) -> None:
         str(results),
         mode,
         str(RELIABILITY_PAGE),
+        external=True,
+    )
+    sessions = (*RELIABILITY_TESTS, session.name)
+    session.run(
+        "python3",
+        str(ROOT / "scripts" / "models_table.py"),
+        *(str(model_results(name)) for name in sessions),
+        mode,
+        str(MODELS_PAGE),
         external=True,
     )
     if failures:

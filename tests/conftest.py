@@ -18,19 +18,29 @@ RELIABILITY_RESULTS = "VLM_DPO_RELIABILITY_RESULTS"
 """A JSON-lines file: where the ``reliability`` nox session collects the fault table's cells from real runs."""
 
 
+MODEL_RESULTS = "VLM_DPO_MODEL_RESULTS"
+"""A JSON-lines file: where each framework's session collects the cells of docs/models.md from real runs."""
+FAMILY_PARAMETERS = ("model", "architecture", "model_name")
+"""Test parameters that name the model family, for a ``model_support`` mark without ``family``."""
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
-    marker = item.get_closest_marker("reliability")
-    path = os.environ.get(RELIABILITY_RESULTS)
-    if marker is not None and path and (report.when == "call" or report.outcome != "passed"):
+    if report.when == "call" or report.outcome != "passed":
         params = getattr(getattr(item, "callspec", None), "params", {})
-        cell = {
-            "framework": marker.args[0],
-            "row": marker.kwargs.get("row") or params["fault"],
-            "outcome": report.outcome,
-            "test": item.nodeid,
-        }
-        with open(path, "a", encoding="utf-8") as results:
-            results.write(json.dumps(cell) + "\n")
+        marker = item.get_closest_marker("reliability")
+        if marker is not None and os.environ.get(RELIABILITY_RESULTS):
+            row = marker.kwargs.get("row") or params["fault"]
+            _record(RELIABILITY_RESULTS, {"framework": marker.args[0], "row": row}, report, item)
+        for marker in item.iter_markers("model_support"):
+            if os.environ.get(MODEL_RESULTS):
+                family = marker.kwargs.get("family") or next(params[key] for key in FAMILY_PARAMETERS if key in params)
+                cell = {"framework": marker.args[0], "feature": marker.args[1], "family": family}
+                _record(MODEL_RESULTS, cell, report, item)
     return report
+
+
+def _record(variable: str, cell: dict, report, item) -> None:
+    with open(os.environ[variable], "a", encoding="utf-8") as results:
+        results.write(json.dumps({**cell, "outcome": report.outcome, "test": item.nodeid}) + "\n")

@@ -95,6 +95,7 @@ def test_disabled_is_llamafactorys_own_training(tmp_path, models, dataset):
     assert not any(key.startswith("vlm_dpo/") for key in run.step_logs[0]), run.step_logs[0]
 
 
+@pytest.mark.model_support("LLaMA-Factory", "stock", family="qwen2_vl")
 def test_defaults_train_like_llamafactory(tmp_path, models, dataset):
     # No vlm_dpo section, nothing to fix: the same losses and margins as LLaMA-Factory itself, step by step, up to
     # float rounding (the plugins sum fp32 log-probs chunk by chunk; after two updates margins of ~1e-3 differ ~1e-6).
@@ -127,6 +128,7 @@ def test_llava_full_frozen_vision_with_projector_unfrozen_later(tmp_path, models
     assert parts["language"]["changed"], "the language model did not train"
 
 
+@pytest.mark.model_support("LLaMA-Factory", "freeze", family="qwen2_vl")
 def test_qwen2_vl_full_mdpo_keeps_the_vision_tower(tmp_path, models, dataset):
     run = train(tmp_path, models, dataset, "qwen2_vl", "full", vlm_dpo={"loss": {"type": "mdpo"}})
     assert run.returncode == 0, run.log()
@@ -248,6 +250,7 @@ PACKED_LINE = "vlm-dpo: sharing.prompt: each pair runs as one row [prompt, chose
 UNSHARED = {"sharing": {"prompt": False, "vision_features": False}}
 
 
+@pytest.mark.model_support("LLaMA-Factory", "sharing")
 @pytest.mark.parametrize(("model", "finetuning"), [("llava", "full"), ("qwen2_vl", "lora")])
 def test_shared_pairs_train_like_two_rows_per_pair(tmp_path, models, dataset, model, finetuning):
     # Full tuning: a separate reference model lends nothing but takes the policy's image features (vision frozen);
@@ -266,6 +269,9 @@ def test_shared_pairs_train_like_two_rows_per_pair(tmp_path, models, dataset, mo
             assert mine[key] == pytest.approx(theirs[key], rel=1e-6), (key, mine, theirs)
 
 
+@pytest.mark.model_support("LLaMA-Factory", "stock", family="gemma3")
+@pytest.mark.model_support("LLaMA-Factory", "freeze", family="gemma3")
+@pytest.mark.model_support("LLaMA-Factory", "sharing", family="gemma3")
 def test_gemma3_trains_like_llamafactory_with_its_image_blocks_packed(tmp_path, models, dataset):
     # Gemma 3: the image-count check counts its soft tokens, and packed rows keep each image's tokens attending
     # both ways (the dense mask with the blocks), as LLaMA-Factory's two rows per pair do.

@@ -52,10 +52,12 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_both(tmp_path, llava, dataset)
 
 
 @pytest.mark.reliability("LLaMA-Factory", row="ddp-reentrant")
+@pytest.mark.model_support("LLaMA-Factory", "ddp-reentrant", family="llava")
 def test_lora_with_reentrant_checkpointing_under_ddp_fails_stock_and_trains_with_the_adapter(tmp_path, llava, dataset):
     assert_stock_fails_and_the_adapter_trains(tmp_path, llava, dataset, "llava")
 
 
+@pytest.mark.model_support("LLaMA-Factory", "ddp-reentrant", family="qwen2_5_vl")
 def test_qwen2_5_vl_lora_with_reentrant_checkpointing_under_ddp(tmp_path, dataset):
     # The setting of the "Expected to mark a variable ready only once" reports, on a Qwen2.5-VL.
     model_dir = TINY_MODELS["qwen2_5_vl"].build(tmp_path / "model")

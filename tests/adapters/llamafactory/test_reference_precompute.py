@@ -45,6 +45,7 @@ def pass_counts(run) -> tuple[int, int, int]:
     return tuple(int(number) for number in found[0])
 
 
+@pytest.mark.model_support("LLaMA-Factory", "precompute")
 @pytest.mark.parametrize(("model", "finetuning"), [("llava", "full"), ("qwen2_vl", "lora")])
 def test_precomputed_reference_trains_like_the_live_one(tmp_path, models, dataset, model, finetuning):
     cache = tmp_path / "reference-cache"

@@ -64,6 +64,7 @@ def same(first: dict, second: dict) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
 
 
+@pytest.mark.model_support("ms-swift", "stock", family="qwen2_vl")
 def test_default_settings_train_exactly_as_swift_and_loading_twice_is_harmless(
     tmp_path, swift_dpo, qwen2_vl, plugin_file
 ):
@@ -102,6 +103,7 @@ def test_lora_hinge_loss_from_the_config_and_adapters_on_the_language_model_only
     assert trained, "no LoRA B matrix moved off zero"
 
 
+@pytest.mark.model_support("ms-swift", "freeze", family="qwen2_vl")
 def test_mdpo_full_tuning_with_the_vision_tower_and_merger_frozen(tmp_path, swift_dpo, qwen2_vl, plugin_file):
     extra, env = with_plugins(tmp_path, plugin_file, {"loss": {"type": "mdpo"}})
     run = swift_dpo(qwen2_vl, extra_args=extra, env_extra=env)
@@ -228,6 +230,7 @@ def test_cpu_ranks_without_use_cpu_are_reported_as_unsynchronised(tmp_path, swif
 PACKED_LINE = "vlm-dpo: sharing.prompt: each pair runs as one row [prompt, chosen, rejected]"
 
 
+@pytest.mark.model_support("ms-swift", "sharing", family="qwen2_vl")
 @pytest.mark.parametrize("tuner", ["full", "lora"])
 def test_shared_pairs_train_like_two_rows_per_pair(tmp_path, swift_dpo, qwen2_vl, plugin_file, tuner):
     # The plugins' loss (swift's own runs its own forwards): packed pairs, Qwen2-VL's mrope positions from swift's

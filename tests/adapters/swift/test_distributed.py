@@ -65,12 +65,14 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_both(tmp_path, swift_dpo, qwen
 
 
 @pytest.mark.reliability("ms-swift", row="ddp-reentrant")
+@pytest.mark.model_support("ms-swift", "ddp-reentrant", family="qwen2_vl")
 def test_lora_with_reentrant_checkpointing_under_ddp_fails_stock_and_trains_with_the_adapter(
     tmp_path, swift_dpo, qwen2_vl, plugin_file
 ):
     assert_stock_fails_and_the_adapter_trains(tmp_path, swift_dpo, qwen2_vl, plugin_file)
 
 
+@pytest.mark.model_support("ms-swift", "ddp-reentrant", family="qwen2_5_vl")
 def test_qwen2_5_vl_lora_with_reentrant_checkpointing_under_ddp(tmp_path, swift_dpo, qwen2_5_vl, plugin_file):
     # The setting of the "Expected to mark a variable ready only once" reports: Qwen2.5-VL, LoRA, reentrant
     # checkpointing, two DDP ranks, through swift rlhf.

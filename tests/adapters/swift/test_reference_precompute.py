@@ -36,6 +36,7 @@ def run(tmp_path, swift_dpo, model, plugin_file, tuner, sharing, name):
     return text, logged
 
 
+@pytest.mark.model_support("ms-swift", "precompute", family="qwen2_vl")
 @pytest.mark.parametrize("tuner", ["full", "lora"])
 def test_precomputed_reference_trains_like_the_live_one(tmp_path, swift_dpo, qwen2_vl, plugin_file, tuner):
     precomputed = {"reference": "precompute", "reference_cache": str(tmp_path / "reference-cache")}

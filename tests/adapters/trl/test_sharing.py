@@ -88,6 +88,7 @@ def assert_same_step(shared, unshared, tolerance=1e-5):
     assert metrics["rewards/accuracies"] == metrics_ref["rewards/accuracies"]
 
 
+@pytest.mark.model_support("TRL", "sharing")
 @pytest.mark.parametrize("model", ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3"])
 @pytest.mark.parametrize(
     ("freeze", "encodes_per_pair"), [(FROZEN, 1), (EVERYTHING_TRAINS, 2)], ids=["frozen", "trained"]

@@ -27,7 +27,8 @@ from vlm_dpo_plugins.errors import ConfigError, TrainingHalted  # noqa: E402
 # -- the plugin must not change correct training ------------------------------------------
 
 
-@pytest.mark.parametrize("architecture", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.model_support("TRL", "stock")
+@pytest.mark.parametrize("architecture", ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3"])
 def test_losses_equal_stock_dpo_trainer_when_nothing_needs_fixing(
     architecture, tiny_model_dirs, preference_rows, tmp_path
 ):
@@ -52,7 +53,8 @@ def test_losses_equal_stock_dpo_trainer_when_nothing_needs_fixing(
 # -- freeze policy -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("architecture", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.model_support("TRL", "freeze")
+@pytest.mark.parametrize("architecture", ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3"])
 def test_default_policy_keeps_vision_and_projector_unchanged_and_the_margin_grows(
     architecture, tiny_model_dirs, preference_rows, tmp_path
 ):
