@@ -18,6 +18,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from its path, as the tests do
+from page_table import with_table  # noqa: E402
+
 FRAMEWORKS = ("TRL", "LLaMA-Factory", "ms-swift")
 FAMILIES = {
     "llava": "LLaVA-1.5",
@@ -74,14 +77,6 @@ def render_table(cells: dict[tuple[str, str, str], str]) -> str:
     return "\n".join(lines)
 
 
-def with_table(page: str, table: str) -> str:
-    if BEGIN not in page or END not in page:
-        raise SystemExit(f"the page has no table markers; add the two lines\n{BEGIN}\n{END}")
-    head, rest = page.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, nargs="+", help="the JSON-lines files the test sessions wrote")
@@ -93,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = read_cells(args.results)
     page_path = args.check or args.write
     page = page_path.read_text(encoding="utf-8")
-    updated = with_table(page, render_table(cells))
+    updated = with_table(page, render_table(cells), BEGIN, END)
     bad = [f"{family} × {feature} × {framework}: {outcome}" for (family, feature, framework), outcome in cells.items()
            if outcome != "passed"]  # fmt: skip
     if args.write:

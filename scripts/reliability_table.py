@@ -18,6 +18,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from its path, as the tests do
+from page_table import with_table  # noqa: E402
+
 FRAMEWORKS = ("TRL", "LLaMA-Factory", "ms-swift")
 ROWS = {
     "loss-nan": "NaN in the loss",
@@ -94,14 +97,6 @@ def render_table(cells: dict[tuple[str, str], str]) -> str:
     return "\n".join(lines)
 
 
-def with_table(page: str, table: str) -> str:
-    if BEGIN not in page or END not in page:
-        raise SystemExit(f"the page has no table markers; add the two lines\n{BEGIN}\n{END}")
-    head, rest = page.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help="the JSON-lines file the reliability suites wrote")
@@ -113,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = read_cells(args.results)
     page_path = args.check or args.write
     page = page_path.read_text(encoding="utf-8")
-    updated = with_table(page, render_table(cells))
+    updated = with_table(page, render_table(cells), BEGIN, END)
     missing = [
         f"{framework} × {row}: {MARKS[cells.get((framework, row))]}"
         for row in ROWS

@@ -129,9 +129,10 @@ def reference_fingerprint(reference: torch.nn.Module, trainer: Any) -> str:
         if data.numel():
             digest.update(data.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     config = getattr(reference, "config", None)
+    context = trainer.vlm_dpo_context()
     facts = {
         "config": config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config),
-        "framework": [trainer.vlm_dpo_context().framework, trainer.vlm_dpo_context().framework_version],
+        "framework": [context.framework, context.framework_version],
         "torch": torch.__version__,
         "sharing": dataclasses.asdict(trainer.vlm_dpo_config.sharing) | {"reference_cache": None},
         "loss": dataclasses.asdict(trainer.vlm_dpo_config.loss) if trainer.vlm_dpo_config.section("loss") else None,

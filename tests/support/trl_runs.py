@@ -60,6 +60,24 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+def inner_model(model):
+    """The VLM's ``model`` (vision tower, projector, language model) under any PEFT wrapper."""
+    return model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+
+
+def count_images(model, on_images) -> None:
+    """``on_images(n)`` with the number of images each call of the model's vision tower encodes."""
+
+    def count(module, args, kwargs):
+        grid = kwargs.get("grid_thw")  # Qwen2-VL: one row per image
+        pixels = args[0] if args else kwargs["pixel_values"]  # Gemma 3 passes them by name
+        on_images(int(grid.shape[0] if grid is not None else pixels.shape[0]))
+
+    inner = inner_model(model)
+    tower = getattr(inner, "vision_tower", None) or inner.visual
+    tower.register_forward_pre_hook(count, with_kwargs=True)
+
+
 def changed(model, before) -> set[str]:
     return {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
 

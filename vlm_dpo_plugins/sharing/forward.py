@@ -193,10 +193,7 @@ class PairSharing:
         longer than the window: each branch's positions then all lie within it, as in its own row."""
         if self._window is None:
             return
-        sides = packed.side.cpu()
-        shared = (sides == SHARED).sum(dim=1)
-        branches = torch.maximum((sides == CHOSEN).sum(dim=1), (sides == REJECTED).sum(dim=1))
-        longest = int((shared + branches).max())
+        longest = PairLayout.of(packed.side, SHARED, CHOSEN, REJECTED).longest_branch
         if longest > self._window:
             raise PackingUnavailable(
                 f"a pair runs {longest} tokens (prompt and one response), longer than the model's sliding window "

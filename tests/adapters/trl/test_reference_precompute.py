@@ -20,7 +20,7 @@ trl = pytest.importorskip("trl")
 
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from trl_runs import make_trainer, snapshot, training_logs  # noqa: E402
+from trl_runs import count_images, inner_model, make_trainer, snapshot, training_logs  # noqa: E402
 
 from vlm_dpo_plugins.errors import ConfigError, VLMDPOError  # noqa: E402
 
@@ -40,19 +40,15 @@ class Forwards:
     """Calls of a model's language model and images through its vision tower."""
 
     def __init__(self, model):
-        inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
         self.language, self.images = 0, 0
-        inner.language_model.register_forward_pre_hook(self._language)
-        tower = getattr(inner, "vision_tower", None) or inner.visual
-        tower.register_forward_pre_hook(self._vision, with_kwargs=True)
+        inner_model(model).language_model.register_forward_pre_hook(self._language)
+        count_images(model, self._vision)
 
     def _language(self, module, args):
         self.language += 1
 
-    def _vision(self, module, args, kwargs):
-        grid = kwargs.get("grid_thw")
-        pixels = args[0] if args else kwargs["pixel_values"]  # Gemma 3 passes them by name
-        self.images += int(grid.shape[0] if grid is not None else pixels.shape[0])
+    def _vision(self, images):
+        self.images += images
 
 
 def one_step(trainer):

@@ -17,7 +17,7 @@ trl = pytest.importorskip("trl")
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from trl_runs import EVERYTHING_TRAINS, make_trainer, snapshot, training_logs  # noqa: E402
+from trl_runs import EVERYTHING_TRAINS, count_images, make_trainer, snapshot, training_logs  # noqa: E402
 
 NO_SHARING = {"prompt": False, "vision_features": False}
 FROZEN = {}
@@ -41,21 +41,13 @@ class VisionCalls:
         models = {"policy": trainer.model, "reference": trainer.ref_model}
         for role, model in models.items():
             if model is not None:
-                tower = _vision_tower(model)
-                tower.register_forward_pre_hook(self._counter(role), with_kwargs=True)
+                count_images(model, self._counter(role))
 
     def _counter(self, role):
-        def count(module, args, kwargs):
-            grid = kwargs.get("grid_thw")
-            pixels = args[0] if args else kwargs["pixel_values"]  # Gemma 3 passes them by name
-            self.images[role] += int(grid.shape[0] if grid is not None else pixels.shape[0])
+        def add(images):
+            self.images[role] += images
 
-        return count
-
-
-def _vision_tower(model):
-    inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
-    return getattr(inner, "vision_tower", None) or inner.visual
+        return add
 
 
 def one_step(model_dir, rows, tmp_path, sharing, freeze, **overrides):
