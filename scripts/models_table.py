@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from its path, as the tests do
-from page_table import with_table  # noqa: E402
+from page_table import finish, with_table  # noqa: E402
 
 FRAMEWORKS = ("TRL", "LLaMA-Factory", "ms-swift")
 FAMILIES = {
@@ -91,14 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     updated = with_table(page, render_table(cells), BEGIN, END)
     bad = [f"{family} × {feature} × {framework}: {outcome}" for (family, feature, framework), outcome in cells.items()
            if outcome != "passed"]  # fmt: skip
-    if args.write:
-        page_path.write_text(updated, encoding="utf-8")
-        print(f"wrote the model table of {page_path} ({len(cells) - len(bad)} cells passed)")
-    elif updated != page:
-        print(f"{page_path} does not show these results; run with --write and commit it", file=sys.stderr)
-    if bad:
-        print("cells not passing:\n  " + "\n  ".join(bad), file=sys.stderr)
-    return 1 if bad or (args.check and updated != page) else 0
+    return finish(page_path, page, updated, bad, write=bool(args.write), table="model table")
 
 
 if __name__ == "__main__":

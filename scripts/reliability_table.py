@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded from its path, as the tests do
-from page_table import with_table  # noqa: E402
+from page_table import finish, with_table  # noqa: E402
 
 FRAMEWORKS = ("TRL", "LLaMA-Factory", "ms-swift")
 ROWS = {
@@ -115,14 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         for framework in FRAMEWORKS
         if cells.get((framework, row)) != "passed"
     ]
-    if args.write:
-        page_path.write_text(updated, encoding="utf-8")
-        print(f"wrote the fault table of {page_path} ({len(ROWS) * len(FRAMEWORKS) - len(missing)} cells passed)")
-    elif updated != page:
-        print(f"{page_path} does not show these results; run with --write and commit it", file=sys.stderr)
-    if missing:
-        print("cells not passing:\n  " + "\n  ".join(missing), file=sys.stderr)
-    return 1 if missing or (args.check and updated != page) else 0
+    return finish(page_path, page, updated, missing, write=bool(args.write), table="fault table")
 
 
 if __name__ == "__main__":

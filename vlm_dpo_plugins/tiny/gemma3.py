@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
@@ -23,6 +22,7 @@ from transformers import (
 )
 
 from vlm_dpo_plugins.tiny.data import tokenizer_corpus
+from vlm_dpo_plugins.tiny.saving import save_with_tokenizer_ids
 from vlm_dpo_plugins.tiny.tokenizer import train_byte_level_bpe
 
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
@@ -102,12 +102,4 @@ def build_tiny_gemma3(directory: str | Path, *, seed: int = 0, hidden_size: int 
         eoi_token_index=tokenizer.convert_tokens_to_ids(EOI),
         image_token_index=tokenizer.convert_tokens_to_ids(SOFT),
     )
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config)
-    generation = model.generation_config
-    generation.pad_token_id, generation.bos_token_id, generation.eos_token_id = (
-        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
-    )
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return save_with_tokenizer_ids(Gemma3ForConditionalGeneration, config, tokenizer, processor, directory, seed)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -15,6 +14,7 @@ from transformers import (
 )
 
 from vlm_dpo_plugins.tiny.data import tokenizer_corpus
+from vlm_dpo_plugins.tiny.saving import save_with_tokenizer_ids
 from vlm_dpo_plugins.tiny.tokenizer import train_byte_level_bpe, wrap_for_transformers
 
 IMAGE_TOKEN = "<image>"
@@ -104,13 +104,4 @@ def build_tiny_llava(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    # Frameworks compare these with the tokenizer's and rewrite the config, with a warning, when they differ.
-    generation = model.generation_config
-    generation.pad_token_id, generation.bos_token_id, generation.eos_token_id = (
-        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
-    )
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return save_with_tokenizer_ids(LlavaForConditionalGeneration, config, tokenizer, processor, directory, seed)
