@@ -31,6 +31,14 @@ Forward = Callable[[Any, PreparedBatch, dict[str, Any]], tuple[SequenceLogps, An
 model's output (for the framework's own metrics)."""
 
 
+def loss_inputs(plugins: Any, loss_type: str) -> LossInputs:
+    """What the loss variant reads beyond the policy's log-probs (the reference's, extra rows), checked."""
+    needs = plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()
+    if not isinstance(needs, LossInputs):
+        raise ConfigError(f"vlm_dpo_loss_inputs({loss_type!r}) returned {type(needs).__name__}, not LossInputs")
+    return needs
+
+
 @dataclass
 class StepInputs:
     """One collated batch as the step reads it, in the framework's 2B-row layout (chosen rows first)."""
@@ -81,11 +89,8 @@ class PreferenceStep:
         needs = LossInputs()
         self.extra_rows: tuple[ExtraRows, ...] = ()
         if not framework_computes_loss:
-            loss_type = config.loss.type
-            needs = plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()
-            if not isinstance(needs, LossInputs):
-                raise ConfigError(f"vlm_dpo_loss_inputs({loss_type!r}) returned {type(needs).__name__}, not LossInputs")
-            self.extra_rows = resolve(plugins, needs, loss_type)
+            needs = loss_inputs(plugins, config.loss.type)
+            self.extra_rows = resolve(plugins, needs, config.loss.type)
         self.needs: LossInputs = needs
         self.reference_pass = reference_pass and needs.reference
         self.sharing: PairSharing | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,13 @@ class PluginRun:
 
 def settings_source(section: Any = None, section_origin: str = "") -> tuple[Any, str]:
     """Where a run's plugin settings come from, and how the start line names it: the framework config's own
-    section, else the YAML named by ``VLM_DPO_CONFIG``, else the defaults; both given is an error."""
+    section (a mapping or a YAML path), else the YAML named by ``VLM_DPO_CONFIG``, else the defaults; both given
+    is an error."""
+    if section is not None and not isinstance(section, (Mapping, str, os.PathLike)):
+        raise ConfigError(
+            f"{section_origin} is {section!r}: expected a mapping of plugin settings (freeze, loss, guards, ...) "
+            "or the path of a YAML file with them"
+        )
     from_environment = os.environ.get(CONFIG_VARIABLE) or None
     if section is not None and from_environment:
         raise ConfigError(
@@ -54,6 +61,16 @@ def settings_source(section: Any = None, section_origin: str = "") -> tuple[Any,
     if from_environment:
         return from_environment, f"{CONFIG_VARIABLE}={from_environment}"
     return None, "defaults"
+
+
+def command_line_keys(argv: Iterable[Any]) -> frozenset[str]:
+    """The argument names present on a command line (``--name value``, ``--name=value``, ``--name-with-dashes``):
+    what the user wrote there, as opposed to the parser's defaults."""
+    return frozenset(
+        str(token)[2:].split("=", 1)[0].replace("-", "_")
+        for token in argv
+        if str(token).startswith("--") and len(str(token)) > 2
+    )
 
 
 def run_context(

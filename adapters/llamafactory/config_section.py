@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlm_dpo_plugins.adapters.hf_trainer.run import CONFIG_VARIABLE, settings_source
+from vlm_dpo_plugins.adapters.hf_trainer.run import CONFIG_VARIABLE, command_line_keys, settings_source
 
 from vlm_dpo_plugins.errors import ConfigError
 
@@ -44,7 +44,7 @@ def split_section(args: Any) -> Any:
             _checked_and_ignored(_latest, args.get("stage", "sft"))
         return {key: value for key, value in args.items() if key != SECTION_KEY}
     if isinstance(args, list):
-        written = frozenset(token[2:].split("=", 1)[0] for token in args if str(token).startswith("--"))
+        written = command_line_keys(args)
         if SECTION_KEY in written:
             raise ConfigError(
                 f"--{SECTION_KEY} on the command line is not supported: put a '{SECTION_KEY}:' section in the "
@@ -75,11 +75,6 @@ def latest() -> ParsedSection:
 
 
 def _parsed(section: Any, written: frozenset[str]) -> ParsedSection:
-    if section is not None and not isinstance(section, (Mapping, str, os.PathLike)):
-        raise ConfigError(
-            f"'{SECTION_KEY}' in the LLaMA-Factory config is {section!r}: expected a mapping of plugin settings "
-            "(freeze, loss, guards, ...) or the path of a YAML file with them"
-        )
-    origin = f"'{SECTION_KEY}:' section" if isinstance(section, Mapping) else f"{SECTION_KEY}: {section}"
+    origin = f"{SECTION_KEY}: {section}" if isinstance(section, (str, os.PathLike)) else f"'{SECTION_KEY}:' section"
     source, origin = settings_source(section, origin)
     return ParsedSection(source, written, origin)

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.activation import patched
+from vlm_dpo_plugins.adapters.hf_trainer.preference_step import loss_inputs
 from vlm_dpo_plugins.adapters.hf_trainer.run import (
     PluginRun,
     apply_ddp_plan,
@@ -26,7 +27,6 @@ from vlm_dpo_plugins.adapters.llamafactory.settings import reconcile
 from vlm_dpo_plugins.collation.wrapper import collation_report
 from vlm_dpo_plugins.config_source import load_plugin_config
 from vlm_dpo_plugins.manager import create_plugin_manager
-from vlm_dpo_plugins.types import LossInputs
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters.llamafactory")
 
@@ -59,11 +59,14 @@ def prepare_run(section: ParsedSection, model_args: Any, training_args: Any, fin
     plugins = create_plugin_manager()
     config, written = load_plugin_config(plugins, section.source)
 
-    def reads_reference(loss_type: str) -> bool:
-        return (plugins.hook.vlm_dpo_loss_inputs(loss_type=loss_type) or LossInputs()).reference
-
     reconciled = reconcile(
-        model_args, training_args, finetuning_args, config, written, section.written, reads_reference=reads_reference
+        model_args,
+        training_args,
+        finetuning_args,
+        config,
+        written,
+        section.written,
+        reads_reference=lambda loss_type: loss_inputs(plugins, loss_type).reference,
     )
     context = run_context(
         "llamafactory",

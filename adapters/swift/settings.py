@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Mapping, Set
 from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer import settings as shared
@@ -40,15 +40,6 @@ SWIFT = shared.FrameworkSettings(
     freeze_flags={"vision": "freeze_vit", "projector": "freeze_aligner", "language": "freeze_llm"},
     learning_rate_flags={"vision": "vit_lr", "projector": "aligner_lr"},
 )
-
-
-def written_arguments(argv: Iterable[str]) -> set[str]:
-    """The swift argument names present on a command line (``--name value`` or ``--name=value``)."""
-    names = set()
-    for token in argv:
-        if token.startswith("--") and len(token) > 2:
-            names.add(token[2:].split("=", 1)[0].replace("-", "_"))
-    return names
 
 
 def reconcile(

@@ -15,12 +15,13 @@ from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.run import (
     PluginRun,
+    command_line_keys,
     plan_checkpointing,
     run_context,
     settings_source,
     start_run,
 )
-from vlm_dpo_plugins.adapters.swift.settings import agree, reconcile, written_arguments
+from vlm_dpo_plugins.adapters.swift.settings import agree, reconcile
 
 from vlm_dpo_plugins.collation.file_checks import CheckedFiles
 from vlm_dpo_plugins.config import VLMDPOConfig
@@ -61,7 +62,7 @@ def current_run(args: Any) -> SwiftRun:
 def check_settings(args: Any) -> SwiftRun:
     """This run's plugins, with swift's flags and the plugin config checked to agree before any data is read."""
     current = current_run(args)
-    agree(args, current.config, current.written, written_arguments(_command_line()))
+    agree(args, current.config, current.written, command_line_keys(_command_line()))
     return current
 
 
@@ -69,7 +70,7 @@ def prepare_run(args: Any) -> PluginRun:
     import swift
 
     current = current_run(args)
-    reconciled = reconcile(args, current.config, current.written, written_arguments(_command_line()))
+    reconciled = reconcile(args, current.config, current.written, command_line_keys(_command_line()))
     training_args = args.training_args
     context = run_context(
         "swift",

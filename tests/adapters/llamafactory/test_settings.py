@@ -215,3 +215,31 @@ def test_a_section_in_another_stages_config_is_checked_then_said_to_be_ignored(t
         parsed_arguments(tmp_path, "sft", vlm_dpo={"loss": {"beta": -1}})
     with pytest.raises(ConfigError, match="unknown"):
         parsed_arguments(tmp_path, "sft", vlm_dpo={"loss": {"betta": 0.2}})
+
+
+def test_a_section_that_is_neither_mapping_nor_path_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="'vlm_dpo:' section is 3: expected a mapping of plugin settings"):
+        parse(tmp_path, vlm_dpo=3)
+
+
+def test_a_key_written_with_dashes_on_the_command_line_counts_as_written(tmp_path, monkeypatch):
+    # HfArgumentParser takes --pref-beta for pref_beta: the user wrote it, so a different plugin beta conflicts.
+    path = tmp_path / "plugins.yaml"
+    path.write_text("loss:\n  beta: 0.2\n")
+    monkeypatch.setenv(CONFIG_PATH_VARIABLE, str(path))
+    config = {
+        "model_name_or_path": tmp_path / "model",
+        "stage": "dpo",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "dataset": "pref",
+        "dataset_dir": tmp_path,
+        "template": "llava",
+        "output_dir": tmp_path / "out",
+        "use_cpu": True,
+    }
+    argv = [f"--{key}={value}" for key, value in config.items()] + ["--pref-beta", "0.3"]
+    model_args, _, training_args, finetuning_args, _ = get_train_args(argv)
+    assert finetuning_args.pref_beta == 0.3
+    with pytest.raises(ConfigError, match="pref_beta is 0.3 and vlm_dpo.loss.beta is 0.2"):
+        prepare_run(latest(), model_args, training_args, finetuning_args)

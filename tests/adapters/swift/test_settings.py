@@ -18,7 +18,8 @@ if getattr(swift, "__file__", None) is None:  # a namespace package (e.g. a stra
     pytest.skip("`swift` is not ms-swift here", allow_module_level=True)
 
 import torch  # noqa: E402
-from vlm_dpo_plugins.adapters.swift.settings import reconcile, written_arguments  # noqa: E402
+from vlm_dpo_plugins.adapters.hf_trainer.run import command_line_keys  # noqa: E402
+from vlm_dpo_plugins.adapters.swift.settings import reconcile  # noqa: E402
 
 from vlm_dpo_plugins.config_source import load_plugin_config  # noqa: E402
 from vlm_dpo_plugins.errors import ConfigError  # noqa: E402
@@ -54,12 +55,12 @@ def settle(base_command: list[str], *flags: str, config: dict | None = None):
     args, remaining = parse_args(RLHFArguments, argv)
     assert not remaining, remaining
     plugin_config, written = load_plugin_config(create_plugin_manager(), config)
-    return reconcile(args, plugin_config, written, written_arguments(argv)), args
+    return reconcile(args, plugin_config, written, command_line_keys(argv)), args
 
 
 def test_written_arguments_reads_both_spellings() -> None:
     argv = ["--freeze-vit=false", "--vit_lr", "1e-5", "value", "-x", "--"]
-    assert written_arguments(argv) == {"freeze_vit", "vit_lr"}
+    assert command_line_keys(argv) == {"freeze_vit", "vit_lr"}
 
 
 def test_defaults_keep_swifts_loss_and_freeze_and_move_clipping_into_the_guards(base_command) -> None:
