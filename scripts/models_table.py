@@ -27,6 +27,7 @@ FAMILIES = {
     "qwen2_vl": "Qwen2-VL",
     "qwen2_5_vl": "Qwen2.5-VL",
     "gemma3": "Gemma 3",
+    "qwen3_vl": "Qwen3-VL",
 }
 FEATURES = {
     "stock": "trains like the framework alone (same trainable set): loss, rewards, gradient norm within 1e-5, "

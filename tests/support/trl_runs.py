@@ -11,6 +11,8 @@ from datasets import Dataset
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer
 
+TRL_FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "qwen3_vl"]
+"""The tiny families (``tiny_model_dirs``) every TRL family test runs on."""
 EVERYTHING_TRAINS = {"freeze": {"trainable": ["vision", "projector", "language"]}}
 UNSHARED = {"sharing": {"prompt": False, "vision_features": False}}
 """Two rows per pair, as stock TRL runs them: for comparisons with TRL to 1e-5 over several AdamW steps, which

@@ -17,6 +17,7 @@ from vlm_dpo_plugins.tiny.gemma3 import build_tiny_gemma3
 from vlm_dpo_plugins.tiny.llava import build_tiny_llava
 from vlm_dpo_plugins.tiny.qwen2_5_vl import build_tiny_qwen2_5_vl
 from vlm_dpo_plugins.tiny.qwen2_vl import build_tiny_qwen2_vl
+from vlm_dpo_plugins.tiny.qwen3_vl import build_tiny_qwen3_vl
 
 __all__ = [
     "PreferenceExample",
@@ -24,6 +25,7 @@ __all__ = [
     "build_tiny_qwen2_5_vl",
     "build_tiny_llava",
     "build_tiny_qwen2_vl",
+    "build_tiny_qwen3_vl",
     "make_preference_examples",
     "trl_conversational_rows",
     "write_preference_images",

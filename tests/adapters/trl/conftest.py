@@ -9,7 +9,13 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
-    from vlm_dpo_plugins.tiny import build_tiny_gemma3, build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
+    from vlm_dpo_plugins.tiny import (
+        build_tiny_gemma3,
+        build_tiny_llava,
+        build_tiny_qwen2_5_vl,
+        build_tiny_qwen2_vl,
+        build_tiny_qwen3_vl,
+    )
 
     root = tmp_path_factory.mktemp("tiny-vlms")
     return {
@@ -17,6 +23,7 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
         "qwen2_vl": build_tiny_qwen2_vl(root / "qwen2_vl"),
         "qwen2_5_vl": build_tiny_qwen2_5_vl(root / "qwen2_5_vl"),
         "gemma3": build_tiny_gemma3(root / "gemma3"),
+        "qwen3_vl": build_tiny_qwen3_vl(root / "qwen3_vl"),
     }
 
 

@@ -20,7 +20,7 @@ trl = pytest.importorskip("trl")
 
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from trl_runs import count_images, inner_model, make_trainer, snapshot, training_logs  # noqa: E402
+from trl_runs import TRL_FAMILIES, count_images, inner_model, make_trainer, snapshot, training_logs  # noqa: E402
 
 from vlm_dpo_plugins.errors import ConfigError, VLMDPOError  # noqa: E402
 
@@ -73,7 +73,7 @@ def assert_same_step(step, live, tolerance=1e-5):
 
 
 @pytest.mark.model_support("TRL", "precompute")
-@pytest.mark.parametrize("model", ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("model", TRL_FAMILIES)
 def test_a_precomputed_step_equals_the_live_one_and_the_reference_leaves_memory(
     tiny_model_dirs, rows, tmp_path, model
 ):

@@ -17,7 +17,7 @@ trl = pytest.importorskip("trl")
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from trl_runs import EVERYTHING_TRAINS, count_images, make_trainer, snapshot, training_logs  # noqa: E402
+from trl_runs import EVERYTHING_TRAINS, TRL_FAMILIES, count_images, make_trainer, snapshot, training_logs  # noqa: E402
 
 NO_SHARING = {"prompt": False, "vision_features": False}
 FROZEN = {}
@@ -81,7 +81,7 @@ def assert_same_step(shared, unshared, tolerance=1e-5):
 
 
 @pytest.mark.model_support("TRL", "sharing")
-@pytest.mark.parametrize("model", ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("model", TRL_FAMILIES)
 @pytest.mark.parametrize(
     ("freeze", "encodes_per_pair"), [(FROZEN, 1), (EVERYTHING_TRAINS, 2)], ids=["frozen", "trained"]
 )

@@ -11,6 +11,7 @@ trl = pytest.importorskip("trl")
 import torch  # noqa: E402
 from transformers import AutoModelForImageTextToText, TrainerCallback  # noqa: E402
 from trl_runs import (  # noqa: E402
+    TRL_FAMILIES,
     EVERYTHING_TRAINS,
     UNSHARED,
     InjectNonFiniteGradient,
@@ -28,7 +29,7 @@ from vlm_dpo_plugins.errors import ConfigError, TrainingHalted  # noqa: E402
 
 
 @pytest.mark.model_support("TRL", "stock")
-@pytest.mark.parametrize("architecture", ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("architecture", TRL_FAMILIES)
 def test_losses_equal_stock_dpo_trainer_when_nothing_needs_fixing(
     architecture, tiny_model_dirs, preference_rows, tmp_path
 ):
@@ -54,7 +55,7 @@ def test_losses_equal_stock_dpo_trainer_when_nothing_needs_fixing(
 
 
 @pytest.mark.model_support("TRL", "freeze")
-@pytest.mark.parametrize("architecture", ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("architecture", TRL_FAMILIES)
 def test_default_policy_keeps_vision_and_projector_unchanged_and_the_margin_grows(
     architecture, tiny_model_dirs, preference_rows, tmp_path
 ):
