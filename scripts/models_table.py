@@ -28,6 +28,10 @@ FAMILIES = {
     "qwen2_5_vl": "Qwen2.5-VL",
     "gemma3": "Gemma 3",
     "qwen3_vl": "Qwen3-VL",
+    "idefics3": "Idefics3 / SmolVLM",
+    "llava_next": "LLaVA-NeXT",
+    "llava_onevision": "LLaVA-OneVision",
+    "mistral3": "Mistral3 / Pixtral",
 }
 FEATURES = {
     "stock": "trains like the framework alone (same trainable set): loss, rewards, gradient norm within 1e-5, "

@@ -11,7 +11,7 @@ from datasets import Dataset
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer
 
-TRL_FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "qwen3_vl"]
+TRL_FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "qwen3_vl", "idefics3", "llava_next", "llava_onevision", "mistral3"]
 """The tiny families (``tiny_model_dirs``) every TRL family test runs on."""
 EVERYTHING_TRAINS = {"freeze": {"trainable": ["vision", "projector", "language"]}}
 UNSHARED = {"sharing": {"prompt": False, "vision_features": False}}
@@ -67,17 +67,30 @@ def inner_model(model):
     return model.get_base_model().model if hasattr(model, "get_base_model") else model.model
 
 
-def count_images(model, on_images) -> None:
-    """``on_images(n)`` with the number of images each call of the model's vision tower encodes."""
-
-    def count(module, args, kwargs):
-        grid = kwargs.get("grid_thw")  # Qwen2-VL: one row per image
-        pixels = args[0] if args else kwargs["pixel_values"]  # Gemma 3 passes them by name
-        on_images(int(grid.shape[0] if grid is not None else pixels.shape[0]))
-
+def language_model_of(model):
+    """The VLM's language model (Idefics3 names it ``text_model``)."""
     inner = inner_model(model)
-    tower = getattr(inner, "vision_tower", None) or inner.visual
-    tower.register_forward_pre_hook(count, with_kwargs=True)
+    return getattr(inner, "language_model", None) or inner.text_model
+
+
+def count_images(model, on_images) -> None:
+    """``on_images(n)`` with the number of images each encode of the model's images covers.
+
+    Counted where the language model asks for image features (``get_image_features``, which runs the vision
+    tower and projector): the vision tower itself sees Idefics3's crops, not images. The plugins' sharing wraps
+    the same method on top of this counter, so features handed out again are not counted.
+    """
+    inner = inner_model(model)
+    encode = inner.get_image_features
+
+    def counted(*args, **kwargs):
+        grid = kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None)  # Qwen-VL: one row per image
+        pixels = args[0] if args else kwargs["pixel_values"]
+        # Idefics3: [rows, crops, C, H, W] with one image per row in these tests.
+        on_images(int(grid.shape[0] if isinstance(grid, torch.Tensor) and grid.ndim == 2 else pixels.shape[0]))
+        return encode(*args, **kwargs)
+
+    inner.get_image_features = counted
 
 
 def changed(model, before) -> set[str]:

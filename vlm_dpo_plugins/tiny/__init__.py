@@ -14,7 +14,11 @@ from vlm_dpo_plugins.tiny.data import (
     write_preference_images,
 )
 from vlm_dpo_plugins.tiny.gemma3 import build_tiny_gemma3
+from vlm_dpo_plugins.tiny.idefics3 import build_tiny_idefics3
 from vlm_dpo_plugins.tiny.llava import build_tiny_llava
+from vlm_dpo_plugins.tiny.llava_next import build_tiny_llava_next
+from vlm_dpo_plugins.tiny.llava_onevision import build_tiny_llava_onevision
+from vlm_dpo_plugins.tiny.mistral3 import build_tiny_mistral3
 from vlm_dpo_plugins.tiny.qwen2_5_vl import build_tiny_qwen2_5_vl
 from vlm_dpo_plugins.tiny.qwen2_vl import build_tiny_qwen2_vl
 from vlm_dpo_plugins.tiny.qwen3_vl import build_tiny_qwen3_vl
@@ -22,8 +26,12 @@ from vlm_dpo_plugins.tiny.qwen3_vl import build_tiny_qwen3_vl
 __all__ = [
     "PreferenceExample",
     "build_tiny_gemma3",
+    "build_tiny_idefics3",
     "build_tiny_qwen2_5_vl",
     "build_tiny_llava",
+    "build_tiny_llava_next",
+    "build_tiny_llava_onevision",
+    "build_tiny_mistral3",
     "build_tiny_qwen2_vl",
     "build_tiny_qwen3_vl",
     "make_preference_examples",

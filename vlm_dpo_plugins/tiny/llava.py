@@ -42,6 +42,19 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
+def llava_tokenizer():
+    """Llama-style byte-level BPE with ``<image>`` as a special token (the LLaVA family shares it)."""
+    return wrap_for_transformers(
+        train_byte_level_bpe(tokenizer_corpus(), ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        extra_special_tokens=[IMAGE_TOKEN],
+    )
+
+
 def build_tiny_llava(
     directory: str | Path, *, seed: int = 0, hidden_size: int = 32, image_size: int = IMAGE_SIZE, layers: int = 2
 ) -> Path:
@@ -54,15 +67,7 @@ def build_tiny_llava(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = wrap_for_transformers(
-        train_byte_level_bpe(tokenizer_corpus(), ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]),
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        chat_template=LLAVA_CHAT_TEMPLATE,
-        extra_special_tokens=[IMAGE_TOKEN],
-    )
+    tokenizer = llava_tokenizer()
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(
             size={"shortest_edge": image_size},

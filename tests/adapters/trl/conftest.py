@@ -11,7 +11,11 @@ import pytest
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     from vlm_dpo_plugins.tiny import (
         build_tiny_gemma3,
+        build_tiny_idefics3,
         build_tiny_llava,
+        build_tiny_llava_next,
+        build_tiny_llava_onevision,
+        build_tiny_mistral3,
         build_tiny_qwen2_5_vl,
         build_tiny_qwen2_vl,
         build_tiny_qwen3_vl,
@@ -24,6 +28,10 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
         "qwen2_5_vl": build_tiny_qwen2_5_vl(root / "qwen2_5_vl"),
         "gemma3": build_tiny_gemma3(root / "gemma3"),
         "qwen3_vl": build_tiny_qwen3_vl(root / "qwen3_vl"),
+        "idefics3": build_tiny_idefics3(root / "idefics3"),
+        "llava_next": build_tiny_llava_next(root / "llava_next"),
+        "llava_onevision": build_tiny_llava_onevision(root / "llava_onevision"),
+        "mistral3": build_tiny_mistral3(root / "mistral3"),
     }
 
 

@@ -20,7 +20,7 @@ trl = pytest.importorskip("trl")
 
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from trl_runs import TRL_FAMILIES, count_images, inner_model, make_trainer, snapshot, training_logs  # noqa: E402
+from trl_runs import TRL_FAMILIES, count_images, language_model_of, make_trainer, snapshot, training_logs  # noqa: E402
 
 from vlm_dpo_plugins.errors import ConfigError, VLMDPOError  # noqa: E402
 
@@ -41,7 +41,7 @@ class Forwards:
 
     def __init__(self, model):
         self.language, self.images = 0, 0
-        inner_model(model).language_model.register_forward_pre_hook(self._language)
+        language_model_of(model).register_forward_pre_hook(self._language)
         count_images(model, self._vision)
 
     def _language(self, module, args):

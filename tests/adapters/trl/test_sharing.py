@@ -25,11 +25,14 @@ FROZEN = {}
 
 @pytest.fixture(scope="module")
 def uneven_rows(preference_rows):
-    """Pairs whose prompts and responses differ in length, so packed rows and collated rows both pad."""
+    """Pairs whose prompts, responses and images differ in size, so packed rows and collated rows both pad and the
+    families that tile or resize by shape (LLaVA-NeXT, Idefics3, Qwen-VL) give each image its own token count."""
     rows = copy.deepcopy(preference_rows[:4])
     rows[1]["rejected"][0]["content"][0]["text"] += " I am quite sure, it is that colour and no other."
     rows[2]["chosen"][0]["content"][0]["text"] += " Yes."
     rows[3]["prompt"][0]["content"][1]["text"] += " Answer in one short sentence, please."
+    for row, size in zip(rows[1:], [(56, 28), (28, 56), (84, 56)]):
+        row["images"] = [image.resize(size) for image in row["images"]]
     return rows
 
 
