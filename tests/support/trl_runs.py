@@ -11,7 +11,9 @@ from datasets import Dataset
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer
 
-TRL_FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "qwen3_vl", "idefics3", "llava_next", "llava_onevision", "mistral3"]
+TRL_FAMILIES = [
+    "llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "qwen3_vl", "idefics3", "llava_next", "llava_onevision", "mistral3",
+]  # fmt: skip
 """The tiny families (``tiny_model_dirs``) every TRL family test runs on."""
 EVERYTHING_TRAINS = {"freeze": {"trainable": ["vision", "projector", "language"]}}
 UNSHARED = {"sharing": {"prompt": False, "vision_features": False}}

@@ -97,4 +97,5 @@ def build_tiny_llava_onevision(
         tie_word_embeddings=False,
     )
     config.pad_token_id = tokenizer.pad_token_id
-    return save_with_tokenizer_ids(LlavaOnevisionForConditionalGeneration, config, tokenizer, processor, directory, seed)
+    model_class = LlavaOnevisionForConditionalGeneration
+    return save_with_tokenizer_ids(model_class, config, tokenizer, processor, directory, seed)
