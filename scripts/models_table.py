@@ -32,6 +32,7 @@ FAMILIES = {
     "llava_next": "LLaVA-NeXT",
     "llava_onevision": "LLaVA-OneVision",
     "mistral3": "Mistral3 / Pixtral",
+    "internvl": "InternVL",
 }
 FEATURES = {
     "stock": "trains like the framework alone (same trainable set): loss, rewards, gradient norm within 1e-5, "

@@ -13,8 +13,12 @@ from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer
 
 TRL_FAMILIES = [
     "llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "qwen3_vl", "idefics3", "llava_next", "llava_onevision", "mistral3",
+    "internvl",
 ]  # fmt: skip
 """The tiny families (``tiny_model_dirs``) every TRL family test runs on."""
+COUNTED_IN_CROPS = {"internvl"}
+"""Families whose ``get_image_features`` takes a flat batch of crops with no count per image: ``count_images``
+counts their crops."""
 EVERYTHING_TRAINS = {"freeze": {"trainable": ["vision", "projector", "language"]}}
 UNSHARED = {"sharing": {"prompt": False, "vision_features": False}}
 """Two rows per pair, as stock TRL runs them: for comparisons with TRL to 1e-5 over several AdamW steps, which

@@ -15,6 +15,7 @@ from vlm_dpo_plugins.tiny.data import (
 )
 from vlm_dpo_plugins.tiny.gemma3 import build_tiny_gemma3
 from vlm_dpo_plugins.tiny.idefics3 import build_tiny_idefics3
+from vlm_dpo_plugins.tiny.internvl import build_tiny_internvl
 from vlm_dpo_plugins.tiny.llava import build_tiny_llava
 from vlm_dpo_plugins.tiny.llava_next import build_tiny_llava_next
 from vlm_dpo_plugins.tiny.llava_onevision import build_tiny_llava_onevision
@@ -27,6 +28,7 @@ __all__ = [
     "PreferenceExample",
     "build_tiny_gemma3",
     "build_tiny_idefics3",
+    "build_tiny_internvl",
     "build_tiny_qwen2_5_vl",
     "build_tiny_llava",
     "build_tiny_llava_next",

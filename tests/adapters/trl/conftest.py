@@ -12,6 +12,7 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     from vlm_dpo_plugins.tiny import (
         build_tiny_gemma3,
         build_tiny_idefics3,
+        build_tiny_internvl,
         build_tiny_llava,
         build_tiny_llava_next,
         build_tiny_llava_onevision,
@@ -32,6 +33,7 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
         "llava_next": build_tiny_llava_next(root / "llava_next"),
         "llava_onevision": build_tiny_llava_onevision(root / "llava_onevision"),
         "mistral3": build_tiny_mistral3(root / "mistral3"),
+        "internvl": build_tiny_internvl(root / "internvl"),
     }
 
 

@@ -20,7 +20,15 @@ trl = pytest.importorskip("trl")
 
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from trl_runs import TRL_FAMILIES, count_images, language_model_of, make_trainer, snapshot, training_logs  # noqa: E402
+from trl_runs import (  # noqa: E402
+    COUNTED_IN_CROPS,
+    TRL_FAMILIES,
+    count_images,
+    language_model_of,
+    make_trainer,
+    snapshot,
+    training_logs,
+)
 
 from vlm_dpo_plugins.errors import ConfigError, VLMDPOError  # noqa: E402
 
@@ -84,12 +92,14 @@ def test_a_precomputed_step_equals_the_live_one_and_the_reference_leaves_memory(
     reference = weakref.ref(trainer.ref_model)
     in_pass = Forwards(trainer.ref_model)
     trainer.vlm_dpo_precompute_reference()
-    assert (in_pass.language, in_pass.images) == (1, 4)  # one packed batch: each pair's image encoded once
+    # One packed batch, each pair's image encoded once (a 56 px square is 4 crops and a thumbnail for InternVL).
+    images = 4 * (5 if model in COUNTED_IN_CROPS else 1)
+    assert (in_pass.language, in_pass.images) == (1, images)
     gc.collect()
     assert trainer.ref_model is None and reference() is None
     policy = Forwards(trainer.model)
     step = one_step(trainer)
-    assert (policy.language, policy.images) == (1, 4)  # the policy's pass alone
+    assert (policy.language, policy.images) == (1, images)  # the policy's pass alone
     live = one_step(
         make_trainer(tiny_model_dirs[model], rows, tmp_path / "live", per_device_train_batch_size=4, bf16=False)
     )
