@@ -33,6 +33,7 @@ FAMILIES = {
     "llava_onevision": "LLaVA-OneVision",
     "mistral3": "Mistral3 / Pixtral",
     "internvl": "InternVL",
+    "mllama": "Mllama (Llama 3.2 Vision)",
 }
 FEATURES = {
     "stock": "trains like the framework alone (same trainable set): loss, rewards, gradient norm within 1e-5, "
@@ -41,6 +42,8 @@ FEATURES = {
     "sharing": "one packed row and one image encode per pair: loss, rewards and gradients equal to two rows "
     "within 1e-5",
     "precompute": "`sharing.reference: precompute`: the same training as the live reference within 1e-5",
+    "framework-fix": "stock training fails on this family; the adapter puts the framework's batch right "
+    "(each row as the processor makes it) and it trains",
     "ddp-reentrant": '2 gloo ranks, LoRA + reentrant checkpointing: stock fails ("marked ready only once"), '
     "with the plugins it trains",
 }

@@ -30,6 +30,8 @@ from vlm_dpo_plugins.adapters.trl.batch import collated_outputs, completion_labe
 from vlm_dpo_plugins.adapters.trl.metrics import record_token_metrics
 from vlm_dpo_plugins.adapters.trl.settings import reconcile
 
+from vlm_dpo_plugins.collation.cross_attention import FullLengthCrossAttention
+from vlm_dpo_plugins.collation.response_bos import ResponsesWithoutBos
 from vlm_dpo_plugins.config_source import PluginSource, load_plugin_config
 from vlm_dpo_plugins.manager import create_plugin_manager
 from vlm_dpo_plugins.sharing.forward import PreparedBatch
@@ -63,6 +65,7 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
 
         super().__init__(*bound.args[1:], **bound.kwargs)
 
+        self.data_collator = _collator_fixed_for_model(self.data_collator, self.model, self.processing_class)
         if not self._trl_computes_loss:
             self.beta = self.vlm_dpo_config.loss.beta
         self.vlm_dpo_attach(framework_computes_loss=self._trl_computes_loss)
@@ -140,6 +143,22 @@ def _fused_forward(model: Any, prepared: PreparedBatch, batch: dict[str, Any], *
     outputs = model(**prepared.kwargs, **extra, labels=prepared.labels, fused_lm_head=True)
     outputs = collated_outputs(outputs, prepared)
     return summed_logps(outputs.log_probs, batch["completion_mask"]), outputs
+
+
+def _collator_fixed_for_model(collator: Any, model: Any, processing_class: Any) -> Any:
+    """TRL's vision collator, with what it gets wrong for a cross-attention model (Mllama) put right: it keeps
+    ``cross_attention_mask`` at prompt length (the model cannot train), and the processor starts each response
+    with BOS (docs/models.md)."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else None
+    image_token = getattr(config, "image_token_index", None)
+    tokenizer = getattr(processing_class, "tokenizer", None)
+    if not getattr(text_config, "cross_attention_layers", None) or image_token is None or tokenizer is None:
+        return collator
+    if tokenizer.bos_token_id is not None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        collator = ResponsesWithoutBos(collator, tokenizer.bos_token_id, pad, "TRL")
+    return FullLengthCrossAttention(collator, image_token)
 
 
 def _default_args(model: Any) -> Any:

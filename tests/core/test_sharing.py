@@ -152,7 +152,7 @@ def test_duplicated_images_are_encoded_once_and_their_features_repeated():
     pixels = torch.randn(2, 3)
     duplicated = torch.cat((pixels, pixels))
     sharing = ImageFeatureSharing(model)
-    assert sharing.modules == [model.model]  # the innermost, whose forward calls it
+    assert sharing.modules == [(model.model, "get_image_features")]  # the innermost, whose forward calls it
     with sharing.encode_chosen_half():
         out = model(duplicated, image_grid_thw=torch.ones(4, 3))
     assert model.model.calls == [2]
@@ -293,3 +293,29 @@ def test_image_blocks_attend_both_ways_inside_the_prompt_and_nothing_else_change
     assert with_blocks[1, 2, 3] and not with_blocks[1, 0, 2]  # within an image, never a later image
     changed = (with_blocks != plain).nonzero().tolist()
     assert changed == [[0, 0, 1], [1, 2, 3]]
+
+
+class DirectVisionCall(torch.nn.Module):
+    """A model that calls its vision model itself, with no ``get_image_features`` (Mllama's layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.vision_model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+
+    def forward(self, pixel_values):
+        return self.vision_model(pixel_values)
+
+
+def test_without_get_image_features_the_vision_model_called_directly_is_shared():
+    model = DirectVisionCall()
+    pixels = torch.randn(2, 3)
+    sharing = ImageFeatureSharing(model)
+    assert sharing.modules == [(model.vision_model, "forward")]
+    with sharing.record():
+        recorded = model(pixels)
+    calls = []
+    model.vision_model[0].register_forward_pre_hook(lambda module, args: calls.append(args))  # the encoder's work
+    with sharing.replay():
+        replayed = model(pixels)
+    assert calls == [] and torch.equal(replayed, recorded)
+    assert "forward" not in model.vision_model.__dict__

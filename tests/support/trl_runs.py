@@ -13,9 +13,11 @@ from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer
 
 TRL_FAMILIES = [
     "llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "qwen3_vl", "idefics3", "llava_next", "llava_onevision", "mistral3",
-    "internvl",
+    "internvl", "mllama",
 ]  # fmt: skip
 """The tiny families (``tiny_model_dirs``) every TRL family test runs on."""
+STOCK_CANNOT_TRAIN = {"mllama"}
+"""Families stock ``trl.DPOTrainer`` fails on (``test_trainer.py`` shows how, and the adapter training them)."""
 COUNTED_IN_CROPS = {"internvl"}
 """Families whose ``get_image_features`` takes a flat batch of crops with no count per image: ``count_images``
 counts their crops."""
@@ -87,16 +89,20 @@ def count_images(model, on_images) -> None:
     the same method on top of this counter, so features handed out again are not counted.
     """
     inner = inner_model(model)
-    encode = inner.get_image_features
+    # Mllama has no get_image_features: its forward calls the vision model directly.
+    owner, method = (inner, "get_image_features")
+    if not hasattr(inner, "get_image_features"):
+        owner, method = inner.vision_model, "forward"
+    encode = getattr(owner, method)
 
     def counted(*args, **kwargs):
         grid = kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None)  # Qwen-VL: one row per image
         pixels = args[0] if args else kwargs["pixel_values"]
-        # Idefics3: [rows, crops, C, H, W] with one image per row in these tests.
+        # Idefics3, Mllama: [rows, crops or images, ...] with one image per row in these tests.
         on_images(int(grid.shape[0] if isinstance(grid, torch.Tensor) and grid.ndim == 2 else pixels.shape[0]))
         return encode(*args, **kwargs)
 
-    inner.get_image_features = counted
+    setattr(owner, method, counted)
 
 
 def changed(model, before) -> set[str]:

@@ -25,10 +25,25 @@ from vlm_dpo_plugins.types import ParameterGroups
 VISION_GROUPS = ("vision", "projector")
 
 
-def image_feature_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules whose forward calls their own ``get_image_features`` (the innermost that define it)."""
+DIRECT_VISION_MODELS = ("vision_model",)
+"""Children a model's forward calls directly for its image features when it has no ``get_image_features``
+(Mllama's cross-attention states are ``vision_model``'s output, projected)."""
+
+
+def image_feature_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """(module, method) pairs the model's forward calls for its image features: ``get_image_features`` of the
+    innermost modules that define it, else the ``forward`` of a vision model called directly."""
     having = [m for m in model.modules() if callable(getattr(type(m), "get_image_features", None))]
-    return [m for m in having if not any(o is not m and _contains(m, o) for o in having)]
+    innermost = [m for m in having if not any(o is not m and _contains(m, o) for o in having)]
+    if innermost:
+        return [(module, "get_image_features") for module in innermost]
+    direct = []
+    for module in model.modules():
+        for name in DIRECT_VISION_MODELS:
+            child = getattr(module, name, None)
+            if isinstance(child, torch.nn.Module) and child in list(module.children()):
+                direct.append((child, "forward"))
+    return direct
 
 
 def _contains(outer: torch.nn.Module, inner: torch.nn.Module) -> bool:
@@ -102,16 +117,16 @@ class ImageFeatureSharing:
         """Wrap each module's current ``get_image_features`` (another wrap included), then put it back as it was."""
         saved = []
         try:
-            for module in self.modules if modules is None else modules:
-                saved.append((module, module.__dict__.get("get_image_features")))
-                module.get_image_features = wrap(module.get_image_features)
+            for module, method in self.modules if modules is None else modules:
+                saved.append((module, method, module.__dict__.get(method)))
+                setattr(module, method, wrap(getattr(module, method)))
             yield
         finally:
-            for module, previous in reversed(saved):
+            for module, method, previous in reversed(saved):
                 if previous is None:
-                    del module.get_image_features
+                    delattr(module, method)
                 else:
-                    module.get_image_features = previous
+                    setattr(module, method, previous)
 
 
 def _first_halves(values):
@@ -132,6 +147,11 @@ def _repeated(features: Any) -> Any:
         return type(features)(list(features) * 2)
     if hasattr(features, "pooler_output"):
         features.pooler_output = _repeated(features.pooler_output)
+        return features
+    if getattr(features, "last_hidden_state", None) is not None:  # a vision model's own output (Mllama)
+        for key, value in list(features.items()):
+            if isinstance(value, torch.Tensor):
+                features[key] = _repeated(value)
         return features
     raise TypeError(f"vlm-dpo: cannot repeat image features of type {type(features).__name__}")
 

@@ -10,7 +10,16 @@ import torch
 from vlm_dpo_plugins.sharing.packing import PackingUnavailable
 
 PER_TOKEN_KEYS = frozenset(
-    {"input_ids", "attention_mask", "completion_mask", "labels", "token_type_ids", "mm_token_type_ids", "position_ids"}
+    {
+        "input_ids",
+        "attention_mask",
+        "completion_mask",
+        "labels",
+        "token_type_ids",
+        "mm_token_type_ids",
+        "position_ids",
+        "cross_attention_mask",
+    }
 )
 """Batch keys with one value per token of each row; every other tensor of a model's inputs is per image."""
 

@@ -75,13 +75,15 @@ class PackedPairs:
         """A collated ``[2B, T]`` per-token tensor in packed layout, ``fill`` on padding.
 
         ``[K, 2B, T]`` (Qwen2-VL's mrope ``position_ids`` as LLaMA-Factory and ms-swift collate them) packs
-        along its last two dimensions.
+        along its last two dimensions; ``[2B, T, ...]`` (Mllama's ``cross_attention_mask``, ``[2B, T, images,
+        tiles]``) along its first two.
         """
         if per_token.ndim == 3 and per_token.shape[1:] == self.collated_shape:
             packed = per_token[:, self.source_row, self.source_column]
             return packed.masked_fill(~self.token_mask[None], fill)
         packed = per_token[self.source_row, self.source_column]
-        return packed.masked_fill(~self.token_mask, fill)
+        padding = ~self.token_mask
+        return packed.masked_fill(padding.view(*padding.shape, *[1] * (packed.ndim - 2)), fill)
 
     def labels(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Packed labels: the scored response tokens' ids, ``IGNORE_INDEX`` everywhere else."""

@@ -119,9 +119,15 @@ def _dispatcher(stock: Callable[..., Any]) -> Callable[..., Any]:
     def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
                   **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
         layout = kwargs.pop(LAYOUT_KEYWORD, None)
-        # The vision tower's attention gets the model's keyword arguments too: only causal text attention over the
-        # packed rows is a packed row's attention.
-        if layout is None or not getattr(module, "is_causal", True) or query.shape[2] != layout.length:
+        # The vision tower's attention gets the model's keyword arguments too, and cross-attention layers (Mllama)
+        # attend from the packed tokens to image keys: only causal self-attention over the packed rows is a packed
+        # row's attention.
+        if (
+            layout is None
+            or not getattr(module, "is_causal", True)
+            or query.shape[2] != layout.length
+            or key.shape[2] != layout.length
+        ):
             return stock(module, query, key, value, attention_mask, **kwargs)
         window = kwargs.get("sliding_window") or layout.longest_branch
         if query.shape[0] != layout.rows or window < layout.longest_branch:

@@ -17,6 +17,7 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
         build_tiny_llava_next,
         build_tiny_llava_onevision,
         build_tiny_mistral3,
+        build_tiny_mllama,
         build_tiny_qwen2_5_vl,
         build_tiny_qwen2_vl,
         build_tiny_qwen3_vl,
@@ -34,6 +35,7 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
         "llava_onevision": build_tiny_llava_onevision(root / "llava_onevision"),
         "mistral3": build_tiny_mistral3(root / "mistral3"),
         "internvl": build_tiny_internvl(root / "internvl"),
+        "mllama": build_tiny_mllama(root / "mllama"),
     }
 
 

@@ -11,6 +11,7 @@ trl = pytest.importorskip("trl")
 import torch  # noqa: E402
 from transformers import AutoModelForImageTextToText, TrainerCallback  # noqa: E402
 from trl_runs import (  # noqa: E402
+    STOCK_CANNOT_TRAIN,
     TRL_FAMILIES,
     EVERYTHING_TRAINS,
     UNSHARED,
@@ -29,7 +30,7 @@ from vlm_dpo_plugins.errors import ConfigError, TrainingHalted  # noqa: E402
 
 
 @pytest.mark.model_support("TRL", "stock")
-@pytest.mark.parametrize("architecture", TRL_FAMILIES)
+@pytest.mark.parametrize("architecture", [family for family in TRL_FAMILIES if family not in STOCK_CANNOT_TRAIN])
 def test_losses_equal_stock_dpo_trainer_when_nothing_needs_fixing(
     architecture, tiny_model_dirs, preference_rows, tmp_path
 ):
@@ -49,6 +50,37 @@ def test_losses_equal_stock_dpo_trainer_when_nothing_needs_fixing(
     # And the same weights at the end: the guarded step clipped and stepped exactly as the Trainer does.
     for (name, p), (_, q) in zip(stock.model.named_parameters(), ours.model.named_parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.model_support("TRL", "framework-fix", family="mllama")
+def test_stock_trl_cannot_train_mllama_and_the_adapter_collates_what_the_processor_would(
+    tiny_model_dirs, preference_rows, tmp_path
+):
+    model_dir = tiny_model_dirs["mllama"]
+    stock = make_trainer(model_dir, preference_rows, tmp_path / "stock", trainer_class=trl.DPOTrainer, max_steps=1)
+    stock_batch = next(iter(stock.get_train_dataloader()))
+    assert stock_batch["cross_attention_mask"].shape[1] < stock_batch["input_ids"].shape[1]  # the prompt's only
+    with pytest.raises(RuntimeError, match="must match the size of tensor"):
+        stock.train()
+
+    ours = make_trainer(model_dir, preference_rows[:4], tmp_path / "ours", per_device_train_batch_size=4, max_steps=4)
+    batch = ours.data_collator([ours.train_dataset[index] for index in range(4)])  # in order, unlike the loader's
+    # Each row is what Mllama's processor makes of the whole conversation in one call: one BOS, and every token
+    # from the image token on, the response's included, attends to the image's tiles.
+    processor = ours.processing_class
+    for row in range(8):
+        example = preference_rows[row % 4]
+        response = example["chosen"] if row < 4 else example["rejected"]
+        text = processor.apply_chat_template(example["prompt"] + response)
+        expected = processor(text=text, images=example["images"], add_special_tokens=False, return_tensors="pt")
+        length = int(batch["attention_mask"][row].sum())
+        assert batch["input_ids"][row, :length].tolist() == expected["input_ids"][0].tolist()
+        torch.testing.assert_close(batch["cross_attention_mask"][row, :length], expected["cross_attention_mask"][0])
+    before = snapshot(ours.model)
+    ours.train()
+    losses = [entry["loss"] for entry in training_logs(ours)]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    assert changed(ours.model, before) <= set(ours.vlm_dpo_groups["language"])
 
 
 # -- freeze policy -------------------------------------------------------------------------
