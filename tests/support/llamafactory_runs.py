@@ -91,7 +91,43 @@ TINY_MODELS = {
         vision_keys=("vision_tower",),
         projector_keys=("multi_modal_projector",),
     ),
+    "qwen3_vl": TinyModel(
+        "qwen3_vl",
+        "qwen3_vl",
+        "vlm_dpo_plugins.tiny.qwen3_vl:build_tiny_qwen3_vl",
+        {"image_max_pixels": 4096, "image_min_pixels": 1024},  # 16 px patches: up to 4 merged tokens per image
+        vision_keys=("visual",),
+        projector_keys=("visual.merger", "visual.deepstack_merger_list"),
+    ),
+    "llava_next": TinyModel(
+        "llava_next",
+        "llava_next",
+        "vlm_dpo_plugins.tiny.llava_next:build_tiny_llava_next",
+        {},
+        vision_keys=("vision_tower",),
+        projector_keys=("multi_modal_projector", "image_newline"),
+    ),
+    "mllama": TinyModel(
+        "mllama",
+        "mllama",
+        "vlm_dpo_plugins.tiny.mllama:build_tiny_mllama",
+        {},
+        vision_keys=("vision_model",),
+        projector_keys=("multi_modal_projector",),
+    ),
 }
+
+
+class BuiltOnUse(dict):
+    """``{name: model folder}`` for ``TINY_MODELS``, each built the first time a test asks for it."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> Path:
+        self[name] = TINY_MODELS[name].build(self.root / name)
+        return self[name]
 
 
 def write_dataset(dataset_dir: Path, rows: list[dict] | None = None, num_rows: int = 6, seed: int = 0) -> None:

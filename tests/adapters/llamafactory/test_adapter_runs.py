@@ -24,6 +24,7 @@ pytest.importorskip("llamafactory", reason="needs the LLaMA-Factory test environ
 import torch  # noqa: E402
 from fault_plugin import install as install_fault_plugin  # noqa: E402
 from llamafactory_runs import (  # noqa: E402
+    BuiltOnUse,
     TINY_MODELS,
     changed_parts,
     dpo_config,
@@ -43,8 +44,7 @@ LN2 = math.log(2)
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    return {name: model.build(root / name) for name, model in TINY_MODELS.items()}
+    return BuiltOnUse(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

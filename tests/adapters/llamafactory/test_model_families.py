@@ -1,0 +1,81 @@
+"""More model families through ``llamafactory-cli train``: Qwen3-VL, LLaVA-NeXT and Mllama, each as LLaMA-Factory
+trains it alone, with the default freeze policy, and with its pairs packed.
+
+Three runs per family on the same data: LLaMA-Factory alone, the plugins with sharing off, the plugins with their
+defaults. Plain SGD, so the comparisons are of the steps themselves: AdamW divides each gradient by its own
+running size, which turns the ~1e-6 relative rounding differences of summing log-probs in another order into
+~1e-5 differences of the tiniest weights' updates after two steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("llamafactory", reason="needs the LLaMA-Factory test environment (llamafactory==0.9.5)")
+
+from llamafactory_runs import (  # noqa: E402
+    TINY_MODELS,
+    BuiltOnUse,
+    changed_parts,
+    dpo_config,
+    run_llamafactory,
+    write_dataset,
+)
+from safetensors.torch import load_file  # noqa: E402
+
+DISABLED = {"VLM_DPO_LLAMAFACTORY": "0"}
+UNSHARED = {"sharing": {"prompt": False, "vision_features": False}}
+PACKED_LINE = "vlm-dpo: sharing.prompt: each pair runs as one row [prompt, chosen, rejected]"
+COMPARED = ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return BuiltOnUse(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("data")
+    write_dataset(directory)
+    return directory
+
+
+def train(tmp_path, models, dataset, family, env=None, **overrides):
+    options = dict(pref_loss="sigmoid", optim="sgd", learning_rate=0.05, **overrides)
+    config = dpo_config(TINY_MODELS[family], models[family], dataset, tmp_path / "out", "full", **options)
+    run = run_llamafactory(tmp_path, config, env=env)
+    assert run.returncode == 0, run.log()
+    assert len(run.step_logs) == 3, run.log()
+    return run
+
+
+def assert_same_steps(ours, theirs):
+    for mine, other in zip(ours.step_logs, theirs.step_logs, strict=True):
+        for key in COMPARED:
+            assert mine[key] == pytest.approx(other[key], abs=1e-5), (key, mine, other)
+
+
+@pytest.mark.model_support("LLaMA-Factory", "stock", family="qwen3_vl")
+@pytest.mark.model_support("LLaMA-Factory", "freeze", family="qwen3_vl")
+@pytest.mark.model_support("LLaMA-Factory", "sharing", family="qwen3_vl")
+@pytest.mark.model_support("LLaMA-Factory", "stock", family="llava_next")
+@pytest.mark.model_support("LLaMA-Factory", "freeze", family="llava_next")
+@pytest.mark.model_support("LLaMA-Factory", "sharing", family="llava_next")
+@pytest.mark.model_support("LLaMA-Factory", "stock", family="mllama")
+@pytest.mark.model_support("LLaMA-Factory", "freeze", family="mllama")
+@pytest.mark.model_support("LLaMA-Factory", "sharing", family="mllama")
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava_next", "mllama"])
+def test_a_family_trains_as_llamafactory_alone_and_packed_like_two_rows(tmp_path, models, dataset, family):
+    stock = train(tmp_path / "stock", models, dataset, family, env=DISABLED)
+    unshared = train(tmp_path / "unshared", models, dataset, family, vlm_dpo=UNSHARED)
+    shared = train(tmp_path / "shared", models, dataset, family)
+    assert_same_steps(unshared, stock)
+    assert PACKED_LINE in shared.output and PACKED_LINE not in unshared.output, shared.log()
+    assert_same_steps(shared, unshared)
+
+    before = load_file(models[family] / "model.safetensors")
+    after = load_file(shared.output_dir / "model.safetensors")
+    parts = changed_parts(before, after, TINY_MODELS[family].part)
+    assert parts["vision"]["changed"] == [] and parts["projector"]["changed"] == [], parts
+    assert parts["language"]["changed"], "the language model did not train"
