@@ -21,6 +21,9 @@ STOCK_CANNOT_TRAIN = {"mllama"}
 COUNTED_IN_CROPS = {"internvl"}
 """Families whose ``get_image_features`` takes a flat batch of crops with no count per image: ``count_images``
 counts their crops."""
+COUNTED_IN_ROWS = {"idefics3", "mllama"}
+"""Families whose image encoder takes ``[rows, images or crops, ...]``: ``count_images`` counts rows,
+which is images only with one image per row."""
 EVERYTHING_TRAINS = {"freeze": {"trainable": ["vision", "projector", "language"]}}
 UNSHARED = {"sharing": {"prompt": False, "vision_features": False}}
 """Two rows per pair, as stock TRL runs them: for comparisons with TRL to 1e-5 over several AdamW steps, which

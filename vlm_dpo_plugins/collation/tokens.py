@@ -65,7 +65,13 @@ def collator_max_length(collate: Callable[..., Any]) -> int | None:
     return _positive_int(getattr(owner, "max_length", None))
 
 
+UNEXPANDED_IMAGE_TOKEN_PROCESSORS = frozenset({"MllamaProcessor"})
+"""Processors that leave each image's token as one token: the text reaches the image through cross-attention."""
+
+
 def _fixed_image_token_count(processor: Any) -> int | None:
+    if type(processor).__name__ in UNEXPANDED_IMAGE_TOKEN_PROCESSORS:
+        return 1
     count_tokens = getattr(processor, "_get_num_multimodal_tokens", None)
     if not callable(count_tokens) or getattr(processor, "image_token_id", None) is None:
         return None

@@ -92,6 +92,17 @@ TINY_QWEN2_5_VL = SwiftTinyModel(
 )
 """Not in ``SWIFT_TINY_MODELS``: the tests that run every model stay at two; the DDP report's setting runs it."""
 
+TINY_QWEN3_VL = SwiftTinyModel(
+    name="qwen3_vl",
+    builder="vlm_dpo_plugins.tiny.qwen3_vl:build_tiny_qwen3_vl",
+    # Qwen's special ids again; 16 px patches with DeepStack mergers inside ``visual``
+    model_type="qwen3_vl",
+    template="qwen3_vl",
+    vision_key="visual",
+    aligner_key="merger",
+)
+"""Not in ``SWIFT_TINY_MODELS`` either: ``test_model_families.py`` runs it."""
+
 
 # --- data --------------------------------------------------------------------------------
 
@@ -331,3 +342,8 @@ def qwen2_vl(swift_tiny_models):
 @pytest.fixture
 def qwen2_5_vl():
     return TINY_QWEN2_5_VL
+
+
+@pytest.fixture
+def qwen3_vl():
+    return TINY_QWEN3_VL

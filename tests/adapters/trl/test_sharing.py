@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from trl_runs import (  # noqa: E402
     COUNTED_IN_CROPS,
+    COUNTED_IN_ROWS,
     EVERYTHING_TRAINS,
     TRL_FAMILIES,
     count_images,
@@ -107,6 +108,27 @@ def test_shared_step_equals_the_unshared_one(tiny_model_dirs, uneven_rows, tmp_p
     # Frozen: the reference takes the policy's features; trained: it encodes its own, once per pair.
     assert shared[3] == {"policy": once, "reference": once * (encodes_per_pair - 1)}
     assert shared[2]["num_tokens"] == unshared[2]["num_tokens"]
+
+
+@pytest.fixture(scope="module")
+def two_image_rows(uneven_rows):
+    """The uneven pairs with a second image in each prompt (the next pair's, so the two differ)."""
+    rows = copy.deepcopy(uneven_rows)
+    for index, row in enumerate(rows):
+        row["images"] = [*row["images"], uneven_rows[(index + 1) % len(rows)]["images"][0]]
+        row["prompt"][0]["content"].insert(1, {"type": "image"})
+    return rows
+
+
+@pytest.mark.model_support("TRL", "multi-image")
+@pytest.mark.parametrize("model", TRL_FAMILIES)
+def test_two_images_per_prompt_share_like_one(tiny_model_dirs, two_image_rows, tmp_path, model):
+    shared = one_step(tiny_model_dirs[model], two_image_rows, tmp_path / "on", {}, FROZEN)
+    unshared = one_step(tiny_model_dirs[model], two_image_rows, tmp_path / "off", NO_SHARING, FROZEN)
+    assert_same_step(shared, unshared)
+    once = unshared[3]["policy"] // 2
+    assert once == (4 if model in COUNTED_IN_ROWS else 8) or model in COUNTED_IN_CROPS  # each image encoded once
+    assert shared[3] == {"policy": once, "reference": 0}
 
 
 def test_lora_reference_reuses_the_features_of_the_same_model(tiny_model_dirs, uneven_rows, tmp_path):

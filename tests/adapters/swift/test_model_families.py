@@ -1,0 +1,57 @@
+"""Qwen3-VL through ``swift rlhf``: as swift trains it alone, with the default freeze policy, packed like two rows.
+
+Qwen3-VL's DeepStack mergers sit inside ``visual`` next to its merger (swift's aligner); the vision tower and
+both kinds of merger stay frozen by default.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("swift", reason="needs the ms-swift test environment (ms-swift==4.6.0)")
+
+import yaml  # noqa: E402
+from saved_models import live_weights  # noqa: E402
+
+PACKED_LINE = "vlm-dpo: sharing.prompt: each pair runs as one row [prompt, chosen, rejected]"
+UNSHARED = {"prompt": False, "vision_features": False}
+
+
+def plugin_run(tmp_path, swift_dpo, model, plugin_file, name, config=None, options=()):
+    extra_env = {}
+    if config is not None:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        extra_env["VLM_DPO_CONFIG"] = str(path)
+    plugins = [] if plugin_file is None else ["--external_plugins", plugin_file]
+    run = swift_dpo(model, max_steps=3, extra_args=[*options, *plugins], env_extra=extra_env, output_name=name)
+    assert run.returncode == 0, run.tail()
+    assert len(run.logged_steps()) == 3, run.tail()
+    return run
+
+
+@pytest.mark.model_support("ms-swift", "stock", family="qwen3_vl")
+@pytest.mark.model_support("ms-swift", "freeze", family="qwen3_vl")
+@pytest.mark.model_support("ms-swift", "sharing", family="qwen3_vl")
+def test_qwen3_vl_trains_as_swift_alone_frozen_and_packed(tmp_path, swift_dpo, qwen3_vl, plugin_file):
+    stock = plugin_run(tmp_path, swift_dpo, qwen3_vl, None, "stock")
+    plugged = plugin_run(tmp_path, swift_dpo, qwen3_vl, plugin_file, "plugged")
+    for mine, theirs in zip(plugged.logged_steps(), stock.logged_steps(), strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-6), (key, mine, theirs)
+
+    before = live_weights(plugged.model_dir)
+    after = live_weights(plugged.output_dir / "checkpoint-3")
+    moved = {name for name in before if not before[name].equal(after[name])}
+    assert moved and all(qwen3_vl.part(name) == "language" for name in moved), sorted(moved)
+    assert any("deepstack_merger_list" in name for name in before), "no DeepStack merger in the tiny model"
+
+    # The plugins' loss, packed against two rows; SGD, so fp32 rounding is not scaled up to a full AdamW step.
+    sgd = ["--optim", "sgd", "--learning_rate", "0.1"]
+    loss = {"loss": {"type": "sigmoid"}}
+    shared = plugin_run(tmp_path, swift_dpo, qwen3_vl, plugin_file, "shared", loss, sgd)
+    unshared = plugin_run(tmp_path, swift_dpo, qwen3_vl, plugin_file, "unshared", {**loss, "sharing": UNSHARED}, sgd)
+    assert PACKED_LINE in shared.stdout + shared.stderr and PACKED_LINE not in unshared.stdout + unshared.stderr
+    for mine, theirs in zip(shared.logged_steps(), unshared.logged_steps(), strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
