@@ -20,7 +20,7 @@ RELIABILITY_RESULTS = "VLM_DPO_RELIABILITY_RESULTS"
 
 MODEL_RESULTS = "VLM_DPO_MODEL_RESULTS"
 """A JSON-lines file: where each framework's session collects the cells of docs/models.md from real runs."""
-FAMILY_PARAMETERS = ("model", "architecture", "model_name")
+FAMILY_PARAMETERS = ("model", "architecture", "model_name", "family")
 """Test parameters that name the model family, for a ``model_support`` mark without ``family``."""
 
 

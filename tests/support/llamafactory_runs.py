@@ -115,6 +115,22 @@ TINY_MODELS = {
         vision_keys=("vision_model",),
         projector_keys=("multi_modal_projector",),
     ),
+    "internvl": TinyModel(
+        "internvl",
+        "intern_vl",
+        "vlm_dpo_plugins.tiny.internvl:build_tiny_internvl",
+        {},
+        vision_keys=("vision_tower",),
+        projector_keys=("multi_modal_projector",),
+    ),
+    "mistral3": TinyModel(
+        "mistral3",
+        "mistral_small",  # LLaMA-Factory serves Mistral3 (Pixtral encoder) with its Mistral Small template
+        "vlm_dpo_plugins.tiny.mistral3:build_tiny_mistral3",
+        {},
+        vision_keys=("vision_tower",),
+        projector_keys=("multi_modal_projector",),
+    ),
 }
 
 

@@ -1,5 +1,5 @@
-"""More model families through ``llamafactory-cli train``: Qwen3-VL, LLaVA-NeXT and Mllama, each as LLaMA-Factory
-trains it alone, with the default freeze policy, and with its pairs packed.
+"""More model families through ``llamafactory-cli train``: Qwen3-VL, LLaVA-NeXT, Mllama, InternVL and Mistral3,
+each as LLaMA-Factory trains it alone, with the default freeze policy, and with its pairs packed.
 
 Three runs per family on the same data: LLaMA-Factory alone, the plugins with sharing off, the plugins with their
 defaults. Plain SGD, so the comparisons are of the steps themselves: AdamW divides each gradient by its own
@@ -56,16 +56,10 @@ def assert_same_steps(ours, theirs):
             assert mine[key] == pytest.approx(other[key], abs=1e-5), (key, mine, other)
 
 
-@pytest.mark.model_support("LLaMA-Factory", "stock", family="qwen3_vl")
-@pytest.mark.model_support("LLaMA-Factory", "freeze", family="qwen3_vl")
-@pytest.mark.model_support("LLaMA-Factory", "sharing", family="qwen3_vl")
-@pytest.mark.model_support("LLaMA-Factory", "stock", family="llava_next")
-@pytest.mark.model_support("LLaMA-Factory", "freeze", family="llava_next")
-@pytest.mark.model_support("LLaMA-Factory", "sharing", family="llava_next")
-@pytest.mark.model_support("LLaMA-Factory", "stock", family="mllama")
-@pytest.mark.model_support("LLaMA-Factory", "freeze", family="mllama")
-@pytest.mark.model_support("LLaMA-Factory", "sharing", family="mllama")
-@pytest.mark.parametrize("family", ["qwen3_vl", "llava_next", "mllama"])
+@pytest.mark.model_support("LLaMA-Factory", "stock")
+@pytest.mark.model_support("LLaMA-Factory", "freeze")
+@pytest.mark.model_support("LLaMA-Factory", "sharing")
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava_next", "mllama", "internvl", "mistral3"])
 def test_a_family_trains_as_llamafactory_alone_and_packed_like_two_rows(tmp_path, models, dataset, family):
     stock = train(tmp_path / "stock", models, dataset, family, env=DISABLED)
     unshared = train(tmp_path / "unshared", models, dataset, family, vlm_dpo=UNSHARED)
