@@ -43,9 +43,11 @@ class GuardedOptimizerStep:
         current_step: Callable[[], int],
         save_checkpoint: Callable[[], str | None],
         report_grad_norm: Callable[[float], None] | None = None,
+        before_step: Callable[[], None] | None = None,
     ) -> None:
         self.guard = StepGuard(manager)
         self._parameters = parameters
+        self._before_step = before_step
         self._current_step = current_step
         self._save_checkpoint = save_checkpoint
         self._report_grad_norm = report_grad_norm
@@ -88,6 +90,8 @@ class GuardedOptimizerStep:
         step = self._current_step()
         original = self._original_step
         assert original is not None, "install() first"
+        if self._before_step is not None:
+            self._before_step()  # before the guards measure gradients: a held one is neither clipped nor voted on
         if self._deepspeed is not None:
             original(*args, **kwargs)  # DeepSpeed's wrapper: a no-op, the engine stepped in backward
             outcome = self.guard.step(

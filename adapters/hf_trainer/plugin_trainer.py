@@ -144,8 +144,12 @@ class PluginTrainerMixin:
         """Called at the end of the adapter's ``__init__``, once the framework built model, reference and collator."""
         self.vlm_dpo_findings: list[Finding] = []
         self._events_reported = 0
+        context = self.vlm_dpo_context()
         self._trainable = TrainableState(
-            self.plugins, self.model, limits_every_parameter=self.framework_limits_every_parameter
+            self.plugins,
+            self.model,
+            limits_every_parameter=self.framework_limits_every_parameter,
+            hold_later_stages=context.is_distributed and not (context.uses_deepspeed or context.uses_fsdp),
         )
         self._trainable.apply(step=0)
         freeze = self.vlm_dpo_config.section("freeze")
@@ -182,6 +186,7 @@ class PluginTrainerMixin:
         self._guarded_step = GuardedOptimizerStep(
             self.plugins,
             parameters=self._trainable.by_group,
+            before_step=self._trainable.drop_held_gradients,
             current_step=lambda: self.state.global_step,
             save_checkpoint=self._save_checkpoint_now,
             report_grad_norm=self._fill_logged_grad_norm,
@@ -256,7 +261,7 @@ class PluginTrainerMixin:
             logger.warning("vlm-dpo: %s", warning)
         if framework_builds:
             return super().create_optimizer(model)
-        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        trainable = {name for name, p in self.model.named_parameters() if self._trainable.is_trained(name, p)}
         optimizer_groups = self.plugins.hook.vlm_dpo_optimizer_groups(
             groups=self.vlm_dpo_groups, trainable=trainable, base_learning_rate=self.args.learning_rate
         )

@@ -22,11 +22,25 @@ from vlm_dpo_plugins.types import ParameterGroups
 logger = logging.getLogger("vlm_dpo_plugins.adapters")
 
 
+LAST_STEP = 2**62
+"""A step after every unfreeze stage: what the policy trains there is what it ever trains."""
+
+
 class TrainableState:
-    def __init__(self, plugins: Any, model: Any, *, limits_every_parameter: bool) -> None:
+    """``hold_later_stages``: DDP registers the parameters it synchronises when it wraps the model, so a parameter
+    made trainable later would never be averaged across ranks. There, every parameter of a later unfreeze stage is
+    trainable from the start and held: its gradient is computed and averaged, then dropped before clipping and the
+    optimizer step (``drop_held_gradients``) until its stage, when it joins the optimizer as it does on one process.
+    """
+
+    def __init__(
+        self, plugins: Any, model: Any, *, limits_every_parameter: bool, hold_later_stages: bool = False
+    ) -> None:
         self.plugins = plugins
         self.model = model
         self.limits_every_parameter = limits_every_parameter
+        self.hold_later_stages = hold_later_stages
+        self.held: set[str] = set()
         groups = plugins.hook.vlm_dpo_classify_parameters(
             model=model, model_type=getattr(model.config, "model_type", None)
         )
@@ -42,24 +56,51 @@ class TrainableState:
 
     def apply(self, step: int) -> set[str]:
         """Make trainable what the policy wants at ``step``; the names that became trainable."""
-        wanted = self.plugins.hook.vlm_dpo_trainable_parameters(groups=self.groups, step=step)
-        if wanted is None:
+        wanted = self._policy_wants(step)
+        if wanted is None or wanted == self._wanted:
             return set()
-        if self.framework_trainable:
-            if self.limits_every_parameter:
-                wanted = wanted & self.framework_trainable
-            else:
-                wanted = {n for n in wanted if not is_adapter_parameter(n) or n in self.framework_trainable}
-        if wanted == self._wanted:
-            return set()
-        self._wanted = wanted
+        previous, self._wanted = self._wanted, wanted
         self._by_group = None
-        return apply_trainable(self.model, wanted, self.groups)
+        if not self.hold_later_stages:
+            return apply_trainable(self.model, wanted, self.groups)
+        if previous is None:
+            self.held = (self._policy_wants(LAST_STEP) or wanted) - wanted
+            if self.held:
+                logger.info(
+                    "vlm-dpo: DDP: the %d parameter(s) of later unfreeze stages are trainable from the start, so DDP "
+                    "averages their gradients; each gradient is dropped before the optimizer step until its stage",
+                    len(self.held),
+                )
+        newly = wanted - (previous or set())
+        self.held -= wanted
+        made_trainable = apply_trainable(self.model, wanted | self.held, self.groups)
+        if previous is None:
+            return made_trainable
+        return {name for name, parameter in self.model.named_parameters() if name in newly and parameter.requires_grad}
+
+    def _policy_wants(self, step: int) -> set[str] | None:
+        wanted = self.plugins.hook.vlm_dpo_trainable_parameters(groups=self.groups, step=step)
+        if wanted is None or not self.framework_trainable:
+            return wanted
+        if self.limits_every_parameter:
+            return wanted & self.framework_trainable
+        return {n for n in wanted if not is_adapter_parameter(n) or n in self.framework_trainable}
+
+    def is_trained(self, name: str, parameter: torch.nn.Parameter) -> bool:
+        """Whether the optimizer steps this parameter now (a held parameter computes a gradient but is not)."""
+        return parameter.requires_grad and name not in self.held
+
+    def drop_held_gradients(self) -> None:
+        if self.held:
+            for name, parameter in self.model.named_parameters():
+                if name in self.held:
+                    parameter.grad = None
 
     def by_group(self) -> dict[str, list[torch.nn.Parameter]]:
         """The trainable parameters per group, as the guards clip them."""
         if self._by_group is None:
-            self._by_group = parameters_by_group(self.model.named_parameters(), self.groups)
+            trained = ((n, p) for n, p in self.model.named_parameters() if n not in self.held)
+            self._by_group = parameters_by_group(trained, self.groups)
         return self._by_group
 
     def warn_about_groups_kept_frozen(self, groups_ever_trained: set[str], hint: Any) -> None:

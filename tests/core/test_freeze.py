@@ -304,16 +304,22 @@ def test_trainable_report_is_logged_once_with_counts_per_group(models, caplog):
 @pytest.mark.parametrize(
     "context",
     [
-        RunContext(framework="test", world_size=2),
-        RunContext(framework="test", uses_deepspeed=True, deepspeed_stage=2),
-        RunContext(framework="test", uses_fsdp=True),
+        RunContext(framework="test", world_size=2, uses_deepspeed=True, deepspeed_stage=2),
+        RunContext(framework="test", uses_deepspeed=True, deepspeed_stage=3),
+        RunContext(framework="test", world_size=2, uses_fsdp=True),
     ],
 )
-def test_unfreeze_stages_are_refused_where_the_trained_set_is_fixed_at_wrap_time(models, context):
+def test_unfreeze_stages_are_refused_where_the_optimizer_is_partitioned_at_wrap_time(models, context):
     manager = configured({"freeze": {"unfreeze": [{"at_step": 3, "groups": ["projector"]}]}})
     with pytest.raises(ConfigError, match=r"'freeze.unfreeze' stages cannot run in this setup"):
         manager.hook.vlm_dpo_train_begin(model=models["llava"], context=context)
     configured().hook.vlm_dpo_train_begin(model=models["llava"], context=context)  # no stages: fine
+
+
+def test_unfreeze_stages_run_under_ddp(models):
+    # The adapters hold the later stages' parameters trainable from the start (tests/adapters/trl/test_ddp.py).
+    manager = configured({"freeze": {"unfreeze": [{"at_step": 3, "groups": ["projector"]}]}})
+    manager.hook.vlm_dpo_train_begin(model=models["llava"], context=RunContext(framework="test", world_size=2))
 
 
 @pytest.mark.parametrize(

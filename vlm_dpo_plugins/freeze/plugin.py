@@ -91,13 +91,15 @@ class FreezePolicy:
 
     @hookimpl
     def vlm_dpo_train_begin(self, model: torch.nn.Module, context: RunContext) -> None:
-        if self.config.unfreeze and (context.is_distributed or context.uses_deepspeed or context.uses_fsdp):
+        # Under DDP the adapters hold later stages' parameters trainable from the start (adapters/hf_trainer/
+        # trainable.py); DeepSpeed and FSDP build their partitioned optimizer from the parameters trainable then.
+        if self.config.unfreeze and (context.uses_deepspeed or context.uses_fsdp):
             raise ConfigError(
                 "'freeze.unfreeze' stages cannot run in this setup "
-                f"(world size {context.world_size}, DeepSpeed {context.uses_deepspeed}, FSDP {context.uses_fsdp}): "
-                "DDP, DeepSpeed ZeRO and FSDP fix the set of trained parameters when they wrap the model, so "
-                "parameters unfrozen later would never be synchronised or updated. Train those groups from step 0 "
-                "with a small rate in 'freeze.learning_rates' instead, or run on one process."
+                f"(DeepSpeed {context.uses_deepspeed}, FSDP {context.uses_fsdp}): DeepSpeed ZeRO and FSDP partition "
+                "the optimizer over the parameters trainable when they wrap the model, so parameters unfrozen later "
+                "would never be updated. Train those groups from step 0 with a small rate in 'freeze.learning_rates' "
+                "instead, or use DDP or one process."
             )
         if self.reported:
             return

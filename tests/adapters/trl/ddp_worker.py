@@ -22,6 +22,19 @@ from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer
 from vlm_dpo_plugins.tiny import make_preference_examples, trl_conversational_rows
 
 
+class ProjectorAtStepBegin(TrainerCallback):
+    """The projector's weights at the start of each optimizer step."""
+
+    def __init__(self):
+        self.snapshots = {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        inner = getattr(model, "module", model).model
+        self.snapshots[state.global_step] = torch.cat(
+            [p.detach().flatten().clone() for p in inner.multi_modal_projector.parameters()]
+        )
+
+
 class NanOnRankOne(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if state.global_step == 1 and dist.get_rank() == 1:
@@ -61,6 +74,9 @@ def main(model_dir: str, output_dir: str, mode: str) -> None:
     if mode == "stock-reentrant":
         trl.DPOTrainer(**kwargs).train()  # raises on both ranks
         return
+    if mode == "unfreeze":
+        unfreeze_projector_at_step_two(kwargs, output_dir)
+        return
     trainer = VLMDPOTrainer(**kwargs, callbacks=[NanOnRankOne()])
     trainer.train()
     flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
@@ -73,6 +89,30 @@ def main(model_dir: str, output_dir: str, mode: str) -> None:
         "finite": bool(torch.isfinite(flat).all()),
         "static_graph": trainer.args.ddp_static_graph,
         "find_unused": trainer.args.ddp_find_unused_parameters,
+    }
+    with open(os.path.join(output_dir, f"rank{dist.get_rank()}.json"), "w") as handle:
+        json.dump(result, handle)
+    dist.barrier()
+
+
+def unfreeze_projector_at_step_two(kwargs: dict, output_dir: str) -> None:
+    kwargs["args"].max_steps = 4
+    snapshots = ProjectorAtStepBegin()
+    config = {"freeze": {"unfreeze": [{"at_step": 2, "groups": ["projector"]}]}}
+    trainer = VLMDPOTrainer(**kwargs, vlm_dpo_config=config, callbacks=[snapshots])
+    trainer.train()
+    steps = snapshots.snapshots
+    final = torch.cat([p.detach().flatten() for p in trainer.model.model.multi_modal_projector.parameters()])
+    flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(replicas, flat)
+    groups = {group.get("group"): len(group["params"]) for group in trainer.optimizer.param_groups}
+    result = {
+        "projector_moved_before_stage": not (torch.equal(steps[0], steps[1]) and torch.equal(steps[1], steps[2])),
+        "projector_moved_after_stage": not torch.equal(steps[2], final),
+        "replicas_equal": all(torch.equal(replicas[0], other) for other in replicas[1:]),
+        "projector_in_optimizer": groups.get("projector", 0),
+        "skipped": [outcome.skipped for outcome in trainer.vlm_dpo_step_outcomes],
     }
     with open(os.path.join(output_dir, f"rank{dist.get_rank()}.json"), "w") as handle:
         json.dump(result, handle)

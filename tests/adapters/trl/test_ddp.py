@@ -66,3 +66,14 @@ def test_reentrant_checkpointing_under_ddp_gets_a_static_graph_and_trains(tmp_pa
     for result in ranks:
         assert result["static_graph"] is True and result["find_unused"] is False
         assert result["replicas_equal"] and result["finite"]
+
+
+def test_an_unfreeze_stage_under_ddp_trains_the_projector_from_its_step_on_every_rank_alike(tmp_path, tiny_model_dirs):
+    # DDP averages only the parameters trainable when it wraps the model: the projector is wrapped trainable and
+    # held (its gradients averaged, then dropped) until step 2, then stepped like the rest.
+    ranks = run_two_ranks(tmp_path, tiny_model_dirs["llava"], "unfreeze")
+    for result in ranks:
+        assert result["projector_moved_before_stage"] is False
+        assert result["projector_moved_after_stage"] is True
+        assert result["projector_in_optimizer"] == 4  # the projector's two linears, weight and bias
+        assert result["replicas_equal"] and result["skipped"] == [False] * 4
