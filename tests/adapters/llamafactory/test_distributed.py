@@ -78,3 +78,27 @@ def assert_stock_fails_and_the_adapter_trains(tmp_path, model_dir, dataset, mode
     assert len(run.losses) == 2 and all(math.isfinite(loss) for loss in run.losses), run.losses
     for line in no_ddp_wrapper_at_exit():
         assert line in run.output, run.log()
+
+
+def test_an_unfreeze_stage_under_ddp_trains_the_projector_from_its_step(tmp_path, llava, dataset):
+    from safetensors.torch import load_file
+
+    section = {"freeze": {"unfreeze": [{"at_step": 2, "groups": ["projector"]}]}}
+    config = dpo_config(
+        TINY_MODELS["llava"], llava, dataset, tmp_path / "out", "full",
+        max_steps=3, save_strategy="steps", save_steps=1, vlm_dpo=section,
+    )  # fmt: skip
+    run = run_llamafactory(tmp_path, config, nproc=2)
+    assert run.returncode == 0, run.log()
+    assert "world size: 2" in run.output and "of later unfreeze stages are trainable from the start" in run.output
+    assert "step 2: unfroze" in run.output, run.log()
+
+    def projector(path):
+        # By the name inside the projector: transformers saves the checkpoints under another prefix.
+        weights = load_file(path)
+        return {name[name.index("multi_modal_projector") :]: weights[name] for name in weights if "projector" in name}
+
+    initial = projector(llava / "model.safetensors")
+    saved = {step: projector(run.output_dir / f"checkpoint-{step}" / "model.safetensors") for step in (1, 2, 3)}
+    assert initial and all(saved[step][name].equal(initial[name]) for step in (1, 2) for name in initial)
+    assert any(not saved[3][name].equal(initial[name]) for name in initial), "the projector did not train at its stage"
