@@ -34,6 +34,7 @@ FAMILIES = {
     "mistral3": "Mistral3 / Pixtral",
     "internvl": "InternVL",
     "mllama": "Mllama (Llama 3.2 Vision)",
+    "paligemma": "PaliGemma",
 }
 FEATURES = {
     "stock": "trains like the framework alone (same trainable set): loss, rewards, gradient norm within 1e-5, "

@@ -31,6 +31,7 @@ from vlm_dpo_plugins.adapters.trl.metrics import record_token_metrics
 from vlm_dpo_plugins.adapters.trl.settings import reconcile
 
 from vlm_dpo_plugins.collation.cross_attention import FullLengthCrossAttention
+from vlm_dpo_plugins.collation.prefix_lm import ResponsesAsSuffix, is_prefix_lm_processor
 from vlm_dpo_plugins.collation.response_bos import ResponsesWithoutBos
 from vlm_dpo_plugins.config_source import PluginSource, load_plugin_config
 from vlm_dpo_plugins.manager import create_plugin_manager
@@ -146,9 +147,12 @@ def _fused_forward(model: Any, prepared: PreparedBatch, batch: dict[str, Any], *
 
 
 def _collator_fixed_for_model(collator: Any, model: Any, processing_class: Any) -> Any:
-    """TRL's vision collator, with what it gets wrong for a cross-attention model (Mllama) put right: it keeps
-    ``cross_attention_mask`` at prompt length (the model cannot train), and the processor starts each response
-    with BOS (docs/models.md)."""
+    """TRL's vision collator, with what it gets wrong for some families put right (docs/models.md): for a prefix LM
+    (PaliGemma) the processor refuses the responses alone; for a cross-attention model (Mllama) it keeps
+    ``cross_attention_mask`` at prompt length (the model cannot train) and the processor starts each response
+    with BOS."""
+    if is_prefix_lm_processor(getattr(collator, "processor", None)):
+        collator.processor = ResponsesAsSuffix(collator.processor)
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else None
     image_token = getattr(config, "image_token_index", None)

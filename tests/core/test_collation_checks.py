@@ -119,6 +119,14 @@ def test_bos_after_the_start_and_eos_twice_in_the_response():
     assert codes(check_pair(pair([10, 11, EOS, EOS], [10, 12, EOS]))) == [("special-token-misplaced", "chosen")]
 
 
+def test_a_bos_after_leading_image_tokens_is_at_the_start():
+    # PaliGemma writes <image> x N, then <bos> and the prompt; a second BOS after that is still misplaced.
+    paligemma = pair([10, 11, EOS], [10, 12, EOS], prompt=(IMAGE, IMAGE, BOS, 20, 21), num_images=1)
+    assert codes(check_pair(paligemma)) == []
+    doubled = pair([10, 11, EOS], [10, 12, EOS], prompt=(IMAGE, IMAGE, BOS, BOS, 20), num_images=1)
+    assert codes(check_pair(doubled)) == [("special-token-misplaced", "chosen"), ("special-token-misplaced", "rejected")]
+
+
 def test_a_bos_that_doubles_as_eos_or_pad_is_not_misplaced():
     shared = SpecialTokens(image=IMAGE, bos=EOS, eos=EOS, pad=PAD, all=SPECIAL.all)
     ok = TokenizedPair(row=0, chosen=side([EOS, 20], [10, 11, EOS]), rejected=side([EOS, 20], [10, 12, EOS]), special=shared)

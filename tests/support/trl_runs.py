@@ -144,3 +144,17 @@ def identical_pair_rows(rows, indices):
     for index in indices:
         broken[index]["rejected"] = copy.deepcopy(broken[index]["chosen"])
     return broken
+
+
+def plain_rows(conversational_rows):
+    """The rows as plain text (prompt, chosen, rejected strings and the images), as a model without a chat template
+    (PaliGemma) trains on them."""
+
+    def text(messages):
+        return "".join(item["text"] for message in messages for item in message["content"] if item["type"] == "text")
+
+    return [
+        {"prompt": text(row["prompt"]), "chosen": text(row["chosen"]), "rejected": text(row["rejected"]),
+         "images": row["images"]}
+        for row in conversational_rows
+    ]  # fmt: skip

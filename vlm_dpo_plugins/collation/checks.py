@@ -128,8 +128,12 @@ def _special_token_findings(
     special = pair.special
     findings = []
     if special.bos is not None and special.bos not in (special.eos, special.pad):
+        # The start is the first token after any leading image tokens (PaliGemma writes <image>... <bos> prompt).
+        start = 0
+        while special.image is not None and start < len(side.input_ids) and side.input_ids[start] == special.image:
+            start += 1
         try:
-            position = side.input_ids.index(special.bos, 1)
+            position = side.input_ids.index(special.bos, start + 1)
         except ValueError:
             position = None
         if position is not None:

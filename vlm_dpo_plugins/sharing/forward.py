@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from vlm_dpo_plugins.sharing.attention_patterns import image_block_key, image_blocks
+from vlm_dpo_plugins.sharing.attention_patterns import block_marker, image_block_key, image_blocks
 from vlm_dpo_plugins.sharing.features import ImageFeatureSharing
 from vlm_dpo_plugins.sharing.images import PER_ROW_KEYS, PER_TOKEN_KEYS, chosen_half_of_images, images_repeated
 from vlm_dpo_plugins.sharing.packing import (
@@ -76,14 +76,15 @@ class PairSharing:
         self._implementation = getattr(text_config or config_of_model, "_attn_implementation", None) or "eager"
         self._window = _sliding_window(text_config or config_of_model)
         self._image_block_key = image_block_key(getattr(config_of_model, "model_type", None))
+        self._block_marker = block_marker(getattr(config_of_model, "model_type", None))
         self._mask_kind = self._attention_kind() if config.prompt else None
 
     def _attention_kind(self) -> str | None:
         """``layout`` (no mask: ``prefix_attention.py``), ``bool``/``float`` (a dense 4D mask), or None (two rows)."""
         if self._image_block_key is not None and self.config.attention == "auto":
             logger.info(
-                "vlm-dpo: sharing.attention: this model's image tokens attend to each other both ways in training: "
-                "packed rows take a dense 4D mask with those blocks"
+                "vlm-dpo: sharing.attention: some of this model's tokens (images, or its prefix) attend to each other "
+                "both ways in training: packed rows take a dense 4D mask with those blocks"
             )
         elif self.config.attention == "auto" and dispatches_through_interface(self._implementation):
             install()
@@ -183,7 +184,7 @@ class PairSharing:
         else:
             blocks = None
             if self._image_block_key is not None and self._image_block_key in kwargs:
-                blocks = image_blocks(kwargs[self._image_block_key])
+                blocks = image_blocks(kwargs[self._image_block_key], self._block_marker)
             kwargs["attention_mask"] = self._mask(packed, blocks)
         packed_labels = packed.labels(labels) if labels is not None else None
         return PreparedBatch(kwargs, packed_labels, packed=packed, encode_chosen_half=False, layout=layout)

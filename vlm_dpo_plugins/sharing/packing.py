@@ -95,14 +95,17 @@ class PackedPairs:
         """``[B, 1, L, L]``, True where a query (dim 2) may attend to a key (dim 3).
 
         ``blocks``: ``[B, L]`` ids of tokens that attend to each other both ways (-1: none), as some models' image
-        tokens do in training (``attention_patterns.py``); the blocks lie in the shared prompt.
+        tokens or prefix do in training (``attention_patterns.py``). A block lies in the prompt; it may end with the
+        prompt's last token, which opens the chosen branch, and the shared prompt then sees it as in its own row
+        (the rejected branch's copy of that token is a block of its own, seen by its branch alone).
         """
         index = torch.arange(self.length, device=self.side.device)
         causal = index[None, :, None] >= index[None, None, :]
-        if blocks is not None:
-            causal = causal | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
         query_side, key_side = self.side[:, :, None], self.side[:, None, :]
-        visible = causal & (query_side >= 0) & (key_side >= 0) & ((key_side == SHARED) | (key_side == query_side))
+        visible = causal & ((key_side == SHARED) | (key_side == query_side))
+        if blocks is not None:
+            visible = visible | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
+        visible = visible & (query_side >= 0) & (key_side >= 0)
         # A padding query sees only itself, so no row of the softmax is empty.
         visible |= torch.eye(self.length, dtype=torch.bool, device=self.side.device)[None]
         return visible[:, None]

@@ -21,6 +21,7 @@ from vlm_dpo_plugins.tiny.llava_next import build_tiny_llava_next
 from vlm_dpo_plugins.tiny.llava_onevision import build_tiny_llava_onevision
 from vlm_dpo_plugins.tiny.mistral3 import build_tiny_mistral3
 from vlm_dpo_plugins.tiny.mllama import build_tiny_mllama
+from vlm_dpo_plugins.tiny.paligemma import build_tiny_paligemma
 from vlm_dpo_plugins.tiny.qwen2_5_vl import build_tiny_qwen2_5_vl
 from vlm_dpo_plugins.tiny.qwen2_vl import build_tiny_qwen2_vl
 from vlm_dpo_plugins.tiny.qwen3_vl import build_tiny_qwen3_vl
@@ -36,6 +37,7 @@ __all__ = [
     "build_tiny_llava_onevision",
     "build_tiny_mistral3",
     "build_tiny_mllama",
+    "build_tiny_paligemma",
     "build_tiny_qwen2_vl",
     "build_tiny_qwen3_vl",
     "make_preference_examples",

@@ -18,6 +18,7 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
         build_tiny_llava_onevision,
         build_tiny_mistral3,
         build_tiny_mllama,
+        build_tiny_paligemma,
         build_tiny_qwen2_5_vl,
         build_tiny_qwen2_vl,
         build_tiny_qwen3_vl,
@@ -36,6 +37,7 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
         "mistral3": build_tiny_mistral3(root / "mistral3"),
         "internvl": build_tiny_internvl(root / "internvl"),
         "mllama": build_tiny_mllama(root / "mllama"),
+        "paligemma": build_tiny_paligemma(root / "paligemma"),
     }
 
 

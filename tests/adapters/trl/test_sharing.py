@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from trl_runs import (  # noqa: E402
+    plain_rows,
     COUNTED_IN_CROPS,
     COUNTED_IN_ROWS,
     EVERYTHING_TRAINS,
@@ -129,6 +130,19 @@ def test_two_images_per_prompt_share_like_one(tiny_model_dirs, two_image_rows, t
     once = unshared[3]["policy"] // 2
     assert once == (4 if model in COUNTED_IN_ROWS else 8) or model in COUNTED_IN_CROPS  # each image encoded once
     assert shared[3] == {"policy": once, "reference": 0}
+
+
+@pytest.mark.model_support("TRL", "sharing", family="paligemma")
+def test_paligemma_prefix_attends_both_ways_packed_as_in_two_rows(tiny_model_dirs, uneven_rows, tmp_path, caplog):
+    # A prefix LM: image tokens, BOS, prompt and newline attend to each other both ways, the responses causally.
+    rows = plain_rows(uneven_rows)
+    with caplog.at_level(logging.INFO, logger="vlm_dpo_plugins.sharing"):
+        shared = one_step(tiny_model_dirs["paligemma"], rows, tmp_path / "on", {}, FROZEN)
+    unshared = one_step(tiny_model_dirs["paligemma"], rows, tmp_path / "off", NO_SHARING, FROZEN)
+    assert "attend to each other both ways in training" in caplog.text
+    assert "each pair runs as one row" in caplog.text
+    assert_same_step(shared, unshared)
+    assert shared[3] == {"policy": 4, "reference": 0} and unshared[3] == {"policy": 8, "reference": 8}
 
 
 def test_lora_reference_reuses_the_features_of_the_same_model(tiny_model_dirs, uneven_rows, tmp_path):

@@ -9,8 +9,9 @@ import pytest
 trl = pytest.importorskip("trl")
 
 import torch  # noqa: E402
-from transformers import AutoModelForImageTextToText, TrainerCallback  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback  # noqa: E402
 from trl_runs import (  # noqa: E402
+    plain_rows,
     STOCK_CANNOT_TRAIN,
     TRL_FAMILIES,
     EVERYTHING_TRAINS,
@@ -76,6 +77,36 @@ def test_stock_trl_cannot_train_mllama_and_the_adapter_collates_what_the_process
         length = int(batch["attention_mask"][row].sum())
         assert batch["input_ids"][row, :length].tolist() == expected["input_ids"][0].tolist()
         torch.testing.assert_close(batch["cross_attention_mask"][row, :length], expected["cross_attention_mask"][0])
+    before = snapshot(ours.model)
+    ours.train()
+    losses = [entry["loss"] for entry in training_logs(ours)]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    assert changed(ours.model, before) <= set(ours.vlm_dpo_groups["language"])
+
+
+@pytest.mark.model_support("TRL", "framework-fix", family="paligemma")
+@pytest.mark.model_support("TRL", "freeze", family="paligemma")
+def test_stock_trl_cannot_train_paligemma_and_the_adapter_writes_responses_as_its_suffix(
+    tiny_model_dirs, preference_rows, tmp_path
+):
+    model_dir = tiny_model_dirs["paligemma"]
+    rows = plain_rows(preference_rows[:4])
+    stock = make_trainer(model_dir, rows, tmp_path / "stock", trainer_class=trl.DPOTrainer, max_steps=1)
+    with pytest.raises(ValueError, match="`images` are expected as arguments to a `PaliGemmaProcessor` instance"):
+        stock.train()
+
+    ours = make_trainer(model_dir, rows, tmp_path / "ours", per_device_train_batch_size=4, max_steps=4)
+    batch = ours.data_collator([ours.train_dataset[index] for index in range(4)])
+    # Each row is what the processor makes of prompt and response as prefix and suffix in one call.
+    processor = AutoProcessor.from_pretrained(model_dir)
+    for row in range(8):
+        example = rows[row % 4]
+        response = example["chosen"] if row < 4 else example["rejected"]
+        expected = processor(text=example["prompt"], images=example["images"], suffix=response, return_tensors="pt")
+        length = int(batch["attention_mask"][row].sum())
+        assert batch["input_ids"][row, :length].tolist() == expected["input_ids"][0].tolist()
+        assert batch["token_type_ids"][row, :length].tolist() == expected["token_type_ids"][0].tolist()
+    assert "labels" not in batch
     before = snapshot(ours.model)
     ours.train()
     losses = [entry["loss"] for entry in training_logs(ours)]
