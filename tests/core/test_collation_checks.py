@@ -124,7 +124,8 @@ def test_a_bos_after_leading_image_tokens_is_at_the_start():
     paligemma = pair([10, 11, EOS], [10, 12, EOS], prompt=(IMAGE, IMAGE, BOS, 20, 21), num_images=1)
     assert codes(check_pair(paligemma)) == []
     doubled = pair([10, 11, EOS], [10, 12, EOS], prompt=(IMAGE, IMAGE, BOS, BOS, 20), num_images=1)
-    assert codes(check_pair(doubled)) == [("special-token-misplaced", "chosen"), ("special-token-misplaced", "rejected")]
+    misplaced = [("special-token-misplaced", "chosen"), ("special-token-misplaced", "rejected")]
+    assert codes(check_pair(doubled)) == misplaced
 
 
 def test_a_bos_that_doubles_as_eos_or_pad_is_not_misplaced():
