@@ -185,8 +185,9 @@ def _image_findings(pair: TokenizedPair, name: str, side: TokenizedSequence) -> 
     if needed is not None:
         matches = present == needed and _runs_hold_images(runs, pair.image_tokens)
     else:
-        # Without per-image counts only a shortfall is certain: some models tile one image into several runs.
-        matches = len(runs) >= images and (images > 0 or not runs)
+        # Without per-image counts a run may hold several adjacent images, and some models tile one image into
+        # several runs: only images without any image token, or image tokens without images, are certain.
+        matches = bool(runs) == (images > 0)
     if matches:
         return []
     need = f" needing {needed} image tokens" if needed is not None else ""

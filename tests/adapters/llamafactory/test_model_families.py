@@ -73,3 +73,28 @@ def test_a_family_trains_as_llamafactory_alone_and_packed_like_two_rows(tmp_path
     parts = changed_parts(before, after, TINY_MODELS[family].part)
     assert parts["vision"]["changed"] == [] and parts["projector"]["changed"] == [], parts
     assert parts["language"]["changed"], "the language model did not train"
+
+
+@pytest.fixture(scope="module")
+def two_image_dataset(tmp_path_factory):
+    """The sharegpt rows with a second image in each prompt (the next row's, so the two differ)."""
+    import json
+
+    directory = tmp_path_factory.mktemp("two-images")
+    write_dataset(directory)
+    path = directory / "tiny_pref.json"
+    rows = json.loads(path.read_text())
+    for index, row in enumerate(rows):
+        row["images"] = [*row["images"], rows[(index + 1) % len(rows)]["images"][0]]
+        row["conversations"][0]["value"] = "<image>" + row["conversations"][0]["value"]
+    path.write_text(json.dumps(rows, indent=1))
+    return directory
+
+
+@pytest.mark.model_support("LLaMA-Factory", "multi-image")
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
+def test_two_images_per_prompt_pack_like_two_rows(tmp_path, models, two_image_dataset, family):
+    unshared = train(tmp_path / "unshared", models, two_image_dataset, family, vlm_dpo=UNSHARED)
+    shared = train(tmp_path / "shared", models, two_image_dataset, family)
+    assert PACKED_LINE in shared.output and "image-count-mismatch" not in shared.output, shared.log()
+    assert_same_steps(shared, unshared)
