@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.settings import Reconciled
@@ -39,6 +39,8 @@ class PluginRun:
     """Where the plugin settings came from, for the start line ("defaults", "VLM_DPO_CONFIG=...")."""
     checked_files: CheckedFiles | None = None
     """The training files the adapter checked before its framework read them (LLaMA-Factory, ms-swift)."""
+    checkpointing_kwargs: dict[str, Any] = field(default_factory=dict)
+    """The ``gradient_checkpointing_kwargs`` the guards chose (empty without gradient checkpointing)."""
 
 
 def settings_source(section: Any = None, section_origin: str = "") -> tuple[Any, str]:
@@ -93,33 +95,28 @@ def run_context(
     )
 
 
-def start_run(plugins: Any, reconciled: Reconciled, context: RunContext, origin: str) -> PluginRun:
-    """The plugins configured with the agreed settings; the notes about them logged once."""
+def start_run(
+    plugins: Any, reconciled: Reconciled, context: RunContext, origin: str, training_args: Any
+) -> PluginRun:
+    """The plugins configured with the agreed settings (the notes about them logged once), and their checkpointing
+    and DDP plan written into ``training_args`` before the framework builds the model and wraps it.
+
+    The checkpointing kwargs are also kept on the run, for a framework that reads its own key instead
+    (LLaMA-Factory's ``use_reentrant_gc``).
+    """
     plugins.hook.vlm_dpo_configure(config=reconciled.config)
     for note in reconciled.notes:
         logger.info("vlm-dpo: %s", note)
     if reconciled.framework_keys:
         origin = f"{origin}, with {reconciled.framework_keys}"
-    return PluginRun(plugins, reconciled.config, reconciled.framework_computes_loss, context, origin)
-
-
-def checkpointing_kwargs(plugins: Any, context: RunContext) -> dict[str, Any]:
-    """The ``gradient_checkpointing_kwargs`` the guards choose (empty without gradient checkpointing)."""
-    if not context.gradient_checkpointing:
-        return {}
-    return plugins.hook.vlm_dpo_gradient_checkpointing_kwargs(context=context) or {}
-
-
-def plan_checkpointing(plugins: Any, context: RunContext, training_args: Any) -> None:
-    """The guards' checkpointing kwargs merged into ``gradient_checkpointing_kwargs``, and the DDP plan.
-
-    For a framework that enables checkpointing from its ``TrainingArguments`` (TRL, ms-swift); LLaMA-Factory reads
-    ``use_reentrant_gc`` instead and writes ``checkpointing_kwargs`` there itself.
-    """
-    planned = checkpointing_kwargs(plugins, context)
-    if planned:
-        training_args.gradient_checkpointing_kwargs = {**(training_args.gradient_checkpointing_kwargs or {}), **planned}
+    run = PluginRun(plugins, reconciled.config, reconciled.framework_computes_loss, context, origin)
+    if context.gradient_checkpointing:
+        run.checkpointing_kwargs = plugins.hook.vlm_dpo_gradient_checkpointing_kwargs(context=context) or {}
+    if run.checkpointing_kwargs:
+        current = training_args.gradient_checkpointing_kwargs or {}
+        training_args.gradient_checkpointing_kwargs = {**current, **run.checkpointing_kwargs}
     apply_ddp_plan(plugins, context, training_args)
+    return run
 
 
 def apply_ddp_plan(plugins: Any, context: RunContext, training_args: Any) -> None:

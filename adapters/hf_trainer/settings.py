@@ -276,12 +276,10 @@ class FrameworkSettings:
         loss: FrameworkLoss,
         *,
         flags_on: Any = None,
-        framework_values: str = "",
     ) -> Reconciled:
         """The agreed config: the loss chosen, the table's keys, the freeze flags and learning rates merged.
 
-        ``flags_on``: the arguments object holding the freeze and learning-rate flags; ``framework_values``: the
-        framework's loss values, named in the error when the merged values are invalid together.
+        ``flags_on``: the arguments object holding the freeze and learning-rate flags.
         """
         choice = choose_loss(self.framework, loss, config, written.get("loss", set()), self.names)
         table = [row for row in self.table if row.only_for_loss in (None, choice.type)]
@@ -292,9 +290,11 @@ class FrameworkSettings:
             values["loss.type"] = choice.type
 
         def invalid(error: Exception) -> str:
+            loss_values = [f"{loss.key}={loss.value!r}"]
+            loss_values += [f"{row.framework_key}={row.read(args)!r}" for row in table if row.section == "loss"]
             return (
                 f"{self.arguments} and the plugin config together are invalid: {error}. The value may come from "
-                f"{self.arguments} ({framework_values})"
+                f"{self.arguments} ({', '.join(loss_values)})"
             )
 
         config = with_values(config, values, invalid)

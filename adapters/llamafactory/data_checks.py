@@ -66,15 +66,8 @@ def _checkable_file(dataset_attr: Any, data_args: Any) -> Path | None:
     """The local JSON/JSONL file of a dataset entry the checks read as LLaMA-Factory would, else None (noticed)."""
     if dataset_attr.load_from != "file":
         return None
-    path = Path(data_args.dataset_dir) / dataset_attr.dataset_name
-    reason = None
-    if not path.is_file() or path.suffix not in (".json", ".jsonl"):
-        reason = "it is not one .json/.jsonl file"
-    elif dataset_attr.num_samples is not None or data_args.streaming:
+    reason = why_llamafactory_columns_are_unread(dataset_attr.formatting, vars(dataset_attr))
+    if dataset_attr.num_samples is not None or data_args.streaming:
         reason = "num_samples or streaming draws its rows out of file order"
-    else:
-        reason = why_llamafactory_columns_are_unread(dataset_attr.formatting, vars(dataset_attr))
-    if reason is not None:
-        FileChecks.not_checked(dataset_attr.dataset_name, reason)
-        return None
-    return path
+    name = dataset_attr.dataset_name
+    return FileChecks.checkable(name, Path(data_args.dataset_dir) / name, reason)

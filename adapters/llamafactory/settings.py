@@ -91,14 +91,8 @@ def reconcile(
         plugin_type=None if pref_loss in FRAMEWORK_ONLY_LOSS_TYPES else pref_loss,
         own_options=_framework_only_options(finetuning_args),
     )
-    values = (
-        f"pref_loss={pref_loss!r}, pref_beta={finetuning_args.pref_beta}, "
-        f"dpo_label_smoothing={finetuning_args.dpo_label_smoothing}"
-    )
     arguments = Arguments(model_args, training_args, finetuning_args)
-    reconciled = LLAMAFACTORY.reconcile(
-        arguments, config, written, framework_written, loss, flags_on=finetuning_args, framework_values=values
-    )
+    reconciled = LLAMAFACTORY.reconcile(arguments, config, written, framework_written, loss, flags_on=finetuning_args)
     _write_back(reconciled, arguments, reads_reference)
     return reconciled
 

@@ -13,13 +13,7 @@ from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.activation import patched
 from vlm_dpo_plugins.adapters.hf_trainer.preference_step import loss_inputs
-from vlm_dpo_plugins.adapters.hf_trainer.run import (
-    PluginRun,
-    apply_ddp_plan,
-    checkpointing_kwargs,
-    run_context,
-    start_run,
-)
+from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun, run_context, start_run
 from vlm_dpo_plugins.adapters.llamafactory.config_section import ParsedSection, latest
 from vlm_dpo_plugins.adapters.llamafactory.data_checks import checked_loading
 from vlm_dpo_plugins.adapters.llamafactory.settings import reconcile
@@ -75,10 +69,8 @@ def prepare_run(section: ParsedSection, model_args: Any, training_args: Any, fin
         uses_peft=finetuning_args.finetuning_type in ("lora", "oft"),
         gradient_checkpointing=not model_args.disable_gradient_checkpointing,
     )
-    run = start_run(plugins, reconciled, context, section.origin)
+    run = start_run(plugins, reconciled, context, section.origin, training_args)
     # LLaMA-Factory enables checkpointing itself in ``load_model``, reentrant unless told otherwise.
-    planned = checkpointing_kwargs(plugins, context)
-    if "use_reentrant" in planned:
-        model_args.use_reentrant_gc = bool(planned["use_reentrant"])
-    apply_ddp_plan(plugins, context, training_args)
+    if "use_reentrant" in run.checkpointing_kwargs:
+        model_args.use_reentrant_gc = bool(run.checkpointing_kwargs["use_reentrant"])
     return run

@@ -53,13 +53,6 @@ def _checkable_file(entry: str) -> Path | None:
     from swift.dataset.dataset_syntax import DatasetSyntax
 
     syntax = DatasetSyntax.parse(entry)
-    path = Path(syntax.dataset)
-    reason = None
-    if not path.is_file() or path.suffix not in (".json", ".jsonl"):
-        reason = "it is not a local .json/.jsonl file"
-    elif syntax.dataset_sample is not None:
-        reason = "'#N' draws its rows out of file order"
-    if reason is not None:
-        FileChecks.not_checked(entry, reason)
-        return None
-    return path.resolve()
+    sampled = "'#N' draws its rows out of file order" if syntax.dataset_sample is not None else None
+    path = FileChecks.checkable(entry, Path(syntax.dataset), sampled)
+    return path.resolve() if path is not None else None

@@ -68,8 +68,7 @@ def agree(args: Any, config: VLMDPOConfig, written: Mapping[str, Set[str]], swif
         own_options=[option for option in SWIFT_LOSS_OPTIONS if option in swift_written and option != "loss_type"],
         computes_by_default=True,
     )
-    values = f"--beta {args.beta}, --label_smoothing {args.label_smoothing}, --max_grad_norm {args.max_grad_norm}"
-    reconciled = SWIFT.reconcile(args, config, written, swift_written, loss, flags_on=args, framework_values=values)
+    reconciled = SWIFT.reconcile(args, config, written, swift_written, loss, flags_on=args)
     if not reconciled.framework_computes_loss and (args.padding_free or args.packing):
         raise ConfigError(
             f"loss.type {reconciled.config.loss.type!r} reads one row per sequence, but swift packs rows "

@@ -13,14 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from vlm_dpo_plugins.adapters.hf_trainer.run import (
-    PluginRun,
-    command_line_keys,
-    plan_checkpointing,
-    run_context,
-    settings_source,
-    start_run,
-)
+from vlm_dpo_plugins.adapters.hf_trainer import run as shared
 from vlm_dpo_plugins.adapters.swift.settings import agree, reconcile
 
 from vlm_dpo_plugins.collation.file_checks import CheckedFiles
@@ -41,7 +34,7 @@ class SwiftRun:
     written: dict[str, set[str]]
     origin: str
     checked_files: CheckedFiles | None = None
-    prepared: tuple[PluginRun, Any] | None = None
+    prepared: tuple[shared.PluginRun, Any] | None = None
     """The run ``prepare_run`` made last, with the training arguments it was made for."""
 
 
@@ -53,7 +46,7 @@ def current_run(args: Any) -> SwiftRun:
     global _current
     if _current is None or _current.args is not args:
         plugins = create_plugin_manager()
-        source, origin = settings_source()
+        source, origin = shared.settings_source()
         config, written = load_plugin_config(plugins, source)
         _current = SwiftRun(args, plugins, config, written, origin)
     return _current
@@ -62,33 +55,32 @@ def current_run(args: Any) -> SwiftRun:
 def check_settings(args: Any) -> SwiftRun:
     """This run's plugins, with swift's flags and the plugin config checked to agree before any data is read."""
     current = current_run(args)
-    agree(args, current.config, current.written, command_line_keys(_command_line()))
+    agree(args, current.config, current.written, shared.command_line_keys(_command_line()))
     return current
 
 
-def prepare_run(args: Any) -> PluginRun:
+def prepare_run(args: Any) -> shared.PluginRun:
     import swift
 
     current = current_run(args)
-    reconciled = reconcile(args, current.config, current.written, command_line_keys(_command_line()))
+    reconciled = reconcile(args, current.config, current.written, shared.command_line_keys(_command_line()))
     training_args = args.training_args
-    context = run_context(
+    context = shared.run_context(
         "swift",
         swift.__version__,
         training_args,
         uses_peft=args.tuner_type != "full",
         gradient_checkpointing=bool(training_args.gradient_checkpointing),
     )
-    run = start_run(current.plugins, reconciled, context, current.origin)
-    _warn_about_unsynchronised_cpu_ranks(training_args)
     # Swift forces its ``use_reentrant`` on every checkpoint call, read from ``gradient_checkpointing_kwargs``.
-    plan_checkpointing(current.plugins, context, training_args)
+    run = shared.start_run(current.plugins, reconciled, context, current.origin, training_args)
+    _warn_about_unsynchronised_cpu_ranks(training_args)
     run.checked_files = current.checked_files
     current.prepared = (run, training_args)
     return run
 
 
-def take_run(training_args: Any) -> PluginRun | None:
+def take_run(training_args: Any) -> shared.PluginRun | None:
     """The run prepared for these training arguments (once), or None when swift's pipeline did not prepare one."""
     if _current is None or _current.prepared is None or _current.prepared[1] is not training_args:
         return None

@@ -81,8 +81,7 @@ def reconcile(args: Any, config: VLMDPOConfig, written: Mapping[str, set[str]]) 
         plugin_type=trl_loss[0] if len(trl_loss) == 1 and trl_loss[0] in SHARED_LOSS_TYPES else None,
         own_options=[name for name in TRL_ONLY_LOSS_OPTIONS if name in trl_set],
     )
-    values = f"loss_type={trl_loss}, beta={args.beta}, label_smoothing={args.label_smoothing}"
-    reconciled = TRL.reconcile(args, config, written, trl_set, loss, framework_values=values)
+    reconciled = TRL.reconcile(args, config, written, trl_set, loss)
     loss_section = reconciled.config.section("loss")
     if loss_section is not None:
         # A value DPOConfig did not write is the agreed one, which TRL's loss and metrics read from DPOConfig.

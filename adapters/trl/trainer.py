@@ -23,7 +23,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, requires_grad_kept, with_row_index
 from vlm_dpo_plugins.adapters.hf_trainer.preference_step import StepInputs, preference_metrics
-from vlm_dpo_plugins.adapters.hf_trainer.run import plan_checkpointing, run_context, start_run
+from vlm_dpo_plugins.adapters.hf_trainer.run import run_context, start_run
 from vlm_dpo_plugins.adapters.hf_trainer.settings import framework_max_grad_norm
 from vlm_dpo_plugins.adapters.hf_trainer.trainable import lora_targets_from_policy
 from vlm_dpo_plugins.adapters.trl.batch import collated_outputs, completion_labels, model_inputs, summed_logps
@@ -53,9 +53,9 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
         config, written = load_plugin_config(self.plugins, vlm_dpo_config)
         dpo_args = copy.copy(arguments["args"] or _default_args(model))
         context = self._run_context(dpo_args, uses_peft=peft_config is not None or is_peft_model(model))
-        self.vlm_dpo_bind(start_run(self.plugins, reconcile(dpo_args, config, written), context, "vlm_dpo_config"))
+        reconciled = reconcile(dpo_args, config, written)
+        self.vlm_dpo_bind(start_run(self.plugins, reconciled, context, "vlm_dpo_config", dpo_args))
         self._trl_computes_loss = self._vlm_dpo_run.framework_computes_loss
-        plan_checkpointing(self.plugins, context, dpo_args)
         dpo_args.max_grad_norm = framework_max_grad_norm(
             self.vlm_dpo_config, context.uses_deepspeed, dpo_args.max_grad_norm
         )

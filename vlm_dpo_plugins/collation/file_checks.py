@@ -139,8 +139,17 @@ class FileChecks:
         return dataset.select(check.kept) if check is not None and check.skipped else dataset
 
     @staticmethod
-    def not_checked(name: str, reason: str) -> None:
-        logger.info("vlm-dpo: %s is checked per batch during training, not as a file before loading: %s", name, reason)
+    def checkable(name: str, path: Path, unread_because: str | None = None) -> Path | None:
+        """``path`` when the checks read it as the framework will (one local JSON/JSONL file, rows in file order, as
+        ``unread_because`` None says); else None, with a notice that dataset ``name`` is checked per batch."""
+        if not path.is_file() or path.suffix not in (".json", ".jsonl"):
+            unread_because = "it is not one local .json/.jsonl file"
+        if unread_because is None:
+            return path
+        logger.info(
+            "vlm-dpo: %s is checked per batch during training, not as a file before loading: %s", name, unread_because
+        )
+        return None
 
 
 def _unskippable(finding: Finding, framework: str) -> Finding:
