@@ -187,3 +187,30 @@ def test_the_pre_scan_keeps_positions_by_the_row_each_carries():
     summary = CollationSummary(skipped_rows={12, 15})
     assert keep_rows(4, summary, row_indices=[12, 13, 14, 15]) == [1, 2]
     assert keep_rows(4, summary) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "name, unread_because, notice",
+    [
+        ("data.jsonl", None, None),
+        ("data.jsonl", "'#N' draws its rows out of file order", "'#N' draws its rows out of file order"),
+        ("data.parquet", None, "it is not one local .json/.jsonl file"),
+        ("missing.json", None, "it is not one local .json/.jsonl file"),
+    ],
+)
+def test_a_file_the_checks_cannot_read_as_the_framework_does_is_named_and_left_to_the_live_checks(
+    tmp_path, caplog, name, unread_because, notice
+):
+    from vlm_dpo_plugins.collation.file_checks import FileChecks
+
+    for existing in ("data.jsonl", "data.parquet"):
+        (tmp_path / existing).write_text("{}\n")
+    with caplog.at_level(logging.INFO, logger="vlm_dpo_plugins"):
+        path = FileChecks.checkable("my_dataset", tmp_path / name, unread_because)
+    if notice is None:
+        assert path == tmp_path / name and not caplog.records
+    else:
+        assert path is None
+        assert [record.getMessage() for record in caplog.records] == [
+            f"vlm-dpo: my_dataset is checked per batch during training, not as a file before loading: {notice}"
+        ]
