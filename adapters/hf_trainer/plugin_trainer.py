@@ -81,6 +81,7 @@ from vlm_dpo_plugins.guards.deepspeed import tune_deepspeed_config
 from vlm_dpo_plugins.guards.deepspeed_buckets import model_hidden_size
 from vlm_dpo_plugins.guards.deepspeed_live import describe_live_buckets
 from vlm_dpo_plugins.guards.step import StepOutcome
+from vlm_dpo_plugins.guards.vision_lockstep import VisionLockstep, needs_lockstep
 from vlm_dpo_plugins.losses.logprobs import SequenceLogps
 from vlm_dpo_plugins.runlog.findings import append_finding
 from vlm_dpo_plugins.sharing.reference_cache import ReferenceAttach, take_attached
@@ -169,7 +170,9 @@ class PluginTrainerMixin:
             reference_model=self.ref_model,
             reference_pass=reference_pass,
             unwrap=self.accelerator.unwrap_model,
+            features_replayable=not self._lockstep_wanted(context),
         )
+        self._vision_lockstep: VisionLockstep | None = None
         precompute = check_precompute(
             self.vlm_dpo_config,
             framework=self._vlm_dpo_run.context.framework,
@@ -291,6 +294,8 @@ class PluginTrainerMixin:
     def vlm_dpo_train_returns(self, completed: bool) -> None:
         """``train()`` returns or raises: the DDP wrapper freed while its process group is alive; after a completed
         run, the process group destroyed before interpreter shutdown unless the framework did it (``ddp_teardown``)."""
+        if self._vision_lockstep is not None:
+            self._vision_lockstep.remove()
         if release_ddp_wrapper(self):
             logger.debug("vlm-dpo: DDP wrapper released at the end of train()")
         if completed:
@@ -346,7 +351,14 @@ class PluginTrainerMixin:
             logger.info("vlm-dpo: %s", live)  # what the engine uses, read back after the framework built it
         if self._reference_attach is not None and self._reference_attach.cache is None:
             self.vlm_dpo_precompute_reference()
+        if self._lockstep_wanted(self.vlm_dpo_context()):
+            if self._vision_lockstep is not None:
+                self._vision_lockstep.remove()
+            self._vision_lockstep = VisionLockstep([self.model, self.ref_model])
         self.plugins.hook.vlm_dpo_train_begin(model=self.model, context=self.vlm_dpo_context())
+
+    def _lockstep_wanted(self, context: RunContext) -> bool:
+        return self.vlm_dpo_config.section("guards") is not None and needs_lockstep(context)
 
     def vlm_dpo_precompute_reference(self) -> None:
         """The reference over the training set, once; a separate reference model then leaves memory unless an

@@ -81,6 +81,7 @@ class PreferenceStep:
         reference_model: Any,
         reference_pass: bool,
         unwrap: Callable[[Any], Any],
+        features_replayable: bool = True,
     ) -> None:
         self.plugins = plugins
         self.config = config
@@ -105,7 +106,8 @@ class PreferenceStep:
         ):
             return
         self.sharing = PairSharing(model, sharing)
-        if self.reference_pass and sharing.vision_features:
+        # Under the vision lockstep every pass with images runs the vision tower, as it does on the other ranks.
+        if self.reference_pass and sharing.vision_features and features_replayable:
             reference = None if reference_model is None else unwrap(reference_model)
             self.feature_reuse = ReferenceFeatureReuse(model, reference, groups)
 

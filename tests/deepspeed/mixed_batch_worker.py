@@ -1,0 +1,101 @@
+"""One rank of the mixed-batch runs: rank 0 draws pairs with an image, rank 1 text-only pairs.
+
+Run by test_mixed_batches.py as a plain script, one process per rank (RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT in the environment): ``mixed_batch_worker.py MODEL_DIR OUTPUT_DIR stock|plugins zero3|ddp GROUPS``
+(GROUPS: the freeze groups that train, comma-separated). Prints one ``RESULT {json}`` line: the logged losses,
+how often this rank encoded a stand-in image, and a checksum of every weight after training (gathered from the
+shards under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import trl  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer  # noqa: E402
+
+from vlm_dpo_plugins.tiny import make_preference_examples, trl_conversational_rows  # noqa: E402
+
+STEPS = 2
+ZERO3 = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "steps_per_print": 10**9,
+    "bf16": {"enabled": "auto"},
+    "zero_optimization": {"stage": 3},
+}
+
+
+def mixed_rows() -> list[dict]:
+    """Even rows with an image, odd rows text-only: read in order one row per rank, rank 1 never sees an image."""
+    rows = trl_conversational_rows(make_preference_examples(2 * STEPS * 2, seed=3))
+    for row in rows[1::2]:
+        row["images"] = []
+        row["prompt"] = [{"role": "user", "content": [{"type": "text", "text": "Name a shape."}]}]
+    return rows
+
+
+def main() -> None:
+    model_dir, output_dir, mode, engine, trainable = sys.argv[1:6]
+    if engine == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    # Loaded before the DeepSpeed config exists, as a user's script loading the model first does.
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    args = trl.DPOConfig(
+        output_dir=output_dir,
+        max_steps=STEPS,
+        per_device_train_batch_size=1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        bf16=False,
+        train_sampling_strategy="sequential",
+        deepspeed=ZERO3 if engine == "zero3" else None,
+    )
+    plugins = {} if mode == "stock" else {"vlm_dpo_config": {"freeze": {"trainable": trainable.split(",")}}}
+    trainer_class = trl.DPOTrainer if mode == "stock" else VLMDPOTrainer
+    trainer = trainer_class(
+        **plugins,
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(mixed_rows()),
+        processing_class=AutoProcessor.from_pretrained(model_dir),
+    )
+    trainer.train()
+    lockstep = getattr(trainer, "_vision_lockstep", None)
+    parameters = list(trainer.model.parameters())
+    if engine == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(parameters):
+            checksum = sum(float(p.detach().double().sum()) for p in parameters)
+    else:
+        checksum = sum(float(p.detach().double().sum()) for p in parameters)
+    result = {
+        "rank": int(os.environ["RANK"]),
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "stand_in_encodes": None if lockstep is None else lockstep.stand_in_encodes,
+        "checksum": checksum,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
