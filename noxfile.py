@@ -101,7 +101,7 @@ def trl(session: nox.Session) -> None:
     # DS_BUILD_OPS=0: nothing compiled at install; the one CPU op the tests need is built on first use
     # and cached outside the environment (TORCH_EXTENSIONS_DIR, see tests/deepspeed/conftest.py).
     session.install("deepspeed==0.19.8", *CONSTRAINTS, env={"DS_BUILD_OPS": "0"})
-    run_tests(session, "tests/adapters/trl", "tests/demo", "tests/deepspeed", browser=True)
+    run_tests(session, "tests/adapters/trl", "tests/demo", "tests/deepspeed", "tests/sharded", browser=True)
 
 
 @nox.session(python=PYTHON)

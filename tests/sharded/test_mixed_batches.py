@@ -12,17 +12,15 @@ and end with the same losses and weights as the same plugins under DDP (no gathe
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
+
+from two_ranks import run_two_ranks  # noqa: E402
 
 from vlm_dpo_plugins.tiny import build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen3_vl  # noqa: E402
 
@@ -33,38 +31,9 @@ COLLECTIVE_MISMATCH = "Is there a distributed collective mismatch in your code?"
 def run_ranks(
     model_dir: Path, output_dir: Path, mode: str, engine: str, port: int, timeout: float, trainable: str = "language"
 ) -> dict:
-    base = dict(
-        os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"
-    )
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(model_dir), str(output_dir / str(rank)), mode, engine, trainable],
-            env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs, timed_out = [], False
-    try:
-        for process in ranks:
-            try:
-                outputs.append(process.communicate(timeout=timeout)[0])
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                process.kill()
-                outputs.append(process.communicate()[0])
-    finally:
-        for process in ranks:
-            process.kill()
-    results = {}
-    for output in outputs:
-        lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
-        if lines:
-            result = json.loads(lines[-1].removeprefix("RESULT "))
-            results[result.pop("rank")] = result
-    return {"results": results, "timed_out": timed_out, "output": "\n".join(outputs)}
+    arguments = [str(model_dir), str(output_dir), mode, engine, trainable]
+    run = run_two_ranks(WORKER, arguments, port, timeout)
+    return {"results": run.results, "timed_out": run.timed_out, "output": run.output}
 
 
 BUILDERS = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl, "qwen3_vl": build_tiny_qwen3_vl}

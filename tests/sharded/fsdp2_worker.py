@@ -1,0 +1,109 @@
+"""One rank of the FSDP2 mixed-batch runs: the tiny VLM under ``fully_shard``, rank 1's batch without an image.
+
+accelerate runs FSDP only on accelerators (on CPU it builds DDP instead, silently), so TRL's and the other
+frameworks' FSDP2 paths cannot run here; this is the part that can: torch's own ``fully_shard`` over gloo, each
+vision layer, language layer and the projector a unit of its own, as accelerate's transformer auto-wrap makes
+them. ``fsdp2_worker.py MODEL_DIR stock|lockstep GROUPS`` (GROUPS: ``language`` or ``language,projector``, what
+trains). Before sharding, every rank computes its own batch's loss and gradients on an unsharded copy and the
+ranks average those gradients: what FSDP2 must give. Prints one ``RESULT {json}`` line.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlm_dpo_plugins.guards.vision_lockstep import VisionLockstep
+from vlm_dpo_plugins.tiny.data import make_preference_examples
+
+STEPS = 2
+
+
+def batch(processor, rank: int, step: int) -> dict:
+    example = make_preference_examples(2 * STEPS, seed=5)[2 * step + rank]
+    content = [{"type": "text", "text": example.prompt}]
+    images = None
+    if rank == 0:  # only rank 0 ever has an image
+        content.insert(0, {"type": "image"})
+        images = [example.image]
+    messages = [
+        {"role": "user", "content": content},
+        {"role": "assistant", "content": [{"type": "text", "text": example.chosen}]},
+    ]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    inputs = processor(text=[text], images=images, return_tensors="pt")
+    inputs["labels"] = inputs["input_ids"].clone()
+    return dict(inputs)
+
+
+def train_groups(model, trainable: list[str]) -> None:
+    for name, parameter in model.named_parameters():
+        group = "vision" if "vision" in name else "projector" if "projector" in name else "language"
+        parameter.requires_grad_(group in trainable)
+
+
+def shard(model) -> None:
+    inner = model.model
+    for layer in inner.vision_tower.encoder.layers:
+        fully_shard(layer)
+    for layer in inner.language_model.layers:
+        fully_shard(layer)
+    fully_shard(inner.multi_modal_projector)
+    fully_shard(model)
+
+
+def main() -> None:
+    model_dir, mode, trainable = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="eager")
+    train_groups(model, trainable)
+    reference = copy.deepcopy(model)
+    expected_losses, expected_grads = [], {}
+    for step in range(STEPS):
+        loss = reference(**batch(processor, rank, step)).loss
+        loss.backward()
+        expected_losses.append(loss.item())
+    for name, parameter in reference.named_parameters():
+        if parameter.requires_grad:
+            # The text-only rank's projector saw no gradient: zero, as in the average FSDP2 takes.
+            gradient = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+            dist.all_reduce(gradient)
+            expected_grads[name] = gradient / dist.get_world_size()
+
+    shard(model)
+    lockstep = VisionLockstep([model]) if mode == "lockstep" else None
+    losses = []
+    for step in range(STEPS):
+        loss = model(**batch(processor, rank, step)).loss
+        loss.backward()
+        losses.append(loss.item())
+    worst = 0.0
+    for name, parameter in model.named_parameters():
+        if name in expected_grads:
+            full = parameter.grad.full_tensor()
+            worst = max(worst, float((full - expected_grads[name]).abs().max()))
+    result = {
+        "rank": rank,
+        "losses": losses,
+        "expected_losses": expected_losses,
+        "worst_grad_difference": worst,
+        "compared_grads": len(expected_grads),
+        "stand_in_encodes": None if lockstep is None else lockstep.stand_in_encodes,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,45 @@
+"""FSDP2 with a rank whose batch has no image: without the vision lockstep the ranks' collectives stop matching;
+with it both ranks finish with their own losses and exactly the gradients an unsharded model averages.
+
+accelerate builds FSDP only on accelerators (with ``use_cpu`` it silently builds DDP), so no framework's FSDP2
+path runs on this machine (docs/scaling.md). The largest part that can run: torch's ``fully_shard`` over gloo on
+the tiny LLaVA, each vision layer, language layer and the projector a unit as accelerate's transformer
+auto-wrap makes them, the lockstep installed as the shared step installs it (``VisionLockstep([model])``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from two_ranks import run_two_ranks
+
+from vlm_dpo_plugins.tiny import build_tiny_llava
+
+WORKER = Path(__file__).with_name("fsdp2_worker.py")
+STEPS = 2
+COLLECTIVE_MISMATCH = "Is there a distributed collective mismatch in your code?"  # gloo's words
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+def test_without_the_lockstep_a_text_only_rank_breaks_fsdp2(model_dir, master_port):
+    run = run_two_ranks(WORKER, [str(model_dir), "stock", "language"], master_port, timeout=120)
+    assert not run.results, "FSDP2 finished with a text-only rank and no lockstep"
+    assert run.timed_out or COLLECTIVE_MISMATCH in run.output, run.output[-3000:]
+
+
+@pytest.mark.parametrize("trainable", ["language", "language,projector"])
+def test_with_the_lockstep_fsdp2_gives_the_unsharded_losses_and_gradients(model_dir, master_port, trainable):
+    run = run_two_ranks(WORKER, [str(model_dir), "lockstep", trainable], master_port, timeout=180)
+    assert set(run.results) == {0, 1}, run.output[-3000:]
+    for rank, result in run.results.items():
+        assert result["losses"] == pytest.approx(result["expected_losses"], rel=1e-6), rank
+        # fp32: the same sums, reduced over the ranks in another order.
+        assert result["worst_grad_difference"] < 1e-6, (rank, result)
+        assert result["compared_grads"] > 0
+    assert run.results[0]["stand_in_encodes"] == 0
+    assert run.results[1]["stand_in_encodes"] == STEPS  # rank 1 never has an image

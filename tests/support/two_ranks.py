@@ -1,0 +1,52 @@
+"""Two ranks of one script as two subprocesses on this machine (gloo), each printing one ``RESULT {json}`` line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class TwoRankRun:
+    results: dict[int, dict]
+    """Each rank's ``RESULT`` (without its ``rank`` key), for the ranks that printed one."""
+    timed_out: bool
+    output: str
+
+
+def run_two_ranks(script: Path, arguments: list[str], port: int, timeout: float) -> TwoRankRun:
+    """Both ranks of ``script``, killed after ``timeout`` seconds (a hang is what some of these runs show)."""
+    base = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), *arguments],
+            env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs, timed_out = [], False
+    try:
+        for process in ranks:
+            try:
+                outputs.append(process.communicate(timeout=timeout)[0])
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                process.kill()
+                outputs.append(process.communicate()[0])
+    finally:
+        for process in ranks:
+            process.kill()
+    results = {}
+    for output in outputs:
+        lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+        if lines:
+            result = json.loads(lines[-1].removeprefix("RESULT "))
+            results[result.pop("rank")] = result
+    return TwoRankRun(results, timed_out, "\n".join(outputs))
