@@ -3,7 +3,7 @@
 accelerate runs FSDP only on accelerators (on CPU it builds DDP instead, silently), so TRL's and the other
 frameworks' FSDP2 paths cannot run here; this is the part that can: torch's own ``fully_shard`` over gloo, each
 vision layer, language layer and the projector a unit of its own, as accelerate's transformer auto-wrap makes
-them. ``fsdp2_worker.py MODEL_DIR stock|lockstep GROUPS`` (GROUPS: ``language`` or ``language,projector``, what
+them. ``fsdp2_worker.py MODEL_DIR stock|lockstep|guards GROUPS`` (GROUPS: ``language`` or ``language,projector``, what
 trains). Before sharding, every rank computes its own batch's loss and gradients on an unsharded copy and the
 ranks average those gradients: what FSDP2 must give. Prints one ``RESULT {json}`` line.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import sys
 
@@ -24,6 +25,7 @@ from vlm_dpo_plugins.guards.vision_lockstep import VisionLockstep
 from vlm_dpo_plugins.tiny.data import make_preference_examples
 
 STEPS = 2
+MAX_NORM = 0.5
 
 
 def batch(processor, rank: int, step: int) -> dict:
@@ -66,19 +68,34 @@ def main() -> None:
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="eager")
     train_groups(model, trainable)
+    if mode == "guards":
+        result = guarded_steps(model, processor, rank)
+    else:
+        result = sharded_passes(model, processor, rank, mode)
+    print("RESULT " + json.dumps(result), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def unsharded_average(model, processor, rank: int, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """This rank's losses on an unsharded copy, and the gradients averaged over the ranks: what FSDP2 must give."""
     reference = copy.deepcopy(model)
-    expected_losses, expected_grads = [], {}
-    for step in range(STEPS):
+    losses, gradients = [], {}
+    for step in range(steps):
         loss = reference(**batch(processor, rank, step)).loss
         loss.backward()
-        expected_losses.append(loss.item())
+        losses.append(loss.item())
     for name, parameter in reference.named_parameters():
         if parameter.requires_grad:
             # The text-only rank's projector saw no gradient: zero, as in the average FSDP2 takes.
             gradient = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
             dist.all_reduce(gradient)
-            expected_grads[name] = gradient / dist.get_world_size()
+            gradients[name] = gradient / dist.get_world_size()
+    return losses, gradients
 
+
+def sharded_passes(model, processor, rank: int, mode: str) -> dict:
+    expected_losses, expected_grads = unsharded_average(model, processor, rank, STEPS)
     shard(model)
     lockstep = VisionLockstep([model]) if mode == "lockstep" else None
     losses = []
@@ -91,7 +108,7 @@ def main() -> None:
         if name in expected_grads:
             full = parameter.grad.full_tensor()
             worst = max(worst, float((full - expected_grads[name]).abs().max()))
-    result = {
+    return {
         "rank": rank,
         "losses": losses,
         "expected_losses": expected_losses,
@@ -99,9 +116,61 @@ def main() -> None:
         "compared_grads": len(expected_grads),
         "stand_in_encodes": None if lockstep is None else lockstep.stand_in_encodes,
     }
-    print("RESULT " + json.dumps(result), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+
+
+def guarded_steps(model, processor, rank: int) -> dict:
+    """Two steps through the guards: step 0 clipped to ``MAX_NORM`` over all shards; step 1 has a NaN in rank 1's
+    shard of one gradient only, and both ranks must skip it with weights and optimizer state untouched."""
+    from vlm_dpo_plugins.config_source import load_plugin_config
+    from vlm_dpo_plugins.guards.clipping import measure_grad_norms, parameters_by_group
+    from vlm_dpo_plugins.guards.step import StepGuard
+    from vlm_dpo_plugins.manager import create_plugin_manager
+
+    _, expected = unsharded_average(model, processor, rank, 1)
+    expected_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in expected.values()])))
+    shard(model)
+    VisionLockstep([model])
+    plugins = create_plugin_manager()
+    config, _ = load_plugin_config(plugins, {"guards": {"max_grad_norm": MAX_NORM}})
+    plugins.hook.vlm_dpo_configure(config=config)
+    guard = StepGuard(plugins)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def trainable() -> dict:
+        return parameters_by_group(model.named_parameters(), {})
+
+    model(**batch(processor, rank, 0)).loss.backward()
+    first = guard.step(optimizer, trainable(), 0.7, 0)
+    clipped = measure_grad_norms(trainable())
+
+    loss = model(**batch(processor, rank, 1)).loss
+    loss.backward()
+    if rank == 1:
+        poisoned = next(p for p in model.parameters() if p.requires_grad)
+        poisoned.grad.to_local().view(-1)[0] = math.nan
+    before = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
+    state_before = [
+        {key: value.to_local().clone() if hasattr(value, "to_local") else value.clone() for key, value in s.items()}
+        for s in optimizer.state.values()
+    ]
+    second = guard.step(optimizer, trainable(), loss.detach(), 1)
+    unchanged = all(torch.equal(before[name], p.to_local()) for name, p in model.named_parameters())
+    state_unchanged = all(
+        torch.equal(value.to_local() if hasattr(value, "to_local") else value, old[key])
+        for old, new in zip(state_before, optimizer.state.values())
+        for key, value in new.items()
+    )
+    return {
+        "rank": rank,
+        "first_norm": first.grad_norms.total,
+        "expected_first_norm": expected_norm,
+        "first_skipped": first.skipped,
+        "clipped_norm": clipped.total,
+        "second_skipped": second.skipped,
+        "second_reasons": list(second.reasons),
+        "weights_unchanged": unchanged,
+        "optimizer_state_unchanged": state_unchanged,
+    }
 
 
 if __name__ == "__main__":

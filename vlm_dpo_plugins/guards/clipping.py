@@ -52,18 +52,57 @@ def _gradients(parameters: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
     return [parameter.grad for parameter in parameters if parameter.grad is not None]
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2's sharded gradients), the tensor itself otherwise: the fused kernels
+    take plain tensors, and scaling the local part in place scales the DTensor."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 def _per_tensor_norms(tensors: Sequence[torch.Tensor], norm_type: float, device: torch.device) -> list[torch.Tensor]:
-    """Each tensor's norm, in input order, accumulated in fp32, from one fused call per device and dtype."""
+    """Each tensor's norm, in input order, accumulated in fp32, from one fused call per device and dtype; a sharded
+    DTensor's norm is over all its shards (one collective for all of them), never this rank's part alone."""
+    local = [_local(tensor) for tensor in tensors]
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for index, tensor in enumerate(tensors):
+    for index, tensor in enumerate(local):
         buckets.setdefault((tensor.device, tensor.dtype), []).append(index)
     norms: list[torch.Tensor | None] = [None] * len(tensors)
     for indices in buckets.values():
         # dtype=float32: bf16 gradients are summed and returned in fp32, so a large norm does not lose its digits.
-        bucket_norms = torch._foreach_norm([tensors[i] for i in indices], norm_type, dtype=torch.float32)
+        bucket_norms = torch._foreach_norm([local[i] for i in indices], norm_type, dtype=torch.float32)
         for index, norm in zip(indices, bucket_norms):
             norms[index] = norm.to(device)
+    sharded = [index for index, tensor in enumerate(tensors) if local[index] is not tensor]
+    if sharded:
+        _combine_shards(norms, sharded, tensors, norm_type)
     return norms  # type: ignore[return-value]
+
+
+def _combine_shards(
+    norms: list[torch.Tensor | None], sharded: list[int], tensors: Sequence[torch.Tensor], norm_type: float
+) -> None:
+    """Local norms of sharded DTensors made whole: summed as p-th powers (max for inf) over the ranks holding them."""
+    import torch.distributed as dist
+
+    groups = {}
+    for index in sharded:
+        mesh, placements = tensors[index].device_mesh, tensors[index].placements
+        if mesh.ndim != 1 or not all(placement.is_shard() for placement in placements):
+            raise NotImplementedError(
+                f"vlm-dpo: gradient norms of DTensors placed {placements} on a {mesh.ndim}-D mesh are not supported "
+                "(FSDP2's 1-D sharding is); turn the guards' clipping off (guards.max_grad_norm: null) for this run"
+            )
+        groups.setdefault(id(mesh.get_group()), (mesh.get_group(), []))[1].append(index)
+    for group, indices in groups.values():
+        stacked = torch.stack([norms[index] for index in indices])  # type: ignore[misc]
+        if math.isinf(norm_type):
+            dist.all_reduce(stacked, op=dist.ReduceOp.MAX, group=group)
+        else:
+            stacked = stacked**norm_type
+            dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+            stacked = stacked ** (1.0 / norm_type)
+        for position, index in enumerate(indices):
+            norms[index] = stacked[position]
 
 
 def _measure(parameters: ParametersByGroup, norm_type: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
@@ -95,7 +134,7 @@ def measure_grad_norms(parameters: ParametersByGroup, norm_type: float = 2.0) ->
 
 def _scale(gradients: list[torch.Tensor], coefficient: float) -> None:
     if coefficient < 1.0:
-        torch._foreach_mul_(gradients, coefficient)
+        torch._foreach_mul_([_local(gradient) for gradient in gradients], coefficient)
 
 
 def clip_coefficient(norm: float, max_norm: float) -> float:
@@ -137,7 +176,7 @@ def clip_grad_norms(
             # As torch.nn.utils.clip_grad_norm_ computes it, in the gradients' dtype, so the result is identical.
             coefficient = torch.clamp(max_norm / (total_tensor + _EPSILON), max=1.0)
             if coefficient.item() < 1.0:
-                torch._foreach_mul_(everything, coefficient)
+                torch._foreach_mul_([_local(gradient) for gradient in everything], coefficient)
     return norms
 
 

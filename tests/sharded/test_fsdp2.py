@@ -1,5 +1,10 @@
-"""FSDP2 with a rank whose batch has no image: without the vision lockstep the ranks' collectives stop matching;
-with it both ranks finish with their own losses and exactly the gradients an unsharded model averages.
+"""FSDP2 on two CPU ranks: the vision lockstep with a rank whose batch has no image, and the guards on sharded
+gradients.
+
+Without the lockstep the ranks' collectives stop matching; with it both ranks finish with their own losses and
+exactly the gradients an unsharded model averages. The guards' norm is over all shards (a rank's own shard gives
+another number), clipping brings the whole gradient to ``max_grad_norm``, and a NaN in one rank's shard skips the
+step on both ranks with the shards of the weights and of AdamW's state untouched.
 
 accelerate builds FSDP only on accelerators (with ``use_cpu`` it silently builds DDP), so no framework's FSDP2
 path runs on this machine (docs/scaling.md). The largest part that can run: torch's ``fully_shard`` over gloo on
@@ -18,6 +23,7 @@ from vlm_dpo_plugins.tiny import build_tiny_llava
 
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
 STEPS = 2
+MAX_NORM = 0.5  # as fsdp2_worker.py clips
 COLLECTIVE_MISMATCH = "Is there a distributed collective mismatch in your code?"  # gloo's words
 
 
@@ -43,3 +49,17 @@ def test_with_the_lockstep_fsdp2_gives_the_unsharded_losses_and_gradients(model_
         assert result["compared_grads"] > 0
     assert run.results[0]["stand_in_encodes"] == 0
     assert run.results[1]["stand_in_encodes"] == STEPS  # rank 1 never has an image
+
+
+def test_the_guards_clip_over_all_shards_and_skip_a_nan_in_one_rank_s_shard_everywhere(model_dir, master_port):
+    run = run_two_ranks(WORKER, [str(model_dir), "guards", "language"], master_port, timeout=180)
+    assert set(run.results) == {0, 1}, run.output[-3000:]
+    for rank, result in run.results.items():
+        assert result["first_norm"] == pytest.approx(result["expected_first_norm"], rel=1e-6), rank
+        assert result["first_norm"] > MAX_NORM and not result["first_skipped"]
+        assert result["clipped_norm"] == pytest.approx(MAX_NORM, rel=1e-5)
+        assert result["second_skipped"], rank
+        assert result["weights_unchanged"] and result["optimizer_state_unchanged"], (rank, result)
+    # One vote: rank 0's own shard was finite, yet it skipped too (and names what rank 1 saw).
+    assert run.results[0]["second_reasons"] == run.results[1]["second_reasons"]
+    assert any(reason.startswith("rank 1: non-finite gradient norm") for reason in run.results[0]["second_reasons"])
