@@ -1,7 +1,7 @@
 """One rank of the mixed-batch runs: rank 0 draws pairs with an image, rank 1 text-only pairs.
 
 Run by test_mixed_batches.py as a plain script, one process per rank (RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT in the environment): ``mixed_batch_worker.py MODEL_DIR OUTPUT_DIR stock|plugins zero3|ddp GROUPS``
+MASTER_PORT in the environment): ``mixed_batch_worker.py MODEL_DIR OUTPUT_DIR stock|plugins zero3|ddp|fsdp2 GROUPS``
 (GROUPS: the freeze groups that train, comma-separated). Prints one ``RESULT {json}`` line: the logged losses,
 how often this rank encoded a stand-in image, and a checksum of every weight after training (gathered from the
 shards under ZeRO-3).
@@ -33,6 +33,8 @@ ZERO3 = {
     "bf16": {"enabled": "auto"},
     "zero_optimization": {"stage": 3},
 }
+
+FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}}
 
 
 def mixed_rows() -> list[dict]:
@@ -66,6 +68,7 @@ def main() -> None:
         bf16=False,
         train_sampling_strategy="sequential",
         deepspeed=ZERO3 if engine == "zero3" else None,
+        **(FSDP2 if engine == "fsdp2" else {}),
     )
     plugins = {} if mode == "stock" else {"vlm_dpo_config": {"freeze": {"trainable": trainable.split(",")}}}
     trainer_class = trl.DPOTrainer if mode == "stock" else VLMDPOTrainer
@@ -91,6 +94,8 @@ def main() -> None:
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "stand_in_encodes": None if lockstep is None else lockstep.stand_in_encodes,
         "checksum": checksum,
+        "wrapped_as": type(trainer.model_wrapped).__name__,
+        "fsdp_enabled": trainer.is_fsdp_enabled,
     }
     print("RESULT " + json.dumps(result), flush=True)
     if torch.distributed.is_initialized():

@@ -22,9 +22,21 @@ from two_ranks import run_two_ranks
 from vlm_dpo_plugins.tiny import build_tiny_llava
 
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
+TRL_WORKER = Path(__file__).with_name("mixed_batch_worker.py")
 STEPS = 2
 MAX_NORM = 0.5  # as fsdp2_worker.py clips
 COLLECTIVE_MISMATCH = "Is there a distributed collective mismatch in your code?"  # gloo's words
+
+
+def test_on_cpu_accelerate_builds_ddp_where_trl_is_asked_for_fsdp2(model_dir, tmp_path, master_port):
+    """Why no framework's FSDP2 path is tested here: TRL, LLaMA-Factory and ms-swift all hand FSDP to
+    accelerate, which switches to FSDP only on an accelerator and otherwise wraps the model in DDP, silently."""
+    pytest.importorskip("trl")
+    arguments = [str(model_dir), str(tmp_path), "stock", "fsdp2", "language"]
+    run = run_two_ranks(TRL_WORKER, arguments, master_port, timeout=180)
+    assert set(run.results) == {0, 1}, run.output[-3000:]
+    assert run.results[0]["wrapped_as"] == "DistributedDataParallel"
+    assert run.results[0]["fsdp_enabled"] is False
 
 
 @pytest.fixture(scope="module")

@@ -289,3 +289,45 @@ def test_gemma3_trains_like_llamafactory_with_its_image_blocks_packed(tmp_path, 
     parts = changed_parts(before, after, TINY_MODELS["gemma3"].part)
     assert parts["vision"]["changed"] == [] and parts["projector"]["changed"] == [], parts
     assert parts["language"]["changed"], "the language model did not train"
+
+
+def write_mixed_dataset(directory: Path, rows: int = 4) -> Path:
+    """Pairs with an image and text-only pairs, alternating."""
+    from llamafactory_runs import IMAGE_PLACEHOLDER
+
+    from vlm_dpo_plugins.tiny.data import make_preference_examples, write_preference_images
+
+    examples = make_preference_examples(rows, seed=0)
+    paths = write_preference_images(examples, directory / "images")
+    written = []
+    for index, (example, path) in enumerate(zip(examples, paths, strict=True)):
+        text_only = index % 2 == 1
+        written.append(
+            {
+                "conversations": [
+                    {"from": "human", "value": "Name a shape." if text_only else f"{IMAGE_PLACEHOLDER}{example.prompt}"}
+                ],
+                "chosen": {"from": "gpt", "value": example.chosen},
+                "rejected": {"from": "gpt", "value": example.rejected},
+                "images": [] if text_only else [path.relative_to(directory).as_posix()],
+            }
+        )
+    write_dataset(directory, written)
+    return directory
+
+
+@pytest.mark.parametrize("model", ["qwen2_vl", "llava"])
+def test_text_only_batches_train_as_llamafactory_trains_them(tmp_path, models, model):
+    # LLaMA-Factory's collator gives a batch without images a white stand-in image (its tokens unattended), so
+    # that under ZeRO-3/FSDP every rank runs the vision tower (docs/scaling.md): the plugins' collation, packing
+    # and checks must take such batches without a finding and train them as stock does. In file order, one pair
+    # per step: image, text-only, image, text-only.
+    dataset = write_mixed_dataset(tmp_path / "data")
+    options = dict(per_device_train_batch_size=1, max_steps=4, disable_shuffling=True)
+    ours = train(tmp_path / "ours", models, dataset, model, "full", **options)
+    stock = train(tmp_path / "stock", models, dataset, model, "full", env=DISABLED, **options)
+    assert ours.returncode == 0 and stock.returncode == 0, ours.log() + stock.log()
+    assert len(ours.step_logs) == len(stock.step_logs) == 4
+    for mine, theirs in zip(ours.step_logs, stock.step_logs, strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), (key, mine, theirs)
