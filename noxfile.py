@@ -128,7 +128,7 @@ def swift(session: nox.Session) -> None:
 
 
 RELIABILITY_TESTS = {
-    "trl": ("tests/adapters/trl", "tests/deepspeed"),
+    "trl": ("tests/adapters/trl", "tests/deepspeed", "tests/sharded"),
     "llamafactory": ("tests/adapters/llamafactory",),
     "swift": ("tests/adapters/swift",),
 }

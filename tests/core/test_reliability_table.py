@@ -28,6 +28,7 @@ def write_results(path: Path, table, outcome=lambda framework, row: "passed") ->
         {"framework": framework, "row": row, "outcome": outcome(framework, row), "test": "t"}
         for framework in table.FRAMEWORKS
         for row in table.ROWS
+        if (framework, row) not in table.NOT_RUN_HERE
     ]
     path.write_text("".join(json.dumps(cell) + "\n" for cell in cells))
     return path
@@ -70,3 +71,15 @@ def test_an_unknown_cell_is_named(table, tmp_path):
     results.write_text(json.dumps({"framework": "TRL", "row": "gpu-on-fire", "outcome": "passed"}) + "\n")
     with pytest.raises(SystemExit, match=r"results.jsonl:1: unknown cell \('TRL', 'gpu-on-fire'\)"):
         table.main([str(results), "--check", str(PAGE)])
+
+
+def test_a_cell_that_cannot_run_here_shows_its_reason_and_is_not_counted_missing(table, tmp_path, capsys):
+    assert table.NOT_RUN_HERE, "no such cell left: drop this test"
+    (framework, row), reason = next(iter(table.NOT_RUN_HERE.items()))
+    page = tmp_path / "reliability.md"
+    page.write_text(PAGE.read_text())
+    results = write_results(tmp_path / "results.jsonl", table)
+    assert table.main([str(results), "--write", str(page)]) == 0
+    (line,) = [line for line in page.read_text().splitlines() if f"(`{row}`)" in line]
+    assert f"| n/a: {reason} |" in line
+    assert f"{framework} × {row}" not in capsys.readouterr().err

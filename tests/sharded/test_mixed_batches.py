@@ -25,6 +25,7 @@ from two_ranks import run_two_ranks  # noqa: E402
 from vlm_dpo_plugins.tiny import build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen3_vl  # noqa: E402
 
 WORKER = Path(__file__).with_name("mixed_batch_worker.py")
+pytestmark = pytest.mark.reliability("TRL", row="zero3-no-image")
 COLLECTIVE_MISMATCH = "Is there a distributed collective mismatch in your code?"  # gloo's words
 
 

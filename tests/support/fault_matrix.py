@@ -135,8 +135,9 @@ def assert_resumed_exactly(resumed_dir: Path, reference_dir: Path, last_step: in
     assert states[0] == states[1] and states[0]["guards"]["skipped_steps"] == 1, states
 
 
-DISTRIBUTED_ROWS = ("one-rank-nan", "ddp-reentrant", "zero2", "zero3")
-"""Two gloo ranks: a fault only one rank sees, and the DDP + LoRA + reentrant-checkpointing crash; DeepSpeed."""
+DISTRIBUTED_ROWS = ("one-rank-nan", "ddp-reentrant", "zero2", "zero3", "zero3-no-image")
+"""Two gloo ranks: a fault only one rank sees, and the DDP + LoRA + reentrant-checkpointing crash; DeepSpeed; a
+ZeRO-3 rank without images."""
 DDP_CRASH = "RuntimeError: Expected to mark a variable ready only once"
 
 
