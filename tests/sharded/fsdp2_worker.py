@@ -29,7 +29,8 @@ MAX_NORM = 0.5
 
 
 def batch(processor, rank: int, step: int) -> dict:
-    example = make_preference_examples(2 * STEPS, seed=5)[2 * step + rank]
+    world_size = dist.get_world_size()
+    example = make_preference_examples(world_size * STEPS, seed=5)[world_size * step + rank]
     content = [{"type": "text", "text": example.prompt}]
     images = None
     if rank == 0:  # only rank 0 ever has an image
@@ -119,8 +120,8 @@ def sharded_passes(model, processor, rank: int, mode: str) -> dict:
 
 
 def guarded_steps(model, processor, rank: int) -> dict:
-    """Two steps through the guards: step 0 clipped to ``MAX_NORM`` over all shards; step 1 has a NaN in rank 1's
-    shard of one gradient only, and both ranks must skip it with weights and optimizer state untouched."""
+    """Two steps through the guards: step 0 clipped to ``MAX_NORM`` over all shards; step 1 has a NaN in the last
+    rank's shard of one gradient only, and every rank must skip it with weights and optimizer state untouched."""
     from vlm_dpo_plugins.config_source import load_plugin_config
     from vlm_dpo_plugins.guards.clipping import measure_grad_norms, parameters_by_group
     from vlm_dpo_plugins.guards.step import StepGuard
@@ -145,7 +146,7 @@ def guarded_steps(model, processor, rank: int) -> dict:
 
     loss = model(**batch(processor, rank, 1)).loss
     loss.backward()
-    if rank == 1:
+    if rank == dist.get_world_size() - 1:
         poisoned = next(p for p in model.parameters() if p.requires_grad)
         poisoned.grad.to_local().view(-1)[0] = math.nan
     before = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}

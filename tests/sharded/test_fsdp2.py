@@ -4,7 +4,8 @@ gradients.
 Without the lockstep the ranks' collectives stop matching; with it both ranks finish with their own losses and
 exactly the gradients an unsharded model averages. The guards' norm is over all shards (a rank's own shard gives
 another number), clipping brings the whole gradient to ``max_grad_norm``, and a NaN in one rank's shard skips the
-step on both ranks with the shards of the weights and of AdamW's state untouched.
+step on every rank (two, and four as two nodes of two) with the shards of the weights and of AdamW's state
+untouched.
 
 accelerate builds FSDP only on accelerators (with ``use_cpu`` it silently builds DDP), so no framework's FSDP2
 path runs on this machine (docs/scaling.md). The largest part that can run: torch's ``fully_shard`` over gloo on
@@ -17,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from two_ranks import run_two_ranks
+from rank_processes import run_ranks as run_processes
 
 from vlm_dpo_plugins.tiny import build_tiny_llava
 
@@ -33,7 +34,7 @@ def test_on_cpu_accelerate_builds_ddp_where_trl_is_asked_for_fsdp2(model_dir, tm
     accelerate, which switches to FSDP only on an accelerator and otherwise wraps the model in DDP, silently."""
     pytest.importorskip("trl")
     arguments = [str(model_dir), str(tmp_path), "stock", "fsdp2", "language"]
-    run = run_two_ranks(TRL_WORKER, arguments, master_port, timeout=180)
+    run = run_processes(TRL_WORKER, arguments, master_port, timeout=180)
     assert set(run.results) == {0, 1}, run.output[-3000:]
     assert run.results[0]["wrapped_as"] == "DistributedDataParallel"
     assert run.results[0]["fsdp_enabled"] is False
@@ -45,14 +46,14 @@ def model_dir(tmp_path_factory):
 
 
 def test_without_the_lockstep_a_text_only_rank_breaks_fsdp2(model_dir, master_port):
-    run = run_two_ranks(WORKER, [str(model_dir), "stock", "language"], master_port, timeout=120)
+    run = run_processes(WORKER, [str(model_dir), "stock", "language"], master_port, timeout=120)
     assert not run.results, "FSDP2 finished with a text-only rank and no lockstep"
     assert run.timed_out or COLLECTIVE_MISMATCH in run.output, run.output[-3000:]
 
 
 @pytest.mark.parametrize("trainable", ["language", "language,projector"])
 def test_with_the_lockstep_fsdp2_gives_the_unsharded_losses_and_gradients(model_dir, master_port, trainable):
-    run = run_two_ranks(WORKER, [str(model_dir), "lockstep", trainable], master_port, timeout=180)
+    run = run_processes(WORKER, [str(model_dir), "lockstep", trainable], master_port, timeout=180)
     assert set(run.results) == {0, 1}, run.output[-3000:]
     for rank, result in run.results.items():
         assert result["losses"] == pytest.approx(result["expected_losses"], rel=1e-6), rank
@@ -63,15 +64,21 @@ def test_with_the_lockstep_fsdp2_gives_the_unsharded_losses_and_gradients(model_
     assert run.results[1]["stand_in_encodes"] == STEPS  # rank 1 never has an image
 
 
-def test_the_guards_clip_over_all_shards_and_skip_a_nan_in_one_rank_s_shard_everywhere(model_dir, master_port):
-    run = run_two_ranks(WORKER, [str(model_dir), "guards", "language"], master_port, timeout=180)
-    assert set(run.results) == {0, 1}, run.output[-3000:]
+# Four ranks stand for two nodes of two: the NaN is in the last rank's shard, on the "second node".
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_the_guards_clip_over_all_shards_and_skip_a_nan_in_one_rank_s_shard_everywhere(
+    model_dir, master_port, world_size
+):
+    arguments = [str(model_dir), "guards", "language"]
+    run = run_processes(WORKER, arguments, master_port, timeout=300, world_size=world_size)
+    assert set(run.results) == set(range(world_size)), run.output[-3000:]
     for rank, result in run.results.items():
         assert result["first_norm"] == pytest.approx(result["expected_first_norm"], rel=1e-6), rank
         assert result["first_norm"] > MAX_NORM and not result["first_skipped"]
         assert result["clipped_norm"] == pytest.approx(MAX_NORM, rel=1e-5)
         assert result["second_skipped"], rank
         assert result["weights_unchanged"] and result["optimizer_state_unchanged"], (rank, result)
-    # One vote: rank 0's own shard was finite, yet it skipped too (and names what rank 1 saw).
-    assert run.results[0]["second_reasons"] == run.results[1]["second_reasons"]
-    assert any(reason.startswith("rank 1: non-finite gradient norm") for reason in run.results[0]["second_reasons"])
+        # One vote: the other ranks' own shards were finite, yet they skipped too, naming what the last rank saw.
+        assert result["second_reasons"] == run.results[0]["second_reasons"]
+    named = f"rank {world_size - 1}: non-finite gradient norm"
+    assert any(reason.startswith(named) for reason in run.results[0]["second_reasons"])

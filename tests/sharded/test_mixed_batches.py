@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 
-from two_ranks import run_two_ranks  # noqa: E402
+from rank_processes import run_ranks as run_processes  # noqa: E402
 
 from vlm_dpo_plugins.tiny import build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen3_vl  # noqa: E402
 
@@ -33,7 +33,7 @@ def run_ranks(
     model_dir: Path, output_dir: Path, mode: str, engine: str, port: int, timeout: float, trainable: str = "language"
 ) -> dict:
     arguments = [str(model_dir), str(output_dir), mode, engine, trainable]
-    run = run_two_ranks(WORKER, arguments, port, timeout)
+    run = run_processes(WORKER, arguments, port, timeout)
     return {"results": run.results, "timed_out": run.timed_out, "output": run.output}
 
 

@@ -36,8 +36,10 @@ class ProjectorAtStepBegin(TrainerCallback):
 
 
 class NanOnRankOne(TrainerCallback):
+    """At step 1, on rank 1 (or the rank ``VLM_DPO_TEST_NAN_RANK`` names: four ranks put it on the second node)."""
+
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if state.global_step == 1 and dist.get_rank() == 1:
+        if state.global_step == 1 and dist.get_rank() == int(os.environ.get("VLM_DPO_TEST_NAN_RANK", "1")):
             parameter = next(p for p in model.parameters() if p.grad is not None)
             parameter.grad.view(-1)[0] = math.nan
 

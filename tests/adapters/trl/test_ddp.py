@@ -77,3 +77,41 @@ def test_an_unfreeze_stage_under_ddp_trains_the_projector_from_its_step_on_every
         assert result["projector_moved_after_stage"] is True
         assert result["projector_in_optimizer"] == 4  # the projector's two linears, weight and bias
         assert result["replicas_equal"] and result["skipped"] == [False] * 4
+
+
+def test_four_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(tmp_path, tiny_model_dirs):
+    # Two torchrun launches on this machine, as two nodes of two ranks each (static rendezvous at node 0's
+    # address): the NaN is on rank 3, node 1's second rank, and every rank on both nodes skips that step.
+    output = tmp_path / "out"
+    output.mkdir()
+    port = free_port()
+    environment = {**isolated_env(tmp_path), "VLM_DPO_TEST_NAN_RANK": "3"}
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes", "2", "--nproc_per_node", "2", "--node_rank", str(node),
+                "--master_addr", "127.0.0.1", "--master_port", str(port),
+                str(WORKER), str(tiny_model_dirs["llava"]), str(output), "none",
+            ],  # fmt: skip
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        logs = [node.communicate(timeout=600)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert all(node.returncode == 0 for node in nodes), "\n".join(log[-3000:] for log in logs)
+    ranks = [json.loads((output / f"rank{rank}.json").read_text()) for rank in range(4)]
+    for result in ranks:
+        assert result["skipped"] == [False, True, False]
+        assert result["replicas_equal"] and result["finite"]
+        assert result["reasons"][1] == ranks[0]["reasons"][1]
+    assert ranks[0]["reasons"][1][0].startswith("rank 3: non-finite gradient norm")

@@ -1,4 +1,4 @@
-"""Two ranks of one script as two subprocesses on this machine (gloo), each printing one ``RESULT {json}`` line."""
+"""The ranks of one script as subprocesses on this machine (gloo), each printing one ``RESULT {json}`` line."""
 
 from __future__ import annotations
 
@@ -11,16 +11,18 @@ from pathlib import Path
 
 
 @dataclass
-class TwoRankRun:
+class RankRun:
     results: dict[int, dict]
     """Each rank's ``RESULT`` (without its ``rank`` key), for the ranks that printed one."""
     timed_out: bool
     output: str
 
 
-def run_two_ranks(script: Path, arguments: list[str], port: int, timeout: float) -> TwoRankRun:
-    """Both ranks of ``script``, killed after ``timeout`` seconds (a hang is what some of these runs show)."""
-    base = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+def run_ranks(script: Path, arguments: list[str], port: int, timeout: float, world_size: int = 2) -> RankRun:
+    """Every rank of ``script``, killed after ``timeout`` seconds (a hang is what some of these runs show)."""
+    base = dict(
+        os.environ, WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"
+    )
     ranks = [
         subprocess.Popen(
             [sys.executable, str(script), *arguments],
@@ -29,7 +31,7 @@ def run_two_ranks(script: Path, arguments: list[str], port: int, timeout: float)
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for rank in range(2)
+        for rank in range(world_size)
     ]
     outputs, timed_out = [], False
     try:
@@ -49,4 +51,4 @@ def run_two_ranks(script: Path, arguments: list[str], port: int, timeout: float)
         if lines:
             result = json.loads(lines[-1].removeprefix("RESULT "))
             results[result.pop("rank")] = result
-    return TwoRankRun(results, timed_out, "\n".join(outputs))
+    return RankRun(results, timed_out, "\n".join(outputs))
