@@ -1,7 +1,7 @@
-"""One rank of the mixed-batch runs: rank 0 draws pairs with an image, rank 1 text-only pairs.
+"""One rank of the mixed-batch runs of TRL: even ranks draw pairs with an image, odd ranks text-only pairs.
 
-Run by test_mixed_batches.py as a plain script, one process per rank (RANK, WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT in the environment): ``mixed_batch_worker.py MODEL_DIR OUTPUT_DIR stock|plugins zero3|ddp|fsdp2 GROUPS``
+Run as a plain script, one process per rank (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment):
+``mixed_batch_worker.py MODEL_DIR OUTPUT_DIR stock|plugins ENGINE GROUPS``, ENGINE one of zero2, zero3, ddp, fsdp2
 (GROUPS: the freeze groups that train, comma-separated). Prints one ``RESULT {json}`` line: the logged losses,
 how often this rank encoded a stand-in image, and a checksum of every weight after training (gathered from the
 shards under ZeRO-3).
@@ -10,6 +10,7 @@ shards under ZeRO-3).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -18,7 +19,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback  # noqa: E402
 from vlm_dpo_plugins.adapters.trl import VLMDPOTrainer  # noqa: E402
 
 from vlm_dpo_plugins.tiny import make_preference_examples, trl_conversational_rows  # noqa: E402
@@ -36,10 +37,37 @@ ZERO3 = {
 
 FSDP2 = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}}
 
+NAN_RANK = int(os.environ["VLM_DPO_TEST_NAN_RANK"]) if "VLM_DPO_TEST_NAN_RANK" in os.environ else None
+"""The rank whose gradient turns NaN at optimizer step 1 (an extra step is trained after it)."""
+
+
+def zero_config(engine: str) -> dict | None:
+    if not engine.startswith("zero"):
+        return None
+    return {**ZERO3, "zero_optimization": {"stage": int(engine.removeprefix("zero"))}}
+
+
+class NanAtStepOne(TrainerCallback):
+    """A NaN into one language weight's gradient on ``NAN_RANK`` during step 1's backward, before DeepSpeed's own
+    hooks copy it into its partitions."""
+
+    def __init__(self) -> None:
+        self.handle = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1 and int(os.environ["RANK"]) == NAN_RANK:
+            weight = next(p for name, p in model.named_parameters() if "language_model" in name and p.requires_grad)
+            self.handle = weight.register_hook(lambda grad: torch.full_like(grad, math.nan))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
 
 def mixed_rows() -> list[dict]:
-    """Even rows with an image, odd rows text-only: read in order one row per rank, rank 1 never sees an image."""
-    rows = trl_conversational_rows(make_preference_examples(2 * STEPS * 2, seed=3))
+    """Even rows with an image, odd rows text-only: read in order one row per rank, odd ranks never see an image."""
+    rows = trl_conversational_rows(make_preference_examples(24, seed=3))
     for row in rows[1::2]:
         row["images"] = []
         row["prompt"] = [{"role": "user", "content": [{"type": "text", "text": "Name a shape."}]}]
@@ -48,7 +76,7 @@ def mixed_rows() -> list[dict]:
 
 def main() -> None:
     model_dir, output_dir, mode, engine, trainable = sys.argv[1:6]
-    if engine == "zero3":
+    if engine.startswith("zero"):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
@@ -56,7 +84,7 @@ def main() -> None:
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     args = trl.DPOConfig(
         output_dir=output_dir,
-        max_steps=STEPS,
+        max_steps=STEPS + 1 if NAN_RANK is not None else STEPS,
         per_device_train_batch_size=1,
         learning_rate=1e-2,
         logging_steps=1,
@@ -67,7 +95,7 @@ def main() -> None:
         disable_tqdm=True,
         bf16=False,
         train_sampling_strategy="sequential",
-        deepspeed=ZERO3 if engine == "zero3" else None,
+        deepspeed=zero_config(engine),
         **(FSDP2 if engine == "fsdp2" else {}),
     )
     plugins = {} if mode == "stock" else {"vlm_dpo_config": {"freeze": {"trainable": trainable.split(",")}}}
@@ -78,6 +106,7 @@ def main() -> None:
         args=args,
         train_dataset=Dataset.from_list(mixed_rows()),
         processing_class=AutoProcessor.from_pretrained(model_dir),
+        callbacks=[NanAtStepOne()] if NAN_RANK is not None else None,
     )
     trainer.train()
     lockstep = getattr(trainer, "_vision_lockstep", None)
@@ -96,6 +125,8 @@ def main() -> None:
         "checksum": checksum,
         "wrapped_as": type(trainer.model_wrapped).__name__,
         "fsdp_enabled": trainer.is_fsdp_enabled,
+        "skipped": [outcome.skipped for outcome in getattr(trainer, "vlm_dpo_step_outcomes", [])],
+        "deepspeed_skipped": getattr(trainer.model_wrapped, "skipped_steps", None),
     }
     print("RESULT " + json.dumps(result), flush=True)
     if torch.distributed.is_initialized():
