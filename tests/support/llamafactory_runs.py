@@ -263,9 +263,10 @@ def run_llamafactory(
     tmp_path.mkdir(parents=True, exist_ok=True)
     config_path = tmp_path / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
-    extra = {"GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+    extra = {"GRADIO_ANALYTICS_ENABLED": "False"}
     if nproc is not None:
         extra.update(FORCE_TORCHRUN="1", NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()))
+    extra.update(env or {})  # a launch of several "nodes" gives them one MASTER_PORT, NNODES and its NODE_RANK
     environment = isolated_env(tmp_path, extra)
     if nproc is not None:
         environment["PATH"] = os.pathsep.join([str(torchrun_beside_interpreter(tmp_path)), environment["PATH"]])

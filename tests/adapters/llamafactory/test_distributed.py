@@ -21,7 +21,12 @@ pytest.importorskip("llamafactory", reason="needs the LLaMA-Factory test environ
 
 from exit_check_plugin import expected_lines as no_ddp_wrapper_at_exit  # noqa: E402
 from exit_check_plugin import install as install_exit_check  # noqa: E402
-from fault_matrix import DDP_CRASH, assert_one_rank_fault_skipped_on_both, assert_step_changed_nothing  # noqa: E402
+from fault_matrix import (  # noqa: E402
+    DDP_CRASH,
+    assert_one_rank_fault_skipped_on_both,
+    assert_skip_logged_once,
+    assert_step_changed_nothing,
+)
 from fault_plugin import install as install_fault_plugin  # noqa: E402
 from llamafactory_runs import TINY_MODELS, dpo_config, run_llamafactory, write_dataset  # noqa: E402
 
@@ -102,3 +107,31 @@ def test_an_unfreeze_stage_under_ddp_trains_the_projector_from_its_step(tmp_path
     saved = {step: projector(run.output_dir / f"checkpoint-{step}" / "model.safetensors") for step in (1, 2, 3)}
     assert initial and all(saved[step][name].equal(initial[name]) for step in (1, 2) for name in initial)
     assert any(not saved[3][name].equal(initial[name]) for name in initial), "the projector did not train at its stage"
+
+
+def test_four_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(tmp_path, llava, dataset):
+    # Two `llamafactory-cli train` launches on this machine, as two nodes of two ranks (LLaMA-Factory's own
+    # NNODES/NODE_RANK/MASTER_ADDR); the NaN loss is on rank 3, the second node's second rank.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from framework_cli import free_port
+
+    env = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=3)
+    env.update(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    config = dpo_config(
+        TINY_MODELS["llava"], llava, dataset, tmp_path / "out", "lora", max_steps=3, save_strategy="steps", save_steps=1
+    )
+
+    def node(rank: int):
+        return run_llamafactory(tmp_path / f"node{rank}", config, env={**env, "NODE_RANK": str(rank)}, nproc=2)
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(node, (0, 1))
+    assert first.returncode == 0 and second.returncode == 0, first.log() + second.log()
+    assert "world size: 4" in first.output, first.log()
+    assert "[test_fault_injection] loss-nan at step 1" in second.output, second.log()
+    assert_skip_logged_once(first.output, "rank 3: non-finite loss (nan)")
+    assert_step_changed_nothing(first.output_dir, 1)
+    for rank in range(4):
+        state = json.loads((first.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
+        assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
