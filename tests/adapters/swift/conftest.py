@@ -296,7 +296,8 @@ def swift_dpo(tmp_path: Path) -> Callable[..., SwiftRun]:
     ``extra_args`` (e.g. ``["--external_plugins", FILE]``) and ``env_extra`` are appended to the
     command line / environment; ``identical_pairs`` writes every rejected answer equal to the chosen one
     (swift's preprocessing then drops those rows); ``output_name`` is the output folder's name in ``tmp_path``;
-    ``dataset`` a JSONL file to train on instead of the written one.
+    ``dataset`` a JSONL file to train on instead of the written one; ``model_dir`` a model built already (several
+    launches at once, as the nodes of one run, must not build it each).
     Returns the :class:`SwiftRun` (the caller asserts on it).
     """
 
@@ -312,8 +313,9 @@ def swift_dpo(tmp_path: Path) -> Callable[..., SwiftRun]:
         identical_pairs: bool = False,
         output_name: str = "out",
         dataset: Path | None = None,
+        model_dir: Path | None = None,
     ) -> SwiftRun:
-        model_dir = model.build(tmp_path / "model")
+        model_dir = model_dir or model.build(tmp_path / "model")
         if dataset is None:
             dataset = write_swift_dataset(tmp_path / "data" / "train.jsonl", num_rows, identical=identical_pairs)
         output_dir = tmp_path / output_name

@@ -24,7 +24,12 @@ if getattr(swift, "__file__", None) is None:
 import yaml  # noqa: E402
 from exit_check_plugin import expected_lines as no_ddp_wrapper_at_exit  # noqa: E402
 from exit_check_plugin import install as install_exit_check  # noqa: E402
-from fault_matrix import DDP_CRASH, assert_one_rank_fault_skipped_on_both, assert_step_changed_nothing  # noqa: E402
+from fault_matrix import (  # noqa: E402
+    DDP_CRASH,
+    assert_one_rank_fault_skipped_on_both,
+    assert_skip_logged_once,
+    assert_step_changed_nothing,
+)
 from fault_plugin import install as install_fault_plugin  # noqa: E402
 from framework_cli import free_port  # noqa: E402
 
@@ -99,3 +104,48 @@ def assert_stock_fails_and_the_adapter_trains(tmp_path, swift_dpo, model, plugin
     assert state_files == ["vlm_dpo_plugins_state.rank0.json", "vlm_dpo_plugins_state.rank1.json"], state_files
     for line in no_ddp_wrapper_at_exit():
         assert line in output, run.tail()
+
+
+def test_four_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(
+    tmp_path, swift_dpo, swift_dataset_writer, qwen2_vl, plugin_file
+):
+    # Two `swift rlhf` launches on this machine, as two nodes of two ranks (swift's own NNODES/NODE_RANK/
+    # MASTER_ADDR); the NaN loss is on rank 3, the second node's second rank.
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = tmp_path / "vlm_dpo.yaml"
+    config.write_text(yaml.safe_dump({"loss": {"type": "sigmoid"}}))
+    env = {
+        "VLM_DPO_CONFIG": str(config),
+        "NPROC_PER_NODE": "2",
+        "NNODES": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        **install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=3),
+    }
+    model_dir = qwen2_vl.build(tmp_path / "model")
+    dataset = swift_dataset_writer(tmp_path / "data" / "train.jsonl", 16)
+    extra = [*TWO_CPU_RANKS, "--save_steps", "1", "--save_only_model", "false", "--external_plugins", plugin_file]
+
+    def node(rank: int):
+        return swift_dpo(
+            qwen2_vl,
+            max_steps=3,
+            extra_args=extra,
+            env_extra={**env, "NODE_RANK": str(rank)},
+            dataset=dataset,
+            model_dir=model_dir,
+            timeout=500,
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(node, (0, 1))
+    assert first.returncode == 0 and second.returncode == 0, first.tail() + second.tail()
+    output = first.stdout + first.stderr
+    assert "world_size: 4" in output, first.tail()
+    assert "[test_fault_injection] loss-nan at step 1" in second.stdout + second.stderr, second.tail()
+    assert_skip_logged_once(output, "rank 3: non-finite loss (nan)")
+    assert_step_changed_nothing(first.output_dir, 1)
+    for rank in range(4):
+        state = json.loads((first.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
+        assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
