@@ -101,6 +101,25 @@ def test_a_mask_that_trains_the_prompt_too():
     assert "6 of 6 tokens are trained" in findings[0].message
 
 
+def test_prompts_that_differ_between_the_sides_are_named_with_where_they_part():
+    # A template that drops a thinking block from the conversation for one response only: one token more.
+    rewritten = TokenizedPair(
+        row=4, chosen=side([BOS, 20, 21, 22], [10, 11, EOS]), rejected=side([BOS, 20, 21], [12, 11, EOS]),
+        special=SPECIAL,
+    )
+    findings = check_pair(rewritten)
+    assert codes(findings) == [("prompt-mismatch", "prompt")]
+    assert findings[0].row == 4 and findings[0].severity is Severity.ERROR
+    assert "(4 and 3 tokens, first different at token 3)" in findings[0].message
+    assert check_pair(pair([10, 11, EOS], [12, 11, EOS])) == []  # the same prompt on both sides
+
+
+def test_prompts_are_not_compared_where_a_side_trains_its_prompt():
+    unmasked = side([BOS, 20], [12, EOS], train_prompt=True)
+    findings = check_pair(TokenizedPair(row=1, chosen=side([BOS, 20, 21], [10, 11, EOS]), rejected=unmasked, special=SPECIAL))
+    assert codes(findings) == [("prompt-unmasked", "rejected")]
+
+
 def test_leading_space_on_one_side_only():
     findings = check_pair(pair([10, 11, EOS], [14, 12, EOS]))
     assert codes(findings) == [("leading-space-mismatch", "rejected")]
@@ -113,7 +132,12 @@ def test_bos_after_the_start_and_eos_twice_in_the_response():
         special=SPECIAL,
     )
     findings = check_pair(doubled_bos)
-    assert codes(findings) == [("special-token-misplaced", "chosen"), ("special-token-misplaced", "rejected")]
+    # The doubled BOS also makes the two prompts differ.
+    assert codes(findings) == [
+        ("special-token-misplaced", "chosen"),
+        ("special-token-misplaced", "rejected"),
+        ("prompt-mismatch", "prompt"),
+    ]
     assert "BOS token at position 1 (in the prompt)" in findings[0].message
     assert "BOS token at position 3 (in the response)" in findings[1].message
     assert codes(check_pair(pair([10, 11, EOS, EOS], [10, 12, EOS]))) == [("special-token-misplaced", "chosen")]

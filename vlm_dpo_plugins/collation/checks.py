@@ -38,7 +38,32 @@ def check_pair(pair: TokenizedPair) -> list[Finding]:
         findings += image_findings
     if responses["chosen"] and responses["rejected"]:
         findings += _similarity_findings(pair, responses["chosen"], responses["rejected"])
+        findings += _prompt_findings(pair)
     return findings
+
+
+def _prompt_findings(pair: TokenizedPair) -> list[Finding]:
+    """The tokens before each response must be the same prompt: a framework that renders chosen and rejected as two
+    conversations (ms-swift) takes the template's word for it, and a template that rewrites the prompt per response
+    makes DPO compare answers to two different questions, silently."""
+    prompts = []
+    for side in (pair.chosen, pair.rejected):
+        first_trained = side.response_mask.index(1)
+        if first_trained == 0:
+            return []  # the mask trains the prompt too: no boundary to compare at (prompt-unmasked says so)
+        prompts.append(side.input_ids[:first_trained])
+    chosen, rejected = prompts
+    if chosen == rejected:
+        return []
+    at = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    return [finding(
+        "prompt-mismatch",
+        f"the chosen and rejected rows carry different prompts ({len(chosen)} and {len(rejected)} tokens, first "
+        f"different at token {at}): DPO would compare answers to two different inputs",
+        "render both responses after the same prompt: a chat template that rewrites the conversation per response "
+        "(e.g. keeps or drops a thinking block) or a per-response system prompt must be fixed in the template or data",
+        pair.row, "prompt",
+    )]
 
 
 def _mask_findings(pair: TokenizedPair, name: str, side: TokenizedSequence, response: list[int]) -> list[Finding]:

@@ -24,6 +24,7 @@ CHECKS: dict[str, Check] = {
     "response-masked": Check("error", "the label/completion mask covers the whole response on a side"),
     "response-truncated": Check("skip", "truncation to max_length removed the whole response on a side"),
     "prompt-unmasked": Check("warn", "the mask trains on the prompt too (no prompt token is masked)"),
+    "prompt-mismatch": Check("error", "chosen and rejected rows carry different prompt tokens"),
     "leading-space-mismatch": Check("warn", "one response starts with whitespace and the other does not"),
     "special-token-misplaced": Check("warn", "a BOS after position 0, a BOS in the response, or several EOS in it"),
     "image-count-mismatch": Check("error", "image placeholder runs or image tokens do not match the row's images"),
