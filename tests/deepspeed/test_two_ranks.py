@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from rank_processes import run_ranks
 
 pytest.importorskip("deepspeed")
 
@@ -16,30 +13,9 @@ WORKER = Path(__file__).with_name("zero2_rank_worker.py")
 
 
 def test_a_nan_on_one_rank_is_skipped_and_counted_on_both(master_port):
-    base = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), OMP_NUM_THREADS="1")
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER)],
-            env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs = []
-    try:
-        for process in ranks:
-            outputs.append(process.communicate(timeout=240)[0])
-    finally:
-        for process in ranks:
-            process.kill()
-    results = {}
-    for output in outputs:
-        lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
-        assert lines, output[-3000:]
-        result = json.loads(lines[-1].removeprefix("RESULT "))
-        results[result.pop("rank")] = result
+    run = run_ranks(WORKER, [], master_port, timeout=240)
+    assert set(run.results) == {0, 1}, run.output[-3000:]
+    results = run.results
 
     expected_steps = [
         {"skipped": 0, "weights_changed": True},
