@@ -101,6 +101,7 @@ class PluginTrainerMixin:
     """True: the policy may only narrow what the framework made trainable (``trainable.py``)."""
     vlm_dpo_checked_files: CheckedFiles | None = None
     """The training files the adapter checked before its framework read them (LLaMA-Factory, ms-swift)."""
+    _vision_lockstep: VisionLockstep | None = None
 
     def vlm_dpo_bind(self, run: PluginRun) -> None:
         """Before the framework's ``__init__``: the plugin run (plugins, agreed config, checked files) served."""
@@ -172,7 +173,6 @@ class PluginTrainerMixin:
             unwrap=self.accelerator.unwrap_model,
             features_replayable=not self._lockstep_wanted(context),
         )
-        self._vision_lockstep: VisionLockstep | None = None
         precompute = check_precompute(
             self.vlm_dpo_config,
             framework=self._vlm_dpo_run.context.framework,
