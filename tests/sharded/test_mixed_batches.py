@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 
+from framework_cli import free_port  # noqa: E402
 from rank_processes import run_ranks as run_processes  # noqa: E402
 
 from vlm_dpo_plugins.tiny import build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen3_vl  # noqa: E402
@@ -76,7 +77,9 @@ def test_the_plugins_train_and_the_stand_in_image_changes_nothing(model_dirs, fa
     assert first["losses"] == second["losses"] and len(first["losses"]) == 2
     assert all(math.isfinite(loss) for loss in first["losses"])
 
-    ddp = run_ranks(model_dir, tmp_path / "ddp", "plugins", "ddp", master_port + 1, timeout=300, trainable=trainable)
+    # A port of its own: master_port + 1 may be the one the kernel handed the run of another xdist worker, whose
+    # ranks would then rendezvous with these (gloo's "collective mismatch" in CI).
+    ddp = run_ranks(model_dir, tmp_path / "ddp", "plugins", "ddp", free_port(), timeout=300, trainable=trainable)
     assert set(ddp["results"]) == {0, 1}, ddp["output"][-3000:]
     assert ddp["results"][0]["stand_in_encodes"] is None  # no gathering under DDP: no lockstep
     for sharded, replicated in zip(first["losses"], ddp["results"][0]["losses"]):
