@@ -349,12 +349,13 @@ class PluginTrainerMixin:
         live = describe_live_buckets(engine) if engine is not None else None
         if live is not None and self.is_world_process_zero():
             logger.info("vlm-dpo: %s", live)  # what the engine uses, read back after the framework built it
-        if self._reference_attach is not None and self._reference_attach.cache is None:
-            self.vlm_dpo_precompute_reference()
+        # Before the reference pass: its forwards gather the vision weights on every rank too.
         if self._lockstep_wanted(self.vlm_dpo_context()):
             if self._vision_lockstep is not None:
                 self._vision_lockstep.remove()
             self._vision_lockstep = VisionLockstep([self.model, self.ref_model])
+        if self._reference_attach is not None and self._reference_attach.cache is None:
+            self.vlm_dpo_precompute_reference()
         self.plugins.hook.vlm_dpo_train_begin(model=self.model, context=self.vlm_dpo_context())
 
     def _lockstep_wanted(self, context: RunContext) -> bool:
