@@ -1,5 +1,5 @@
-"""More model families through ``llamafactory-cli train``: Qwen3-VL, LLaVA-NeXT, Mllama, InternVL and Mistral3,
-each as LLaMA-Factory trains it alone, with the default freeze policy, and with its pairs packed.
+"""Model families through ``llamafactory-cli train``: LLaVA, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT, Mllama, InternVL and
+Mistral3, each as LLaMA-Factory trains it alone, with the default freeze policy, and with its pairs packed.
 
 Three runs per family on the same data: LLaMA-Factory alone, the plugins with sharing off, the plugins with their
 defaults. Plain SGD, so the comparisons are of the steps themselves: AdamW divides each gradient by its own
@@ -59,7 +59,7 @@ def assert_same_steps(ours, theirs):
 @pytest.mark.model_support("LLaMA-Factory", "stock")
 @pytest.mark.model_support("LLaMA-Factory", "freeze")
 @pytest.mark.model_support("LLaMA-Factory", "sharing")
-@pytest.mark.parametrize("family", ["qwen3_vl", "llava_next", "mllama", "internvl", "mistral3"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl", "llava_next", "mllama", "internvl", "mistral3"])
 def test_a_family_trains_as_llamafactory_alone_and_packed_like_two_rows(tmp_path, models, dataset, family):
     stock = train(tmp_path / "stock", models, dataset, family, env=DISABLED)
     unshared = train(tmp_path / "unshared", models, dataset, family, vlm_dpo=UNSHARED)

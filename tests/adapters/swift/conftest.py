@@ -101,7 +101,7 @@ TINY_QWEN3_VL = SwiftTinyModel(
     vision_key="visual",
     aligner_key="merger",
 )
-"""Not in ``SWIFT_TINY_MODELS`` either: ``test_model_families.py`` runs it."""
+"""Not in ``SWIFT_TINY_MODELS`` either: ``test_model_families.py`` runs it, with Qwen2.5-VL and LLaVA."""
 
 
 # --- data --------------------------------------------------------------------------------
@@ -349,3 +349,8 @@ def qwen2_5_vl():
 @pytest.fixture
 def qwen3_vl():
     return TINY_QWEN3_VL
+
+
+@pytest.fixture
+def llava(swift_tiny_models):
+    return swift_tiny_models["llava"]

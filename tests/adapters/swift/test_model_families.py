@@ -1,4 +1,5 @@
-"""Qwen3-VL through ``swift rlhf``: as swift trains it alone, with the default freeze policy, packed like two rows.
+"""Model families through ``swift rlhf``: as swift trains them alone, with the default freeze policy, packed like
+two rows. LLaVA-1.5 (swift's ``llava1_5_hf``), Qwen2.5-VL and Qwen3-VL; Qwen2-VL's runs are in test_adapter_runs.
 
 Qwen3-VL's DeepStack mergers sit inside ``visual`` next to its merger (swift's aligner); the vision tower and
 both kinds of merger stay frozen by default.
@@ -17,25 +18,29 @@ PACKED_LINE = "vlm-dpo: sharing.prompt: each pair runs as one row [prompt, chose
 UNSHARED = {"prompt": False, "vision_features": False}
 
 
-def plugin_run(tmp_path, swift_dpo, model, plugin_file, name, config=None, options=()):
+def plugin_run(tmp_path, swift_dpo, model, plugin_file, name, config=None, options=(), model_dir=None):
     extra_env = {}
     if config is not None:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         extra_env["VLM_DPO_CONFIG"] = str(path)
     plugins = [] if plugin_file is None else ["--external_plugins", plugin_file]
-    run = swift_dpo(model, max_steps=3, extra_args=[*options, *plugins], env_extra=extra_env, output_name=name)
+    run = swift_dpo(
+        model, max_steps=3, extra_args=[*options, *plugins], env_extra=extra_env, output_name=name, model_dir=model_dir
+    )
     assert run.returncode == 0, run.tail()
     assert len(run.logged_steps()) == 3, run.tail()
     return run
 
 
-@pytest.mark.model_support("ms-swift", "stock", family="qwen3_vl")
-@pytest.mark.model_support("ms-swift", "freeze", family="qwen3_vl")
-@pytest.mark.model_support("ms-swift", "sharing", family="qwen3_vl")
-def test_qwen3_vl_trains_as_swift_alone_frozen_and_packed(tmp_path, swift_dpo, qwen3_vl, plugin_file):
-    stock = plugin_run(tmp_path, swift_dpo, qwen3_vl, None, "stock")
-    plugged = plugin_run(tmp_path, swift_dpo, qwen3_vl, plugin_file, "plugged")
+@pytest.mark.model_support("ms-swift", "stock")
+@pytest.mark.model_support("ms-swift", "freeze")
+@pytest.mark.model_support("ms-swift", "sharing")
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl"])
+def test_a_family_trains_as_swift_alone_frozen_and_packed(tmp_path, request, swift_dpo, family, plugin_file):
+    model = request.getfixturevalue(family)
+    stock = plugin_run(tmp_path, swift_dpo, model, None, "stock")
+    plugged = plugin_run(tmp_path, swift_dpo, model, plugin_file, "plugged", model_dir=stock.model_dir)
     for mine, theirs in zip(plugged.logged_steps(), stock.logged_steps(), strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected"):
             assert mine[key] == pytest.approx(theirs[key], abs=1e-6), (key, mine, theirs)
@@ -43,14 +48,17 @@ def test_qwen3_vl_trains_as_swift_alone_frozen_and_packed(tmp_path, swift_dpo, q
     before = live_weights(plugged.model_dir)
     after = live_weights(plugged.output_dir / "checkpoint-3")
     moved = {name for name in before if not before[name].equal(after[name])}
-    assert moved and all(qwen3_vl.part(name) == "language" for name in moved), sorted(moved)
-    assert any("deepstack_merger_list" in name for name in before), "no DeepStack merger in the tiny model"
+    assert moved and all(model.part(name) == "language" for name in moved), sorted(moved)
+    assert {model.part(name) for name in before} == {"vision", "aligner", "language"}
+    if family == "qwen3_vl":
+        assert any("deepstack_merger_list" in name for name in before), "no DeepStack merger in the tiny model"
 
     # The plugins' loss, packed against two rows; SGD, so fp32 rounding is not scaled up to a full AdamW step.
     sgd = ["--optim", "sgd", "--learning_rate", "0.1"]
     loss = {"loss": {"type": "sigmoid"}}
-    shared = plugin_run(tmp_path, swift_dpo, qwen3_vl, plugin_file, "shared", loss, sgd)
-    unshared = plugin_run(tmp_path, swift_dpo, qwen3_vl, plugin_file, "unshared", {**loss, "sharing": UNSHARED}, sgd)
+    shared = plugin_run(tmp_path, swift_dpo, model, plugin_file, "shared", loss, sgd, model_dir=stock.model_dir)
+    unshared = {**loss, "sharing": UNSHARED}
+    unshared = plugin_run(tmp_path, swift_dpo, model, plugin_file, "unshared", unshared, sgd, model_dir=stock.model_dir)
     assert PACKED_LINE in shared.stdout + shared.stderr and PACKED_LINE not in unshared.stdout + unshared.stderr
     for mine, theirs in zip(shared.logged_steps(), unshared.logged_steps(), strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
