@@ -103,6 +103,8 @@ class RunContext:
     uses_deepspeed: bool = False
     deepspeed_stage: int | None = None
     uses_fsdp: bool = False
+    fsdp_version: int | None = None
+    """1 (flat parameters) or 2 (``fully_shard``, per-parameter shards) when ``uses_fsdp``."""
     gradient_checkpointing: bool = False
     mixed_precision: str | None = None  # "bf16", "fp16" or None
     output_dir: str | None = None

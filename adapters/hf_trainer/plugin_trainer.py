@@ -151,7 +151,8 @@ class PluginTrainerMixin:
             self.plugins,
             self.model,
             limits_every_parameter=self.framework_limits_every_parameter,
-            hold_later_stages=context.is_distributed and not (context.uses_deepspeed or context.uses_fsdp),
+            # DDP and FSDP2 (FSDP1 and DeepSpeed refuse unfreeze stages): what they wrapped never changes.
+            hold_later_stages=context.is_distributed and not context.uses_deepspeed,
         )
         self._trainable.apply(step=0)
         freeze = self.vlm_dpo_config.section("freeze")

@@ -75,6 +75,14 @@ def command_line_keys(argv: Iterable[Any]) -> frozenset[str]:
     )
 
 
+def fsdp_version(training_args: Any) -> int | None:
+    """The FSDP version accelerate is asked for, None without FSDP. Read from what ``TrainingArguments`` resolved:
+    its default differs across transformers releases (1 in 5.6, 2 in 5.19)."""
+    if not training_args.fsdp:
+        return None
+    return int((getattr(training_args, "fsdp_plugin_args", None) or {}).get("fsdp_version", 1))
+
+
 def run_context(
     framework: str, version: str, training_args: Any, *, uses_peft: bool, gradient_checkpointing: bool
 ) -> RunContext:
@@ -89,6 +97,7 @@ def run_context(
         uses_deepspeed=deepspeed_config is not None,
         deepspeed_stage=zero_stage(deepspeed_config) if deepspeed_config is not None else None,
         uses_fsdp=bool(training_args.fsdp),
+        fsdp_version=fsdp_version(training_args),
         gradient_checkpointing=gradient_checkpointing,
         mixed_precision="bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None,
         output_dir=training_args.output_dir,

@@ -302,24 +302,33 @@ def test_trainable_report_is_logged_once_with_counts_per_group(models, caplog):
 
 
 @pytest.mark.parametrize(
-    "context",
+    "context, engine",
     [
-        RunContext(framework="test", world_size=2, uses_deepspeed=True, deepspeed_stage=2),
-        RunContext(framework="test", uses_deepspeed=True, deepspeed_stage=3),
-        RunContext(framework="test", world_size=2, uses_fsdp=True),
+        (RunContext(framework="test", world_size=2, uses_deepspeed=True, deepspeed_stage=2), "DeepSpeed ZeRO"),
+        (RunContext(framework="test", uses_deepspeed=True, deepspeed_stage=3), "DeepSpeed ZeRO"),
+        (RunContext(framework="test", world_size=2, uses_fsdp=True, fsdp_version=1), "FSDP version 1"),
     ],
 )
-def test_unfreeze_stages_are_refused_where_the_optimizer_is_partitioned_at_wrap_time(models, context):
+def test_unfreeze_stages_are_refused_where_the_optimizer_is_partitioned_at_wrap_time(models, context, engine):
     manager = configured({"freeze": {"unfreeze": [{"at_step": 3, "groups": ["projector"]}]}})
-    with pytest.raises(ConfigError, match=r"'freeze.unfreeze' stages cannot run in this setup"):
+    with pytest.raises(ConfigError, match=rf"'freeze.unfreeze' stages cannot run under {engine}: .* Use FSDP2"):
         manager.hook.vlm_dpo_train_begin(model=models["llava"], context=context)
     configured().hook.vlm_dpo_train_begin(model=models["llava"], context=context)  # no stages: fine
 
 
-def test_unfreeze_stages_run_under_ddp(models):
-    # The adapters hold the later stages' parameters trainable from the start (tests/adapters/trl/test_ddp.py).
+@pytest.mark.parametrize(
+    "context",
+    [
+        RunContext(framework="test", world_size=2),
+        RunContext(framework="test", world_size=2, uses_fsdp=True, fsdp_version=2),
+    ],
+    ids=["ddp", "fsdp2"],
+)
+def test_unfreeze_stages_run_under_ddp_and_fsdp2(models, context):
+    # The adapters hold the later stages' parameters trainable from the start (tests/adapters/trl/test_ddp.py,
+    # tests/sharded/test_fsdp2.py).
     manager = configured({"freeze": {"unfreeze": [{"at_step": 3, "groups": ["projector"]}]}})
-    manager.hook.vlm_dpo_train_begin(model=models["llava"], context=RunContext(framework="test", world_size=2))
+    manager.hook.vlm_dpo_train_begin(model=models["llava"], context=context)
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,10 @@
 accelerate runs FSDP only on accelerators (on CPU it builds DDP instead, silently), so TRL's and the other
 frameworks' FSDP2 paths cannot run here; this is the part that can: torch's own ``fully_shard`` over gloo, each
 vision layer, language layer and the projector a unit of its own, as accelerate's transformer auto-wrap makes
-them. ``fsdp2_worker.py MODEL_DIR stock|lockstep|guards GROUPS`` (GROUPS: ``language`` or ``language,projector``, what
-trains). Before sharding, every rank computes its own batch's loss and gradients on an unsharded copy and the
-ranks average those gradients: what FSDP2 must give. Prints one ``RESULT {json}`` line.
+them. ``fsdp2_worker.py MODEL_DIR stock|lockstep|guards|unfreeze|unfreeze-unheld GROUPS`` (GROUPS: ``language`` or
+``language,projector``, what trains; the unfreeze modes train the language model and unfreeze the projector at
+step 1). Before sharding, every rank computes its own batch's loss and gradients on an unsharded copy and the ranks
+average those gradients: what FSDP2 must give. Prints one ``RESULT {json}`` line.
 """
 
 from __future__ import annotations
@@ -52,13 +53,14 @@ def train_groups(model, trainable: list[str]) -> None:
         parameter.requires_grad_(group in trainable)
 
 
-def shard(model) -> None:
+def shard(model, projector_unit: bool = True) -> None:
     inner = model.model
     for layer in inner.vision_tower.encoder.layers:
         fully_shard(layer)
     for layer in inner.language_model.layers:
         fully_shard(layer)
-    fully_shard(inner.multi_modal_projector)
+    if projector_unit:
+        fully_shard(inner.multi_modal_projector)
     fully_shard(model)
 
 
@@ -71,6 +73,8 @@ def main() -> None:
     train_groups(model, trainable)
     if mode == "guards":
         result = guarded_steps(model, processor, rank)
+    elif mode.startswith("unfreeze"):
+        result = unfreeze_steps(model, processor, rank, hold_later_stages=mode == "unfreeze")
     else:
         result = sharded_passes(model, processor, rank, mode)
     print("RESULT " + json.dumps(result), flush=True)
@@ -172,6 +176,81 @@ def guarded_steps(model, processor, rank: int) -> dict:
         "weights_unchanged": unchanged,
         "optimizer_state_unchanged": state_unchanged,
     }
+
+
+UNFREEZE_STAGE = 1
+UNFREEZE_STEPS = 3
+
+
+def unfreeze_steps(model, processor, rank: int, *, hold_later_stages: bool) -> dict:
+    """The projector unfrozen at step 1 with the shared step's own pieces (``TrainableState``, the freeze plugin's
+    optimizer groups, ``unfreeze_into_optimizer``), on the sharded model; against one process stepping the same
+    model on the ranks' averaged gradients. ``hold_later_stages`` as the shared step sets it for FSDP2: the
+    projector requires a gradient from the start and its gradient is dropped until its stage. Without it the
+    projector's ``requires_grad`` is first set at its stage, after ``fully_shard`` (as on one process)."""
+    from vlm_dpo_plugins.adapters.hf_trainer.trainable import TrainableState
+    from vlm_dpo_plugins.config_source import load_plugin_config
+    from vlm_dpo_plugins.freeze.optimizer import optimizer_param_groups, unfreeze_into_optimizer
+    from vlm_dpo_plugins.manager import create_plugin_manager
+
+    plugins = create_plugin_manager()
+    stage = {"at_step": UNFREEZE_STAGE, "groups": ["projector"]}
+    config, _ = load_plugin_config(plugins, {"freeze": {"trainable": ["language"], "unfreeze": [stage]}})
+    plugins.hook.vlm_dpo_configure(config=config)
+
+    def build(model, hold: bool):
+        trainable = TrainableState(plugins, model, limits_every_parameter=False, hold_later_stages=hold)
+        trainable.apply(0)
+        return trainable
+
+    def optimizer_for(model, trainable):
+        names = {name for name, p in model.named_parameters() if trainable.is_trained(name, p)}
+        entries = plugins.hook.vlm_dpo_optimizer_groups(
+            groups=trainable.groups, trainable=names, base_learning_rate=1e-2
+        )
+        rates = {entry["group"]: entry["lr"] for entry in entries}
+        # Weight decay on: a held parameter stepped with a zero gradient would still move.
+        return torch.optim.AdamW(optimizer_param_groups(model, entries, weight_decay=0.1)), rates
+
+    def step_begin(model, trainable, optimizer, rates, step):
+        newly = trainable.apply(step)
+        if newly:
+            unfreeze_into_optimizer(model, optimizer, newly, trainable.groups, rates)
+
+    reference = copy.deepcopy(model)
+    reference_trainable = build(reference, hold=False)
+    reference_optimizer, reference_rates = optimizer_for(reference, reference_trainable)
+    sharded_trainable = build(model, hold=hold_later_stages)
+    # The projector in the root unit, with the embeddings that train from step 0: a unit of mixed requires_grad.
+    shard(model, projector_unit=False)
+    VisionLockstep([model])
+    optimizer, rates = optimizer_for(model, sharded_trainable)
+
+    projector = list(sharded_trainable.groups["projector"])
+    initial = {name: p.full_tensor().clone() for name, p in model.named_parameters() if name in projector}
+    projector_moved, worst = [], 0.0
+    for step in range(UNFREEZE_STEPS):
+        step_begin(reference, reference_trainable, reference_optimizer, reference_rates, step)
+        reference(**batch(processor, rank, step % STEPS)).loss.backward()
+        for parameter in reference.parameters():
+            if parameter.requires_grad:
+                gradient = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+                dist.all_reduce(gradient)
+                parameter.grad = gradient / dist.get_world_size()
+        reference_optimizer.step()
+        reference_optimizer.zero_grad(set_to_none=True)
+
+        step_begin(model, sharded_trainable, optimizer, rates, step)
+        model(**batch(processor, rank, step % STEPS)).loss.backward()
+        sharded_trainable.drop_held_gradients()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        full = {name: p.full_tensor() for name, p in model.named_parameters()}
+        projector_moved.append(any(not torch.equal(full[name], initial[name]) for name in projector))
+        expected = dict(reference.named_parameters())
+        worst = max(worst, max(float((full[name] - expected[name]).abs().max()) for name in full))
+    return {"rank": rank, "projector_moved": projector_moved, "worst_weight_difference": worst}
 
 
 if __name__ == "__main__":

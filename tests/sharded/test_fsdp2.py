@@ -82,3 +82,25 @@ def test_the_guards_clip_over_all_shards_and_skip_a_nan_in_one_rank_s_shard_ever
         assert result["second_reasons"] == run.results[0]["second_reasons"]
     named = f"rank {world_size - 1}: non-finite gradient norm"
     assert any(reason.startswith(named) for reason in run.results[0]["second_reasons"])
+
+
+def test_an_unfreeze_stage_under_fsdp2_trains_the_projector_from_its_step_as_one_process_does(model_dir, master_port):
+    """The shared step holds a later stage's parameters under FSDP2 as under DDP: trainable from the start, their
+    gradient dropped until the stage, then into the optimizer. The sharded weights equal one process stepping the
+    ranks' averaged gradients, AdamW with weight decay, the projector untouched before its stage."""
+    run = run_processes(WORKER, [str(model_dir), "unfreeze", "language"], master_port, timeout=240)
+    assert set(run.results) == {0, 1}, run.output[-3000:]
+    for rank, result in run.results.items():
+        assert result["projector_moved"] == [False, True, True], (rank, result)
+        assert result["worst_weight_difference"] < 1e-6, (rank, result)
+
+
+def test_torch_s_fully_shard_also_takes_a_stage_set_after_wrapping(model_dir, master_port):
+    """What the held route does not rely on, shown for the record: torch 2.13's ``fully_shard`` reads
+    ``requires_grad`` again when it gathers, so the projector made trainable only at its stage (as on one process)
+    trains the same. The shared step holds anyway, so what FSDP2 wrapped never changes, the route DDP needs."""
+    run = run_processes(WORKER, [str(model_dir), "unfreeze-unheld", "language"], master_port, timeout=240)
+    assert set(run.results) == {0, 1}, run.output[-3000:]
+    for rank, result in run.results.items():
+        assert result["projector_moved"] == [False, True, True], (rank, result)
+        assert result["worst_weight_difference"] < 1e-6, (rank, result)

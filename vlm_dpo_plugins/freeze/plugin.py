@@ -91,15 +91,17 @@ class FreezePolicy:
 
     @hookimpl
     def vlm_dpo_train_begin(self, model: torch.nn.Module, context: RunContext) -> None:
-        # Under DDP the adapters hold later stages' parameters trainable from the start (adapters/hf_trainer/
-        # trainable.py); DeepSpeed and FSDP build their partitioned optimizer from the parameters trainable then.
-        if self.config.unfreeze and (context.uses_deepspeed or context.uses_fsdp):
+        # Under DDP and FSDP2 the adapters hold later stages' parameters trainable from the start (adapters/
+        # hf_trainer/trainable.py); DeepSpeed and FSDP1 build their partitioned optimizer or flat buffers from the
+        # parameters trainable then.
+        if self.config.unfreeze and (context.uses_deepspeed or (context.uses_fsdp and context.fsdp_version != 2)):
+            engine = "DeepSpeed ZeRO" if context.uses_deepspeed else f"FSDP version {context.fsdp_version}"
             raise ConfigError(
-                "'freeze.unfreeze' stages cannot run in this setup "
-                f"(DeepSpeed {context.uses_deepspeed}, FSDP {context.uses_fsdp}): DeepSpeed ZeRO and FSDP partition "
-                "the optimizer over the parameters trainable when they wrap the model, so parameters unfrozen later "
-                "would never be updated. Train those groups from step 0 with a small rate in 'freeze.learning_rates' "
-                "instead, or use DDP or one process."
+                f"'freeze.unfreeze' stages cannot run under {engine}: it partitions the optimizer (and FSDP1 "
+                "flattens each unit's parameters into one buffer) over the parameters trainable when it wraps the "
+                "model, so a parameter unfrozen later would never be updated, and one held trainable from the start "
+                "would still be stepped (weight decay moves it) before its stage. Use FSDP2 (fsdp_config version: 2), "
+                "DDP or one process, or train those groups from step 0 with a small rate in 'freeze.learning_rates'."
             )
         if self.reported:
             return
