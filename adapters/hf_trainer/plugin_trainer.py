@@ -68,6 +68,12 @@ from vlm_dpo_plugins.adapters.hf_trainer.reference_precompute import (
     release_reference,
 )
 from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun
+from vlm_dpo_plugins.adapters.hf_trainer.staged_groups import (
+    GradientsZeroed,
+    names_by_stage,
+    staged_param_groups,
+    start_stage,
+)
 from vlm_dpo_plugins.adapters.hf_trainer.trainable import TrainableState
 
 from vlm_dpo_plugins.collation.accounting import RowAccount
@@ -102,6 +108,8 @@ class PluginTrainerMixin:
     vlm_dpo_checked_files: CheckedFiles | None = None
     """The training files the adapter checked before its framework read them (LLaMA-Factory, ms-swift)."""
     _vision_lockstep: VisionLockstep | None = None
+    _zeroed_gradients: GradientsZeroed | None = None
+    _resumed_step = 0
 
     def vlm_dpo_bind(self, run: PluginRun) -> None:
         """Before the framework's ``__init__``: the plugin run (plugins, agreed config, checked files) served."""
@@ -151,10 +159,12 @@ class PluginTrainerMixin:
             self.plugins,
             self.model,
             limits_every_parameter=self.framework_limits_every_parameter,
-            # DDP and FSDP2 (FSDP1 and DeepSpeed refuse unfreeze stages): what they wrapped never changes.
-            hold_later_stages=context.is_distributed and not context.uses_deepspeed,
+            # DDP, FSDP2 and DeepSpeed (FSDP1 refuses unfreeze stages): what they wrapped never changes.
+            hold_later_stages=context.is_distributed or context.uses_deepspeed,
         )
         self._trainable.apply(step=0)
+        # Under DeepSpeed with unfreeze stages: ``{at_step: names}``, inert in the optimizer until then.
+        self._stages: dict[int, set[str]] = {}
         freeze = self.vlm_dpo_config.section("freeze")
         if freeze is not None:
             self._trainable.warn_about_groups_kept_frozen(freeze.groups_ever_trained(), self.vlm_dpo_frozen_group_hint)
@@ -266,6 +276,11 @@ class PluginTrainerMixin:
         if framework_builds:
             return super().create_optimizer(model)
         trainable = {name for name, p in self.model.named_parameters() if self._trainable.is_trained(name, p)}
+        freeze = self.vlm_dpo_config.section("freeze")
+        if self.is_deepspeed_enabled and freeze is not None and freeze.unfreeze:
+            stage_steps = [stage.at_step for stage in freeze.unfreeze]
+            self._stages = names_by_stage(self._trainable.policy_wants, stage_steps)
+            trainable -= {name for names in self._stages.values() for name in names}
         optimizer_groups = self.plugins.hook.vlm_dpo_optimizer_groups(
             groups=self.vlm_dpo_groups, trainable=trainable, base_learning_rate=self.args.learning_rate
         )
@@ -274,8 +289,23 @@ class PluginTrainerMixin:
         self._learning_rates = {entry["group"]: entry["lr"] for entry in optimizer_groups}
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
         param_groups = optimizer_param_groups(self.model, optimizer_groups, weight_decay=self.args.weight_decay)
+        if self._stages:
+            param_groups = [group for group in param_groups if group["params"]] + self._staged_param_groups()
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
+
+    def _staged_param_groups(self) -> list[dict[str, Any]]:
+        """Under DeepSpeed: the later stages' parameters, inert until their stage (``staged_groups``)."""
+        self._zeroed_gradients = GradientsZeroed(self.model, self._trainable.held)
+        return staged_param_groups(
+            self.model,
+            self._stages,
+            self.vlm_dpo_groups,
+            self._learning_rates,
+            self.args.learning_rate,
+            self.args.weight_decay,
+            current_step=self._resumed_step,
+        )
 
     # -- train() starts ---------------------------------------------------------------
 
@@ -297,6 +327,8 @@ class PluginTrainerMixin:
         run, the process group destroyed before interpreter shutdown unless the framework did it (``ddp_teardown``)."""
         if self._vision_lockstep is not None:
             self._vision_lockstep.remove()
+        if self._zeroed_gradients is not None:
+            self._zeroed_gradients.remove()
         if release_ddp_wrapper(self):
             logger.debug("vlm-dpo: DDP wrapper released at the end of train()")
         if completed:
@@ -314,6 +346,7 @@ class PluginTrainerMixin:
             self.plugins.hook.vlm_dpo_load_state_dict(states=states)
             self._scan_skipped_rows = states.get("adapter", {}).get("scan_skipped_rows")
         step = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).global_step
+        self._resumed_step = step
         # So the optimizer is built with the stage's parameters, as the saved state expects.
         self._trainable.apply(step)
 
@@ -374,7 +407,12 @@ class PluginTrainerMixin:
 
     def vlm_dpo_step_begin(self, step: int) -> None:
         newly = self._trainable.apply(step)
-        if newly and self.optimizer is not None:
+        if newly and self._stages:
+            self._zeroed_gradients.release(newly)
+            scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+            started = start_stage(self.optimizer, scheduler, step, self._learning_rates, self.args.learning_rate)
+            logger.warning("vlm-dpo: step %d: unfroze %d parameter(s) in %d staged group(s)", step, len(newly), started)
+        elif newly and self.optimizer is not None:
             optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
             scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
             added = unfreeze_into_optimizer(

@@ -56,7 +56,7 @@ class TrainableState:
 
     def apply(self, step: int) -> set[str]:
         """Make trainable what the policy wants at ``step``; the names that became trainable."""
-        wanted = self._policy_wants(step)
+        wanted = self.policy_wants(step)
         if wanted is None or wanted == self._wanted:
             return set()
         previous, self._wanted = self._wanted, wanted
@@ -64,7 +64,7 @@ class TrainableState:
         if not self.hold_later_stages:
             return apply_trainable(self.model, wanted, self.groups)
         if previous is None:
-            self.held = (self._policy_wants(LAST_STEP) or wanted) - wanted
+            self.held = (self.policy_wants(LAST_STEP) or wanted) - wanted
             if self.held:
                 logger.info(
                     "vlm-dpo: DDP: the %d parameter(s) of later unfreeze stages are trainable from the start, so DDP "
@@ -78,7 +78,8 @@ class TrainableState:
             return made_trainable
         return {name for name, parameter in self.model.named_parameters() if name in newly and parameter.requires_grad}
 
-    def _policy_wants(self, step: int) -> set[str] | None:
+    def policy_wants(self, step: int) -> set[str] | None:
+        """The names the policy trains at ``step``, within what the framework allows."""
         wanted = self.plugins.hook.vlm_dpo_trainable_parameters(groups=self.groups, step=step)
         if wanted is None or not self.framework_trainable:
             return wanted

@@ -301,17 +301,10 @@ def test_trainable_report_is_logged_once_with_counts_per_group(models, caplog):
     assert f"{language:>14,} of {language:>14,} trainable (100.00% of the group" in message
 
 
-@pytest.mark.parametrize(
-    "context, engine",
-    [
-        (RunContext(framework="test", world_size=2, uses_deepspeed=True, deepspeed_stage=2), "DeepSpeed ZeRO"),
-        (RunContext(framework="test", uses_deepspeed=True, deepspeed_stage=3), "DeepSpeed ZeRO"),
-        (RunContext(framework="test", world_size=2, uses_fsdp=True, fsdp_version=1), "FSDP version 1"),
-    ],
-)
-def test_unfreeze_stages_are_refused_where_the_optimizer_is_partitioned_at_wrap_time(models, context, engine):
+def test_unfreeze_stages_are_refused_under_fsdp1_where_units_are_flattened_at_wrap_time(models):
+    context = RunContext(framework="test", world_size=2, uses_fsdp=True, fsdp_version=1)
     manager = configured({"freeze": {"unfreeze": [{"at_step": 3, "groups": ["projector"]}]}})
-    with pytest.raises(ConfigError, match=rf"'freeze.unfreeze' stages cannot run under {engine}: .* Use FSDP2"):
+    with pytest.raises(ConfigError, match=r"'freeze.unfreeze' stages cannot run under FSDP version 1: .* Use FSDP2"):
         manager.hook.vlm_dpo_train_begin(model=models["llava"], context=context)
     configured().hook.vlm_dpo_train_begin(model=models["llava"], context=context)  # no stages: fine
 
@@ -321,12 +314,14 @@ def test_unfreeze_stages_are_refused_where_the_optimizer_is_partitioned_at_wrap_
     [
         RunContext(framework="test", world_size=2),
         RunContext(framework="test", world_size=2, uses_fsdp=True, fsdp_version=2),
+        RunContext(framework="test", world_size=2, uses_deepspeed=True, deepspeed_stage=2),
+        RunContext(framework="test", uses_deepspeed=True, deepspeed_stage=3),
     ],
-    ids=["ddp", "fsdp2"],
+    ids=["ddp", "fsdp2", "zero2", "zero3"],
 )
-def test_unfreeze_stages_run_under_ddp_and_fsdp2(models, context):
+def test_unfreeze_stages_run_under_ddp_fsdp2_and_zero(models, context):
     # The adapters hold the later stages' parameters trainable from the start (tests/adapters/trl/test_ddp.py,
-    # tests/sharded/test_fsdp2.py).
+    # tests/sharded/test_fsdp2.py, tests/sharded/test_unfreeze_stages.py).
     manager = configured({"freeze": {"unfreeze": [{"at_step": 3, "groups": ["projector"]}]}})
     manager.hook.vlm_dpo_train_begin(model=models["llava"], context=context)
 

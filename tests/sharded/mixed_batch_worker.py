@@ -2,9 +2,10 @@
 
 Run as a plain script, one process per rank (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment):
 ``mixed_batch_worker.py MODEL_DIR OUTPUT_DIR stock|plugins ENGINE GROUPS``, ENGINE one of zero2, zero3, ddp, fsdp2
-(GROUPS: the freeze groups that train, comma-separated). Prints one ``RESULT {json}`` line: the logged losses,
-how often this rank encoded a stand-in image, and a checksum of every weight after training (gathered from the
-shards under ZeRO-3).
+(GROUPS: the freeze groups that train, comma-separated; ``language+projector@1`` also unfreezes the projector at
+step 1). Prints one ``RESULT {json}`` line: the logged losses, how often this rank encoded a stand-in image, a
+checksum of every weight after training (gathered from the shards under ZeRO-3) and of the projector's at each
+step's beginning and after training.
 """
 
 from __future__ import annotations
@@ -65,6 +66,24 @@ class NanAtStepOne(TrainerCallback):
             self.handle = None
 
 
+def projector_checksum(model, engine: str) -> float:
+    parameters = list(model.model.multi_modal_projector.parameters())
+    if engine == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(parameters):
+            return sum(float(p.detach().double().sum()) for p in parameters)
+    return sum(float(p.detach().double().sum()) for p in parameters)
+
+
+class ProjectorAtStepBegin(TrainerCallback):
+    def __init__(self, engine: str) -> None:
+        self.engine, self.checksums = engine, []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.checksums.append(projector_checksum(model, self.engine))
+
+
 def mixed_rows() -> list[dict]:
     """Even rows with an image, odd rows text-only: read in order one row per rank, odd ranks never see an image."""
     rows = trl_conversational_rows(make_preference_examples(24, seed=3))
@@ -75,7 +94,8 @@ def mixed_rows() -> list[dict]:
 
 
 def main() -> None:
-    model_dir, output_dir, mode, engine, trainable = sys.argv[1:6]
+    model_dir, output_dir, mode, engine, groups = sys.argv[1:6]
+    trainable, _, stage = groups.partition("+")
     if engine.startswith("zero"):
         import deepspeed
 
@@ -98,7 +118,12 @@ def main() -> None:
         deepspeed=zero_config(engine),
         **(FSDP2 if engine == "fsdp2" else {}),
     )
-    plugins = {} if mode == "stock" else {"vlm_dpo_config": {"freeze": {"trainable": trainable.split(",")}}}
+    freeze = {"trainable": trainable.split(",")}
+    if stage:
+        stage_groups, _, at_step = stage.partition("@")
+        freeze["unfreeze"] = [{"at_step": int(at_step), "groups": stage_groups.split(",")}]
+    plugins = {} if mode == "stock" else {"vlm_dpo_config": {"freeze": freeze}}
+    watch = ProjectorAtStepBegin(engine)
     trainer_class = trl.DPOTrainer if mode == "stock" else VLMDPOTrainer
     trainer = trainer_class(
         **plugins,
@@ -106,7 +131,7 @@ def main() -> None:
         args=args,
         train_dataset=Dataset.from_list(mixed_rows()),
         processing_class=AutoProcessor.from_pretrained(model_dir),
-        callbacks=[NanAtStepOne()] if NAN_RANK is not None else None,
+        callbacks=[watch, NanAtStepOne()] if NAN_RANK is not None else [watch],
     )
     trainer.train()
     lockstep = getattr(trainer, "_vision_lockstep", None)
@@ -123,6 +148,7 @@ def main() -> None:
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "stand_in_encodes": None if lockstep is None else lockstep.stand_in_encodes,
         "checksum": checksum,
+        "projector_checksums": [*watch.checksums, projector_checksum(trainer.model, engine)],
         "wrapped_as": type(trainer.model_wrapped).__name__,
         "fsdp_enabled": trainer.is_fsdp_enabled,
         "skipped": [outcome.skipped for outcome in getattr(trainer, "vlm_dpo_step_outcomes", [])],

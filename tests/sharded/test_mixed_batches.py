@@ -1,10 +1,11 @@
-"""ZeRO-3 with a rank whose batch has no image (issue 22): stock TRL breaks, the plugins train, and the stand-in
-image the plugins encode on that rank changes nothing.
+"""ZeRO-3 and ZeRO-2 with a rank whose batch has no image (issue 22): stock TRL breaks, the plugins train, and the
+stand-in image the plugins encode on that rank changes nothing.
 
-Two CPU ranks over gloo, ``VLMDPOTrainer.train()`` / ``trl.DPOTrainer.train()`` with a ZeRO-3 config, the tiny
+Two CPU ranks over gloo, ``VLMDPOTrainer.train()`` / ``trl.DPOTrainer.train()`` with a ZeRO config, the tiny
 LLaVA, rows read in order one per rank: rank 0 only pairs with an image, rank 1 only text-only pairs. Under
 ZeRO-3 every module's weights are gathered from all ranks when it runs, so rank 0's vision tower waits for
-collectives rank 1 never calls. Over NCCL that is the reported hang; gloo notices the mismatched sizes and
+collectives rank 1 never calls; under ZeRO-2 with the projector trained, rank 1 has no projector gradient to put
+in the buckets rank 0 reduces. Over NCCL that is the reported hang; gloo notices the mismatched sizes and
 aborts (or, where sizes happen to match, hangs): the test accepts either, bounded by a timeout, and requires
 that stock TRL does not finish. The plugins' run must finish on both ranks, encode the stand-in on rank 1 only,
 and end with the same losses and weights as the same plugins under DDP (no gathering, no stand-in).
@@ -53,25 +54,35 @@ def model_dirs(tmp_path_factory):
     return get
 
 
-def test_stock_trl_breaks_when_one_rank_has_no_image(model_dirs, tmp_path, master_port):
-    run = run_ranks(model_dirs("llava"), tmp_path, "stock", "zero3", master_port, timeout=150)
-    assert not run["results"], "stock TRL finished a ZeRO-3 run with a text-only rank"
+# ZeRO-3 gathers the vision tower's weights in the forward; ZeRO-2 reduces each gradient into buckets as it
+# arrives, so a trained projector without a gradient on the text-only rank leaves the ranks' buckets unequal.
+@pytest.mark.parametrize("engine, trainable", [("zero3", "language"), ("zero2", "language,projector")])
+def test_stock_trl_breaks_when_one_rank_has_no_image(model_dirs, tmp_path, master_port, engine, trainable):
+    run = run_ranks(model_dirs("llava"), tmp_path, "stock", engine, master_port, timeout=150, trainable=trainable)
+    assert not run["results"], f"stock TRL finished a {engine} run with a text-only rank"
     assert run["timed_out"] or COLLECTIVE_MISMATCH in run["output"], run["output"][-3000:]
 
 
 # Qwen2.5-VL is where the hang was reported; Qwen3-VL adds the DeepStack features the model also takes. With the
 # projector trained, the backward gathers its weights too: the stand-in's must reach exactly the same modules.
 @pytest.mark.parametrize(
-    "family, trainable",
-    [("qwen2_5_vl", "language"), ("llava", "language,projector"), ("qwen3_vl", "language,projector")],
+    "engine, family, trainable",
+    [
+        ("zero3", "qwen2_5_vl", "language"),
+        ("zero3", "llava", "language,projector"),
+        ("zero3", "qwen3_vl", "language,projector"),
+        ("zero2", "llava", "language,projector"),
+    ],
 )
-def test_the_plugins_train_and_the_stand_in_image_changes_nothing(model_dirs, family, trainable, tmp_path, master_port):
+def test_the_plugins_train_and_the_stand_in_image_changes_nothing(
+    model_dirs, engine, family, trainable, tmp_path, master_port
+):
     model_dir = model_dirs(family)
-    zero3 = run_ranks(model_dir, tmp_path / "zero3", "plugins", "zero3", master_port, timeout=300, trainable=trainable)
-    assert set(zero3["results"]) == {0, 1}, zero3["output"][-3000:]
-    first, second = zero3["results"][0], zero3["results"][1]
+    zero = run_ranks(model_dir, tmp_path / engine, "plugins", engine, master_port, timeout=300, trainable=trainable)
+    assert set(zero["results"]) == {0, 1}, zero["output"][-3000:]
+    first, second = zero["results"][0], zero["results"][1]
     # Rank 1's batches never hold an image; per step one policy pass needs the stand-in (the reference pass
-    # of this full fine-tune runs on a separate ZeRO-3 engine and needs it too).
+    # of this full fine-tune runs on a separate DeepSpeed engine and needs it too).
     assert first["stand_in_encodes"] == 0
     assert second["stand_in_encodes"] == 2 * 2
     assert first["losses"] == second["losses"] and len(first["losses"]) == 2

@@ -91,17 +91,16 @@ class FreezePolicy:
 
     @hookimpl
     def vlm_dpo_train_begin(self, model: torch.nn.Module, context: RunContext) -> None:
-        # Under DDP and FSDP2 the adapters hold later stages' parameters trainable from the start (adapters/
-        # hf_trainer/trainable.py); DeepSpeed and FSDP1 build their partitioned optimizer or flat buffers from the
-        # parameters trainable then.
-        if self.config.unfreeze and (context.uses_deepspeed or (context.uses_fsdp and context.fsdp_version != 2)):
-            engine = "DeepSpeed ZeRO" if context.uses_deepspeed else f"FSDP version {context.fsdp_version}"
+        # Under DDP, FSDP2 and DeepSpeed the adapters hold later stages' parameters trainable from the start
+        # (adapters/hf_trainer/trainable.py, staged_groups.py); FSDP1 flattens each unit's parameters at wrap time.
+        if self.config.unfreeze and context.uses_fsdp and context.fsdp_version != 2:
             raise ConfigError(
-                f"'freeze.unfreeze' stages cannot run under {engine}: it partitions the optimizer (and FSDP1 "
-                "flattens each unit's parameters into one buffer) over the parameters trainable when it wraps the "
-                "model, so a parameter unfrozen later would never be updated, and one held trainable from the start "
-                "would still be stepped (weight decay moves it) before its stage. Use FSDP2 (fsdp_config version: 2), "
-                "DDP or one process, or train those groups from step 0 with a small rate in 'freeze.learning_rates'."
+                f"'freeze.unfreeze' stages cannot run under FSDP version {context.fsdp_version}: it flattens each "
+                "unit's parameters into one buffer when it wraps the model, with the optimizer over those buffers, "
+                "so a parameter unfrozen later would never be updated, and one held trainable from the start would "
+                "be stepped with the rest of its buffer before its stage. Use FSDP2 (fsdp_config version: 2), "
+                "DeepSpeed, DDP or one process, or train those groups from step 0 with a small rate in "
+                "'freeze.learning_rates'."
             )
         if self.reported:
             return

@@ -27,9 +27,10 @@ IMAGE_INPUT = "pixel_values"
 
 
 def needs_lockstep(context: RunContext) -> bool:
-    """Whether the engine gathers weights inside the forward (ZeRO-3, FSDP) across more than one rank."""
-    sharded = (context.uses_deepspeed and context.deepspeed_stage == 3) or context.uses_fsdp
-    return sharded and context.world_size > 1
+    """Whether the ranks' collectives follow the modules each runs, across more than one rank: ZeRO-3 and FSDP
+    gather weights inside the forward; ZeRO-1/2 reduce each gradient into buckets as it arrives, so a trained
+    projector with no gradient on one rank leaves the ranks' buckets different sizes."""
+    return (context.uses_deepspeed or context.uses_fsdp) and context.world_size > 1
 
 
 class VisionLockstep:
