@@ -44,3 +44,30 @@ def test_tuned_buckets_are_what_the_live_optimizer_holds_and_a_nan_is_skipped_on
     assert_live_buckets_as_written(run.output, stage)
     assert_deepspeed_skipped_once(run.output, [entry["vlm_dpo/skipped_steps"] for entry in run.step_logs])
     assert all(math.isfinite(loss) for loss in run.losses), run.losses
+
+
+def test_an_unfreeze_stage_under_zero2_trains_the_projector_from_its_step(tmp_path, llava, tiny_dataset_dir):
+    """ZeRO partitions the optimizer when DeepSpeed starts: the projector's stage is in it from step 0, inert, and
+    trains from its step (docs/scaling.md; the two-rank comparison with DDP is tests/sharded/test_unfreeze_stages.py).
+    """
+    from safetensors.torch import load_file
+
+    deepspeed_config = tmp_path / "zero2.json"
+    deepspeed_config.write_text(json.dumps(zero_config(2)))
+    section = {"freeze": {"unfreeze": [{"at_step": 2, "groups": ["projector"]}]}}
+    config = dpo_config(
+        TINY_MODELS["llava"], llava, tiny_dataset_dir, tmp_path / "out", "full", deepspeed=str(deepspeed_config),
+        max_steps=3, save_strategy="steps", save_steps=1, vlm_dpo=section,
+    )  # fmt: skip
+    run = run_llamafactory(tmp_path, config, env=deepspeed_environment(), nproc=1)
+    assert run.returncode == 0, run.log()
+    assert "vlm-dpo: step 2: unfroze" in run.output and "staged group(s)" in run.output, run.log()
+
+    def projector(path):
+        weights = load_file(path)
+        return {name[name.index("multi_modal_projector") :]: weights[name] for name in weights if "projector" in name}
+
+    initial = projector(llava / "model.safetensors")
+    saved = {step: projector(run.output_dir / f"checkpoint-{step}" / "model.safetensors") for step in (1, 2, 3)}
+    assert initial and all(saved[step][name].equal(initial[name]) for step in (1, 2) for name in initial)
+    assert any(not saved[3][name].equal(initial[name]) for name in initial), "the projector did not train at its stage"
