@@ -4,8 +4,8 @@ Run as a plain script, one process per rank (RANK, WORLD_SIZE, MASTER_ADDR and M
 ``mixed_batch_worker.py MODEL_DIR OUTPUT_DIR stock|plugins ENGINE GROUPS``, ENGINE one of zero2, zero3, ddp, fsdp2
 (GROUPS: the freeze groups that train, comma-separated; ``language+projector@1`` also unfreezes the projector at
 step 1). Prints one ``RESULT {json}`` line: the logged losses, how often this rank encoded a stand-in image, a
-checksum of every weight after training (gathered from the shards under ZeRO-3) and of the projector's at each
-step's beginning and after training.
+checksum of every weight after training (gathered from the shards under ZeRO-3) and, with a stage (LLaVA), of the
+projector's at each step's beginning and after training.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def main() -> None:
         stage_groups, _, at_step = stage.partition("@")
         freeze["unfreeze"] = [{"at_step": int(at_step), "groups": stage_groups.split(",")}]
     plugins = {} if mode == "stock" else {"vlm_dpo_config": {"freeze": freeze}}
-    watch = ProjectorAtStepBegin(engine)
+    watch = ProjectorAtStepBegin(engine) if stage else None  # the stage's tests run LLaVA
     trainer_class = trl.DPOTrainer if mode == "stock" else VLMDPOTrainer
     trainer = trainer_class(
         **plugins,
@@ -131,7 +131,7 @@ def main() -> None:
         args=args,
         train_dataset=Dataset.from_list(mixed_rows()),
         processing_class=AutoProcessor.from_pretrained(model_dir),
-        callbacks=[watch, NanAtStepOne()] if NAN_RANK is not None else [watch],
+        callbacks=[callback for callback in (watch, NanAtStepOne() if NAN_RANK is not None else None) if callback],
     )
     trainer.train()
     lockstep = getattr(trainer, "_vision_lockstep", None)
@@ -148,7 +148,7 @@ def main() -> None:
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "stand_in_encodes": None if lockstep is None else lockstep.stand_in_encodes,
         "checksum": checksum,
-        "projector_checksums": [*watch.checksums, projector_checksum(trainer.model, engine)],
+        "projector_checksums": [*watch.checksums, projector_checksum(trainer.model, engine)] if watch else None,
         "wrapped_as": type(trainer.model_wrapped).__name__,
         "fsdp_enabled": trainer.is_fsdp_enabled,
         "skipped": [outcome.skipped for outcome in getattr(trainer, "vlm_dpo_step_outcomes", [])],
