@@ -23,7 +23,7 @@ RELEASED = "vlm-dpo: sharing.reference: the separate reference model is released
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {name: TINY_MODELS[name].build(root / name) for name in ("llava", "qwen2_vl")}
+    return {name: TINY_MODELS[name].build(root / name) for name in ("llava", "qwen2_vl", "qwen2_5_vl")}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def pass_counts(run) -> tuple[int, int, int]:
 
 
 @pytest.mark.model_support("LLaMA-Factory", "precompute")
-@pytest.mark.parametrize(("model", "finetuning"), [("llava", "full"), ("qwen2_vl", "lora")])
+@pytest.mark.parametrize(("model", "finetuning"), [("llava", "full"), ("qwen2_vl", "lora"), ("qwen2_5_vl", "lora")])
 def test_precomputed_reference_trains_like_the_live_one(tmp_path, models, dataset, model, finetuning):
     cache = tmp_path / "reference-cache"
     precomputed = {"reference": "precompute", "reference_cache": str(cache)}

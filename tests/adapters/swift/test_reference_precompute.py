@@ -36,12 +36,15 @@ def run(tmp_path, swift_dpo, model, plugin_file, tuner, sharing, name):
     return text, logged
 
 
-@pytest.mark.model_support("ms-swift", "precompute", family="qwen2_vl")
-@pytest.mark.parametrize("tuner", ["full", "lora"])
-def test_precomputed_reference_trains_like_the_live_one(tmp_path, swift_dpo, qwen2_vl, plugin_file, tuner):
+@pytest.mark.model_support("ms-swift", "precompute")
+@pytest.mark.parametrize(
+    ("family", "tuner"), [("qwen2_vl", "full"), ("qwen2_vl", "lora"), ("llava", "full"), ("qwen2_5_vl", "lora")]
+)
+def test_precomputed_reference_trains_like_the_live_one(tmp_path, request, swift_dpo, family, tuner, plugin_file):
+    model = request.getfixturevalue(family)
     precomputed = {"reference": "precompute", "reference_cache": str(tmp_path / "reference-cache")}
-    text, steps = run(tmp_path, swift_dpo, qwen2_vl, plugin_file, tuner, precomputed, "first")
-    live_text, live_steps = run(tmp_path, swift_dpo, qwen2_vl, plugin_file, tuner, {}, "live")
+    text, steps = run(tmp_path, swift_dpo, model, plugin_file, tuner, precomputed, "first")
+    live_text, live_steps = run(tmp_path, swift_dpo, model, plugin_file, tuner, {}, "live")
     assert PASS_LINE.findall(text) == [("4", "4", "0")], text[-3000:]
     assert (RELEASED in text) == (tuner == "full")
     assert PASS_LINE.search(live_text) is None
@@ -49,6 +52,6 @@ def test_precomputed_reference_trains_like_the_live_one(tmp_path, swift_dpo, qwe
     for mine, theirs in zip(steps, live_steps, strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
             assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
-    again_text, again = run(tmp_path, swift_dpo, qwen2_vl, plugin_file, tuner, precomputed, "again")
+    again_text, again = run(tmp_path, swift_dpo, model, plugin_file, tuner, precomputed, "again")
     assert PASS_LINE.findall(again_text) == [("4", "0", "4")], again_text[-3000:]
     assert [entry["loss"] for entry in again] == [entry["loss"] for entry in steps]
