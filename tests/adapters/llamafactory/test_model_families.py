@@ -92,7 +92,7 @@ def two_image_dataset(tmp_path_factory):
 
 
 @pytest.mark.model_support("LLaMA-Factory", "multi-image")
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl", "llava_next"])
 def test_two_images_per_prompt_pack_like_two_rows(tmp_path, models, two_image_dataset, family):
     unshared = train(tmp_path / "unshared", models, two_image_dataset, family, vlm_dpo=UNSHARED)
     shared = train(tmp_path / "shared", models, two_image_dataset, family)

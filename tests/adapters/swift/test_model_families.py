@@ -63,3 +63,45 @@ def test_a_family_trains_as_swift_alone_frozen_and_packed(tmp_path, request, swi
     for mine, theirs in zip(shared.logged_steps(), unshared.logged_steps(), strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
             assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
+
+
+@pytest.fixture
+def two_image_dataset(tmp_path, swift_dataset_writer):
+    """Swift's rows with a second image in each prompt (the next row's, so the two differ): two ``<image>`` tags."""
+    import json
+
+    path = swift_dataset_writer(tmp_path / "two-images" / "train.jsonl", 4)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for index, row in enumerate(rows):
+        row["images"] = [*row["images"], rows[(index + 1) % len(rows)]["images"][0]]
+        row["messages"][0]["content"] = "<image>" + row["messages"][0]["content"]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.model_support("ms-swift", "multi-image")
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_two_images_per_prompt_pack_like_two_rows(tmp_path, request, swift_dpo, family, plugin_file, two_image_dataset):
+    model = request.getfixturevalue(family)
+    sgd = ["--optim", "sgd", "--learning_rate", "0.1"]
+    loss = {"loss": {"type": "sigmoid"}}
+    model_dir = model.build(tmp_path / "model")
+
+    def train(name, config):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        run = swift_dpo(
+            model, max_steps=3, extra_args=[*sgd, "--external_plugins", plugin_file], output_name=name,
+            env_extra={"VLM_DPO_CONFIG": str(path)}, dataset=two_image_dataset, model_dir=model_dir,
+        )  # fmt: skip
+        assert run.returncode == 0, run.tail()
+        assert len(run.logged_steps()) == 3, run.tail()
+        return run
+
+    shared = train("shared", loss)
+    unshared = train("unshared", {**loss, "sharing": UNSHARED})
+    text = shared.stdout + shared.stderr
+    assert PACKED_LINE in text and "image-count-mismatch" not in text, shared.tail()
+    for mine, theirs in zip(shared.logged_steps(), unshared.logged_steps(), strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
