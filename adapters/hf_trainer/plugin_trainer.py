@@ -296,7 +296,9 @@ class PluginTrainerMixin:
 
     def _staged_param_groups(self) -> list[dict[str, Any]]:
         """Under DeepSpeed: the later stages' parameters, inert until their stage (``staged_groups``)."""
-        self._zeroed_gradients = GradientsZeroed(self.model, self._trainable.held)
+        stages = self._stages.items()
+        not_started = {name for at_step, names in stages if at_step >= self._resumed_step for name in names}
+        self._zeroed_gradients = GradientsZeroed(self.model, not_started)
         return staged_param_groups(
             self.model,
             self._stages,
@@ -304,7 +306,7 @@ class PluginTrainerMixin:
             self._learning_rates,
             self.args.learning_rate,
             self.args.weight_decay,
-            current_step=self._resumed_step,
+            next_step=self._resumed_step,
         )
 
     # -- train() starts ---------------------------------------------------------------
@@ -407,11 +409,14 @@ class PluginTrainerMixin:
 
     def vlm_dpo_step_begin(self, step: int) -> None:
         newly = self._trainable.apply(step)
-        if newly and self._stages:
-            self._zeroed_gradients.release(newly)
-            scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
-            started = start_stage(self.optimizer, scheduler, step, self._learning_rates, self.args.learning_rate)
-            logger.warning("vlm-dpo: step %d: unfroze %d parameter(s) in %d staged group(s)", step, len(newly), started)
+        if self._stages:
+            # By step, not by what ``apply`` newly made trainable: a run resumed at a stage's step applied it already.
+            if step in self._stages and self._zeroed_gradients is not None:
+                self._zeroed_gradients.release(self._stages[step])
+                scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+                started = start_stage(self.optimizer, scheduler, step, self._learning_rates, self.args.learning_rate)
+                count = len(self._stages[step])
+                logger.warning("vlm-dpo: step %d: unfroze %d parameter(s) in %d staged group(s)", step, count, started)
         elif newly and self.optimizer is not None:
             optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
             scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)

@@ -41,16 +41,20 @@ def staged_param_groups(
     learning_rates: Mapping[str, float],
     base_learning_rate: float,
     weight_decay: float,
-    current_step: int,
+    next_step: int,
 ) -> list[dict[str, Any]]:
-    """A param group per stage and freeze group: rate 0 until its stage, its group's rate from then on."""
+    """A param group per stage and freeze group: rate 0 until its stage, its group's rate from then on.
+
+    ``next_step``: the optimizer step the run takes next (a resumed run's checkpoint step); the stages before it
+    have started. A stage at ``next_step`` itself starts when that step begins, as in the uninterrupted run.
+    """
     param_groups = []
     for at_step, names in sorted(stages.items()):
         for group, members in groups.items():
             selected = [name for name in members if name in names]
             if not selected:
                 continue
-            rate = learning_rates.get(group, base_learning_rate) if at_step <= current_step else 0.0
+            rate = learning_rates.get(group, base_learning_rate) if at_step < next_step else 0.0
             entry = {"group": group, "names": selected, "lr": rate}
             for param_group in optimizer_param_groups(model, [entry], weight_decay=weight_decay):
                 if param_group["params"]:

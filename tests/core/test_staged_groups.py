@@ -38,7 +38,7 @@ def test_a_staged_group_is_inert_until_its_stage_then_trains_as_a_group_added_fr
     stages = {1: {"1.weight", "1.bias"}}
     groups = {"language": ["0.weight", "0.bias"], "projector": ["1.weight", "1.bias"]}
     first = {"params": list(staged[0].parameters()), "lr": RATE, "weight_decay": 0.1, "group": "language"}
-    later = staged_param_groups(staged, stages, groups, {}, RATE, weight_decay=0.1, current_step=0)
+    later = staged_param_groups(staged, stages, groups, {}, RATE, weight_decay=0.1, next_step=0)
     assert [(group["group"], group["lr"], group[STAGE_KEY]) for group in later] == [
         ("projector", 0.0, 1),
         ("projector", 0.0, 1),

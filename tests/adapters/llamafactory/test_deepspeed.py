@@ -46,22 +46,33 @@ def test_tuned_buckets_are_what_the_live_optimizer_holds_and_a_nan_is_skipped_on
     assert all(math.isfinite(loss) for loss in run.losses), run.losses
 
 
-def test_an_unfreeze_stage_under_zero2_trains_the_projector_from_its_step(tmp_path, llava, tiny_dataset_dir):
+def test_an_unfreeze_stage_under_zero2_trains_the_projector_from_its_step_and_resumes_at_it(
+    tmp_path, llava, tiny_dataset_dir
+):
     """ZeRO partitions the optimizer when DeepSpeed starts: the projector's stage is in it from step 0, inert, and
     trains from its step (docs/scaling.md; the two-rank comparison with DDP is tests/sharded/test_unfreeze_stages.py).
+    A run resumed from the checkpoint just before the stage starts it as the uninterrupted run did.
     """
+    import shutil
+
     from safetensors.torch import load_file
 
     deepspeed_config = tmp_path / "zero2.json"
     deepspeed_config.write_text(json.dumps(zero_config(2)))
     section = {"freeze": {"unfreeze": [{"at_step": 2, "groups": ["projector"]}]}}
-    config = dpo_config(
-        TINY_MODELS["llava"], llava, tiny_dataset_dir, tmp_path / "out", "full", deepspeed=str(deepspeed_config),
-        max_steps=3, save_strategy="steps", save_steps=1, vlm_dpo=section,
-    )  # fmt: skip
-    run = run_llamafactory(tmp_path, config, env=deepspeed_environment(), nproc=1)
-    assert run.returncode == 0, run.log()
-    assert "vlm-dpo: step 2: unfroze" in run.output and "staged group(s)" in run.output, run.log()
+
+    def train(output_dir, name, resume=False):
+        config = dpo_config(
+            TINY_MODELS["llava"], llava, tiny_dataset_dir, output_dir, "full", deepspeed=str(deepspeed_config),
+            max_steps=3, save_strategy="steps", save_steps=1, vlm_dpo=section,
+            overwrite_output_dir=None if resume else True,
+        )  # fmt: skip
+        run = run_llamafactory(tmp_path, config, env=deepspeed_environment(), nproc=1, name=name)
+        assert run.returncode == 0, run.log()
+        assert "vlm-dpo: step 2: unfroze" in run.output and "staged group(s)" in run.output, run.log()
+        return run
+
+    run = train(tmp_path / "out", "uninterrupted")
 
     def projector(path):
         weights = load_file(path)
@@ -71,3 +82,19 @@ def test_an_unfreeze_stage_under_zero2_trains_the_projector_from_its_step(tmp_pa
     saved = {step: projector(run.output_dir / f"checkpoint-{step}" / "model.safetensors") for step in (1, 2, 3)}
     assert initial and all(saved[step][name].equal(initial[name]) for step in (1, 2) for name in initial)
     assert any(not saved[3][name].equal(initial[name]) for name in initial), "the projector did not train at its stage"
+
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(run.output_dir / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = train(resumed_dir, "resumed", resume=True)
+    assert "checkpoint-2" in resumed.output, resumed.log()
+    # The log carries the checkpoint's history, then the resumed step.
+    assert [entry["loss"] for entry in resumed.step_logs] == pytest.approx([e["loss"] for e in run.step_logs], abs=1e-6)
+    after = projector(resumed_dir / "checkpoint-3" / "model.safetensors")
+    assert all(torch_close(after[name], saved[3][name]) for name in initial), "the resumed stage trained otherwise"
+
+
+def torch_close(mine, theirs) -> bool:
+    import torch
+
+    return torch.allclose(mine, theirs, rtol=0, atol=1e-6)
