@@ -349,8 +349,9 @@ class PluginTrainerMixin:
             self._scan_skipped_rows = states.get("adapter", {}).get("scan_skipped_rows")
         step = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).global_step
         self._resumed_step = step
-        # So the optimizer is built with the stage's parameters, as the saved state expects.
-        self._trainable.apply(step)
+        # So the optimizer is built with the parameters of the last step taken, as the saved state expects; a stage
+        # at ``step`` itself starts when that step begins, as in the uninterrupted run.
+        self._trainable.apply(max(step - 1, 0))
 
     def vlm_dpo_prescan(self) -> None:
         """Every training row through the collator and the checks; the rows left out; one line accounting for all."""

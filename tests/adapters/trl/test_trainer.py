@@ -236,7 +236,11 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_restores_weights_guard_state_and_the_unfreeze_stage(tiny_model_dirs, preference_rows, tmp_path):
+# Stopped after the stage's step, or right before it: the resumed run then starts the stage itself.
+@pytest.mark.parametrize("stop", [4, 3])
+def test_resume_restores_weights_guard_state_and_the_unfreeze_stage(
+    tiny_model_dirs, preference_rows, tmp_path, stop
+):
     config = {"freeze": {"unfreeze": [{"at_step": 3, "groups": ["projector"]}]}}
     model_dir = tiny_model_dirs["llava"]
 
@@ -252,16 +256,16 @@ def test_resume_restores_weights_guard_state_and_the_unfreeze_stage(tiny_model_d
             vlm_dpo_config=config,
         )
 
-    interrupted = trainer(tmp_path / "run", callbacks=[StopAt(4)])
+    interrupted = trainer(tmp_path / "run", callbacks=[StopAt(stop)])
     interrupted.train()
-    checkpoint = tmp_path / "run" / "checkpoint-4"
+    checkpoint = tmp_path / "run" / f"checkpoint-{stop}"
     assert read_state(checkpoint, 0)["guards"]["skipped_steps"] == 1
 
     resumed = trainer(tmp_path / "run")
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.plugins.get_plugin("guards").skipped_steps == 1
-    resumed_logs = training_logs(resumed)[-2:]  # the log history before step 4 comes back from the checkpoint
-    assert [entry["vlm_dpo/skipped_steps"] for entry in resumed_logs] == [1, 1]
+    resumed_logs = training_logs(resumed)[stop - 6 :]  # the log history before comes back from the checkpoint
+    assert [entry["vlm_dpo/skipped_steps"] for entry in resumed_logs] == [1] * (6 - stop)
     projector = resumed.vlm_dpo_groups["projector"]
     assert all(dict(resumed.model.named_parameters())[name].requires_grad for name in projector)
 
@@ -270,7 +274,7 @@ def test_resume_restores_weights_guard_state_and_the_unfreeze_stage(tiny_model_d
     # The same losses after the resume as without the interruption: weights, the optimizer with the projector
     # stage's layout and moments, the schedule and the data position all came back.
     resumed_losses = [entry["loss"] for entry in resumed_logs]
-    straight_losses = [entry["loss"] for entry in training_logs(uninterrupted)][-2:]
+    straight_losses = [entry["loss"] for entry in training_logs(uninterrupted)][stop - 6 :]
     assert resumed_losses == pytest.approx(straight_losses, abs=1e-6)
     # And the checkpoint still loads with from_pretrained, for evaluation or export.
     reloaded = AutoModelForImageTextToText.from_pretrained(checkpoint)
