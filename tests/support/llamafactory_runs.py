@@ -308,3 +308,25 @@ def changed_parts(
         entry = parts.setdefault(part_of(name), {"changed": [], "unchanged": []})
         entry["unchanged" if torch.equal(tensor, after[name]) else "changed"].append(name)
     return parts
+
+
+def projector_weights(path: Path) -> dict[str, Any]:
+    """The projector's tensors in a saved ``model.safetensors``, by their name inside the projector:
+    transformers saves checkpoints under another prefix than the model folder's."""
+    from safetensors.torch import load_file
+
+    weights = load_file(path)
+    return {name[name.index("multi_modal_projector") :]: weights[name] for name in weights if "projector" in name}
+
+
+def assert_projector_trains_from(stage: int, model_dir: Path, output_dir: Path, last_step: int) -> dict[int, dict]:
+    """The saved projector equals the model's until checkpoint ``stage`` (the steps before the stage), then differs;
+    returns the checkpoints' projectors by step."""
+    initial = projector_weights(model_dir / "model.safetensors")
+    saved = {
+        step: projector_weights(output_dir / f"checkpoint-{step}" / "model.safetensors")
+        for step in range(1, last_step + 1)
+    }
+    assert initial and all(saved[step][name].equal(initial[name]) for step in range(1, stage + 1) for name in initial)
+    assert any(not saved[last_step][name].equal(initial[name]) for name in initial), "the projector did not train"
+    return saved
