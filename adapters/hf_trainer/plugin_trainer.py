@@ -68,12 +68,7 @@ from vlm_dpo_plugins.adapters.hf_trainer.reference_precompute import (
     release_reference,
 )
 from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun
-from vlm_dpo_plugins.adapters.hf_trainer.staged_groups import (
-    GradientsZeroed,
-    names_by_stage,
-    staged_param_groups,
-    start_stage,
-)
+from vlm_dpo_plugins.adapters.hf_trainer.staged_groups import DeepSpeedStages
 from vlm_dpo_plugins.adapters.hf_trainer.trainable import TrainableState
 
 from vlm_dpo_plugins.collation.accounting import RowAccount
@@ -108,7 +103,8 @@ class PluginTrainerMixin:
     vlm_dpo_checked_files: CheckedFiles | None = None
     """The training files the adapter checked before its framework read them (LLaMA-Factory, ms-swift)."""
     _vision_lockstep: VisionLockstep | None = None
-    _zeroed_gradients: GradientsZeroed | None = None
+    _deepspeed_stages: DeepSpeedStages | None = None
+    """Unfreeze stages under DeepSpeed: in the optimizer from the start, inert until their step."""
     _resumed_step = 0
 
     def vlm_dpo_bind(self, run: PluginRun) -> None:
@@ -163,8 +159,6 @@ class PluginTrainerMixin:
             hold_later_stages=context.is_distributed or context.uses_deepspeed,
         )
         self._trainable.apply(step=0)
-        # Under DeepSpeed with unfreeze stages: ``{at_step: names}``, inert in the optimizer until then.
-        self._stages: dict[int, set[str]] = {}
         freeze = self.vlm_dpo_config.section("freeze")
         if freeze is not None:
             self._trainable.warn_about_groups_kept_frozen(freeze.groups_ever_trained(), self.vlm_dpo_frozen_group_hint)
@@ -279,8 +273,8 @@ class PluginTrainerMixin:
         freeze = self.vlm_dpo_config.section("freeze")
         if self.is_deepspeed_enabled and freeze is not None and freeze.unfreeze:
             stage_steps = [stage.at_step for stage in freeze.unfreeze]
-            self._stages = names_by_stage(self._trainable.policy_wants, stage_steps)
-            trainable -= {name for names in self._stages.values() for name in names}
+            self._deepspeed_stages = DeepSpeedStages(self._trainable.policy_wants, stage_steps)
+            trainable -= self._deepspeed_stages.names
         optimizer_groups = self.plugins.hook.vlm_dpo_optimizer_groups(
             groups=self.vlm_dpo_groups, trainable=trainable, base_learning_rate=self.args.learning_rate
         )
@@ -289,25 +283,19 @@ class PluginTrainerMixin:
         self._learning_rates = {entry["group"]: entry["lr"] for entry in optimizer_groups}
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
         param_groups = optimizer_param_groups(self.model, optimizer_groups, weight_decay=self.args.weight_decay)
-        if self._stages:
-            param_groups = [group for group in param_groups if group["params"]] + self._staged_param_groups()
+        if self._deepspeed_stages is not None:
+            # DeepSpeed cannot partition an empty group (a later stage's group the freeze plugin lists from step 0).
+            param_groups = [group for group in param_groups if group["params"]]
+            param_groups += self._deepspeed_stages.param_groups(
+                self.model,
+                self.vlm_dpo_groups,
+                self._learning_rates,
+                self.args.learning_rate,
+                self.args.weight_decay,
+                next_step=self._resumed_step,
+            )
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
-
-    def _staged_param_groups(self) -> list[dict[str, Any]]:
-        """Under DeepSpeed: the later stages' parameters, inert until their stage (``staged_groups``)."""
-        stages = self._stages.items()
-        not_started = {name for at_step, names in stages if at_step >= self._resumed_step for name in names}
-        self._zeroed_gradients = GradientsZeroed(self.model, not_started)
-        return staged_param_groups(
-            self.model,
-            self._stages,
-            self.vlm_dpo_groups,
-            self._learning_rates,
-            self.args.learning_rate,
-            self.args.weight_decay,
-            next_step=self._resumed_step,
-        )
 
     # -- train() starts ---------------------------------------------------------------
 
@@ -329,8 +317,8 @@ class PluginTrainerMixin:
         run, the process group destroyed before interpreter shutdown unless the framework did it (``ddp_teardown``)."""
         if self._vision_lockstep is not None:
             self._vision_lockstep.remove()
-        if self._zeroed_gradients is not None:
-            self._zeroed_gradients.remove()
+        if self._deepspeed_stages is not None:
+            self._deepspeed_stages.remove()
         if release_ddp_wrapper(self):
             logger.debug("vlm-dpo: DDP wrapper released at the end of train()")
         if completed:
@@ -410,14 +398,13 @@ class PluginTrainerMixin:
 
     def vlm_dpo_step_begin(self, step: int) -> None:
         newly = self._trainable.apply(step)
-        if self._stages:
-            # By step, not by what ``apply`` newly made trainable: a run resumed at a stage's step applied it already.
-            if step in self._stages and self._zeroed_gradients is not None:
-                self._zeroed_gradients.release(self._stages[step])
-                scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
-                started = start_stage(self.optimizer, scheduler, step, self._learning_rates, self.args.learning_rate)
-                count = len(self._stages[step])
-                logger.warning("vlm-dpo: step %d: unfroze %d parameter(s) in %d staged group(s)", step, count, started)
+        if self._deepspeed_stages is not None:
+            scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+            started = self._deepspeed_stages.begin_step(
+                step, self.optimizer, scheduler, self._learning_rates, self.args.learning_rate
+            )
+            if started is not None:
+                logger.warning("vlm-dpo: %s", started)
         elif newly and self.optimizer is not None:
             optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
             scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)

@@ -121,3 +121,42 @@ def _stepped_parameters(optimizer: Any, torch_optimizer: Any, index: int) -> lis
             stepped += [partition for sub_group, partition in enumerate(flat) if owner[sub_group] == index]
         optimizer = getattr(optimizer, "optimizer", None)
     return stepped
+
+
+class DeepSpeedStages:
+    """One run's unfreeze stages under DeepSpeed: the staged param groups, their gradient hooks, each stage's start."""
+
+    def __init__(self, wants: Callable[[int], set[str] | None], stage_steps: Iterable[int]) -> None:
+        self.stages = names_by_stage(wants, stage_steps)
+        self.names = {name for names in self.stages.values() for name in names}
+        self._zeroed: GradientsZeroed | None = None
+
+    def param_groups(
+        self,
+        model: torch.nn.Module,
+        groups: Mapping[str, Iterable[str]],
+        learning_rates: Mapping[str, float],
+        base_learning_rate: float,
+        weight_decay: float,
+        next_step: int,
+    ) -> list[dict[str, Any]]:
+        """The staged param groups for the optimizer being built; the stages not started yet get zeroed gradients."""
+        not_started = {name for at_step, names in self.stages.items() if at_step >= next_step for name in names}
+        self._zeroed = GradientsZeroed(model, not_started)
+        return staged_param_groups(
+            model, self.stages, groups, learning_rates, base_learning_rate, weight_decay, next_step=next_step
+        )
+
+    def begin_step(
+        self, step: int, optimizer: Any, scheduler: Any, learning_rates: Mapping[str, float], base_learning_rate: float
+    ) -> str | None:
+        """Start the stage at ``step``, if there is one; what to tell the user."""
+        if step not in self.stages or self._zeroed is None:
+            return None
+        self._zeroed.release(self.stages[step])
+        started = start_stage(optimizer, scheduler, step, learning_rates, base_learning_rate)
+        return f"step {step}: unfroze {len(self.stages[step])} parameter(s) in {started} staged group(s)"
+
+    def remove(self) -> None:
+        if self._zeroed is not None:
+            self._zeroed.remove()
