@@ -44,6 +44,7 @@ FEATURES = {
     "within 1e-5",
     "precompute": "`sharing.reference: precompute`: the same training as the live reference within 1e-5",
     "multi-image": "two images per prompt: packed rows and one encode per image equal to two rows within 1e-5",
+    "video": "a video per prompt: like the framework alone, and packed rows equal to two rows within 1e-5",
     "framework-fix": "stock training fails on this family; the adapter puts the framework's batch right "
     "(each row as the processor makes it) and it trains",
     "ddp-reentrant": '2 gloo ranks, LoRA + reentrant checkpointing: stock fails ("marked ready only once"), '

@@ -21,6 +21,7 @@ from vlm_dpo_plugins.adapters.hf_trainer.preference_step import StepInputs
 from vlm_dpo_plugins.adapters.hf_trainer.prescan import TrainingRows
 from vlm_dpo_plugins.adapters.swift.workflow import take_run
 
+from vlm_dpo_plugins.collation.pairs import IMAGE_COUNT_KEY
 from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.sharing.logits import response_logit_means
 from vlm_dpo_plugins.types import Finding, Severity
@@ -138,10 +139,11 @@ class SwiftRows(TrainingRows):
         from swift.template import MaxLengthError
 
         lazy = self.dataset
+        encode = EncodeWithImageCount(lazy.encode_func)
         for position in range(len(lazy.dataset)):
             row = lazy.dataset[position]
             try:
-                encoded = lazy.encode_func(row, return_length=True)
+                encoded = encode(row, return_length=True)
             except MaxLengthError as error:
                 self.read_findings.append(_encode_finding("row-too-long", row, position, error))
                 continue
@@ -159,12 +161,23 @@ class SwiftRows(TrainingRows):
         lazy = self.dataset
         return LazyLLMDataset(
             lazy.dataset.select(positions),
-            lazy.encode_func,
+            EncodeWithImageCount(lazy.encode_func),
             n_try_fetch=lazy.n_try_fetch,
             strict=lazy.strict,
             random_state=lazy.random_state,
             traceback_limit=lazy.traceback_limit,
         )
+
+
+class EncodeWithImageCount:
+    """Swift's encoded rows keep no image list, so the image-count checks would not run on them: the raw row's
+    count goes beside them (swift's DPO collator reads only the ``chosen_``/``rejected_`` keys)."""
+
+    def __init__(self, encode: Any) -> None:
+        self.encode = encode.encode if isinstance(encode, EncodeWithImageCount) else encode
+
+    def __call__(self, row: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {**self.encode(row, **kwargs), IMAGE_COUNT_KEY: len(row.get("images") or ())}
 
 
 def _encode_finding(code: str, row: dict[str, Any], position: int, error: Exception) -> Finding:

@@ -272,6 +272,43 @@ def test_token_facts_are_read_from_a_processor_without_importing_a_framework():
     assert (facts.merge_size, facts.tokens_per_image, facts.decode([5, 6])) == (2, None, "xx")
 
 
+def test_the_processor_is_found_behind_a_partial_of_a_bound_collator():
+    """ms-swift's trainer holds ``partial(template.data_collator, padding_to=None)``: the template is two layers in."""
+    import functools
+    from types import SimpleNamespace
+
+    from vlm_dpo_plugins.collation.tokens import collator_max_length, find_processor
+
+    class Template:
+        processor = SimpleNamespace(tokenizer=SimpleNamespace(bos_token_id=1), image_token_id=9)
+        max_length = 256
+
+        def data_collator(self, batch, *, padding_to=None):
+            return batch
+
+    template = Template()
+    for collate in (functools.partial(template.data_collator, padding_to=None), template.data_collator, template):
+        assert find_processor(collate) is Template.processor and collator_max_length(collate) == 256
+    assert find_processor(functools.partial(print)) is None and find_processor(len) is None  # builtins: no owner
+
+
+def test_an_image_count_beside_an_encoded_row_is_counted_and_never_reaches_the_collator():
+    from vlm_dpo_plugins.collation.flow import prepare
+    from vlm_dpo_plugins.collation.pairs import IMAGE_COUNT_KEY, count_images
+
+    encoded = {"chosen_input_ids": [BOS, IMAGE, 10], IMAGE_COUNT_KEY: 2, "row_index": 7}
+    assert count_images(encoded) == 2
+    assert count_images({"chosen_input_ids": [BOS]}) is None
+    assert prepare([encoded], [0], "row_index") == [{"chosen_input_ids": [BOS, IMAGE, 10]}]
+    row = {
+        "chosen_input_ids": [BOS, IMAGE, IMAGE, 20, 10, EOS], "chosen_labels": [-100] * 4 + [10, EOS],
+        "rejected_input_ids": [BOS, IMAGE, IMAGE, 20, 12, EOS], "rejected_labels": [-100] * 4 + [12, EOS],
+        IMAGE_COUNT_KEY: 0,  # the row had no image, yet its prompt holds image tokens
+    }
+    (pair,) = pairs_from_labelled_rows([row], [3], FACTS)
+    assert ("image-count-mismatch", "chosen") in codes(check_pair(pair))
+
+
 # ---------------------------------------------------------------------------
 # raw rows: images
 # ---------------------------------------------------------------------------

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlm_dpo_plugins.collation.checks import finding
-from vlm_dpo_plugins.collation.pairs import BatchLayoutError, count_images, pairs_from_batch, response_text
+from vlm_dpo_plugins.collation.pairs import (
+    IMAGE_COUNT_KEY,
+    BatchLayoutError,
+    count_images,
+    pairs_from_batch,
+    response_text,
+)
 from vlm_dpo_plugins.collation.policy import decide
 from vlm_dpo_plugins.collation.settings import CollationConfig
 from vlm_dpo_plugins.collation.tokens import TokenFacts
@@ -55,7 +61,9 @@ class Inspection:
 
 
 def prepare(examples: Sequence[Mapping[str, Any]], positions: Sequence[int], row_index_key: str) -> list[dict]:
-    return [{key: value for key, value in examples[p].items() if key != row_index_key} for p in positions]
+    """The examples as the framework's collator expects them: without the keys the plugins put beside its own."""
+    ours = (row_index_key, IMAGE_COUNT_KEY)
+    return [{key: value for key, value in examples[p].items() if key not in ours} for p in positions]
 
 
 def inspect(

@@ -146,8 +146,14 @@ def image_token_needs(
     return [None] * pair_count
 
 
+IMAGE_COUNT_KEY = "vlm_dpo_image_count"
+"""Beside a row the framework encoded already (ms-swift's), whose image list is gone: how many images it had."""
+
+
 def count_images(example: Mapping[str, Any]) -> int | None:
     """How many images a raw row carries (``images`` list or single ``image``); None when it names none."""
+    if IMAGE_COUNT_KEY in example:
+        return example[IMAGE_COUNT_KEY]
     if "images" in example:
         images = example["images"]
         return 0 if images is None else len(images)

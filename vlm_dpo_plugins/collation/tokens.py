@@ -10,6 +10,8 @@ need it fall back to what the token ids alone show.
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +52,21 @@ class TokenFacts:
                    tokens_per_image=tokens_per_image)
 
 
+def collator_owner(collate: Callable[..., Any]) -> Any:
+    """The object behind a collator: ms-swift hands over ``partial(template.data_collator, padding_to=...)``."""
+    owner = collate
+    for _ in range(4):  # a partial of a bound method is two layers; a cycle must not hang
+        inner = getattr(owner, "func", None) if isinstance(owner, functools.partial) else None
+        inner = inner if inner is not None else getattr(owner, "__self__", None)
+        if inner is None or isinstance(inner, types.ModuleType):
+            break
+        owner = inner
+    return owner
+
+
 def find_processor(collate: Callable[..., Any]) -> Any | None:
     """The processor or tokenizer a framework collator carries (TRL, LLaMA-Factory and ms-swift all keep one)."""
-    owner = getattr(collate, "__self__", None) or getattr(collate, "func", None) or collate
+    owner = collator_owner(collate)
     for name in ("processor", "processing_class", "tokenizer"):
         found = getattr(owner, name, None)
         if found is not None:
@@ -61,7 +75,7 @@ def find_processor(collate: Callable[..., Any]) -> Any | None:
 
 
 def collator_max_length(collate: Callable[..., Any]) -> int | None:
-    owner = getattr(collate, "__self__", None) or getattr(collate, "func", None) or collate
+    owner = collator_owner(collate)
     return _positive_int(getattr(owner, "max_length", None))
 
 

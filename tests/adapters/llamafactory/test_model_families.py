@@ -20,6 +20,7 @@ from llamafactory_runs import (  # noqa: E402
     dpo_config,
     run_llamafactory,
     write_dataset,
+    write_video_dataset,
 )
 from safetensors.torch import load_file  # noqa: E402
 
@@ -59,7 +60,9 @@ def assert_same_steps(ours, theirs):
 @pytest.mark.model_support("LLaMA-Factory", "stock")
 @pytest.mark.model_support("LLaMA-Factory", "freeze")
 @pytest.mark.model_support("LLaMA-Factory", "sharing")
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl", "llava_next", "mllama", "internvl", "mistral3"])
+@pytest.mark.parametrize(
+    "family", ["llava", "qwen2_5_vl", "qwen3_vl", "llava_next", "mllama", "internvl", "mistral3", "paligemma"]
+)
 def test_a_family_trains_as_llamafactory_alone_and_packed_like_two_rows(tmp_path, models, dataset, family):
     stock = train(tmp_path / "stock", models, dataset, family, env=DISABLED)
     unshared = train(tmp_path / "unshared", models, dataset, family, vlm_dpo=UNSHARED)
@@ -98,3 +101,29 @@ def test_two_images_per_prompt_pack_like_two_rows(tmp_path, models, two_image_da
     shared = train(tmp_path / "shared", models, two_image_dataset, family)
     assert PACKED_LINE in shared.output and "image-count-mismatch" not in shared.output, shared.log()
     assert_same_steps(shared, unshared)
+
+
+@pytest.fixture(scope="module")
+def video_dataset(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("videos")
+    write_video_dataset(directory)
+    return directory
+
+
+@pytest.mark.model_support("LLaMA-Factory", "video")
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_video_per_prompt_trains_as_llamafactory_alone_and_packs_like_two_rows(
+    tmp_path, models, video_dataset, family
+):
+    """Qwen2-VL's videos reach the model as ``pixel_values_videos`` with a ``video_grid_thw`` row per video, and
+    LLaMA-Factory's collator computes the 3D positions of the video tokens; the packed row keeps both."""
+    video = {"video_max_pixels": 3136, "video_min_pixels": 784, "video_fps": 2.0}
+    stock = train(tmp_path / "stock", models, video_dataset, family, env=DISABLED, **video)
+    unshared = train(tmp_path / "unshared", models, video_dataset, family, vlm_dpo=UNSHARED, **video)
+    shared = train(tmp_path / "shared", models, video_dataset, family, **video)
+    assert "<|video_pad|>" in stock.output, stock.log()  # LLaMA-Factory's printed example: the video's tokens
+    assert_same_steps(unshared, stock)
+    assert PACKED_LINE in shared.output and PACKED_LINE not in unshared.output, shared.log()
+    assert_same_steps(shared, unshared)
+    for run in (unshared, shared):
+        assert all(step["collation/warned_rows"] == step["collation/skipped_rows"] == 0 for step in run.step_logs)

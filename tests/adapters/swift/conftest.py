@@ -34,7 +34,7 @@ SWIFT_IMAGE_TAG = "<image>"
 class SwiftTinyModel:
     """A tiny random-weight VLM builder plus what ``swift rlhf`` needs to serve it.
 
-    ``vision_key``/``aligner_key`` are substrings of the *saved* safetensors key names
+    ``vision_key``/``aligner_key`` are patterns searched in the *saved* safetensors key names
     (transformers 5 saves the legacy layout, e.g. ``vision_tower.*``, ``visual.merger.*``);
     every other key counts as the language model.
     """
@@ -53,9 +53,9 @@ class SwiftTinyModel:
 
     def part(self, key: str) -> str:
         # The aligner check comes first: for Qwen2-VL the merger sits inside ``visual``.
-        if self.aligner_key in key:
+        if re.search(self.aligner_key, key):
             return "aligner"
-        if self.vision_key in key:
+        if re.search(self.vision_key, key):
             return "vision"
         return "language"
 
@@ -102,6 +102,35 @@ TINY_QWEN3_VL = SwiftTinyModel(
     aligner_key="merger",
 )
 """Not in ``SWIFT_TINY_MODELS`` either: ``test_model_families.py`` runs it, with Qwen2.5-VL and LLaVA."""
+
+# Each family below under the model type and template swift 4.6.0 registers for its real checkpoints.
+TINY_LLAVA_NEXT = SwiftTinyModel(
+    name="llava_next",
+    builder="vlm_dpo_plugins.tiny.llava_next:build_tiny_llava_next",
+    model_type="llava1_6_vicuna_hf",  # LlavaNextForConditionalGeneration, "USER: <image>\n{q} ASSISTANT:"
+    template="llava1_6_vicuna_hf",
+    vision_key="vision_tower",
+    # The learned row separator goes with the projector in the freeze policy; swift's aligner is the projector alone.
+    aligner_key="multi_modal_projector|image_newline",
+)
+
+TINY_MLLAMA = SwiftTinyModel(
+    name="mllama",
+    builder="vlm_dpo_plugins.tiny.mllama:build_tiny_mllama",
+    model_type="llama3_2_vision",  # its template encodes the whole row, cross_attention_mask at full length
+    template="llama3_2_vision",
+    vision_key="vision_model",
+    aligner_key="multi_modal_projector",
+)
+
+TINY_PALIGEMMA = SwiftTinyModel(
+    name="paligemma",
+    builder="vlm_dpo_plugins.tiny.paligemma:build_tiny_paligemma",
+    model_type="paligemma",  # the prompt as prefix, the response as suffix (token_type_ids)
+    template="paligemma",
+    vision_key="vision_tower",
+    aligner_key="multi_modal_projector",
+)
 
 
 # --- data --------------------------------------------------------------------------------
@@ -354,3 +383,18 @@ def qwen3_vl():
 @pytest.fixture
 def llava(swift_tiny_models):
     return swift_tiny_models["llava"]
+
+
+@pytest.fixture
+def llava_next():
+    return TINY_LLAVA_NEXT
+
+
+@pytest.fixture
+def mllama():
+    return TINY_MLLAMA
+
+
+@pytest.fixture
+def paligemma():
+    return TINY_PALIGEMMA

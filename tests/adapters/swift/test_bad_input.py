@@ -94,3 +94,23 @@ def test_a_line_that_is_not_utf8_stops_the_run_naming_it_even_when_rows_may_be_s
     assert run.returncode != 0
     assert "[error] malformed-row (row 2): the line is not UTF-8" in output, run.tail()
     assert "ms-swift reads the file as a whole and fails on such a line" in output, run.tail()
+
+
+def test_the_token_checks_read_swifts_processor_a_bos_inside_a_response_is_named(
+    swift_dpo, swift_dataset_writer, plugin_file, llava, tmp_path
+):
+    """Swift hands over ``partial(template.data_collator, ...)``: the checks find the processor behind it, so the
+    token-level checks (special tokens, image tokens, truncation) run on swift's encoded rows too."""
+    dataset, rows = dataset_with(swift_dataset_writer, tmp_path, {}, num_rows=4)
+    answer = rows[2]["messages"][1]["content"].split(" ")
+    rows[2]["messages"][1]["content"] = " ".join([answer[0], "<s>", *answer[1:]])  # LLaVA's BOS, as text
+    write_jsonl(dataset, rows)
+    run = swift_dpo(llava, dataset=dataset, max_steps=1, extra_args=["--external_plugins", plugin_file])
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, run.tail()  # a warning: the row trains, and the report names it
+    report = [json.loads(line) for line in (run.output_dir / "collation_report.jsonl").read_text().splitlines()]
+    # The pre-scan and the batch that trains the row each report it.
+    flagged = {(record["check"], record["field"]) for record in report}
+    assert flagged == {("special-token-misplaced", "chosen")}, (report, run.tail())
+    assert "in the response" in report[0]["message"], report
+    assert "special-token-misplaced" in output, run.tail()

@@ -65,6 +65,35 @@ def test_a_family_trains_as_swift_alone_frozen_and_packed(tmp_path, request, swi
             assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
 
 
+@pytest.mark.model_support("ms-swift", "stock")
+@pytest.mark.model_support("ms-swift", "freeze")
+@pytest.mark.model_support("ms-swift", "sharing")
+@pytest.mark.parametrize("family", ["llava_next", "mllama", "paligemma"])
+def test_a_family_trains_packed_like_swift_alone(tmp_path, request, swift_dpo, family, plugin_file):
+    """Two runs per family (CI time): swift alone, and the plugins with their loss, defaults and packed rows.
+
+    Both on SGD, so the packed row, the plugins' sigmoid loss and swift's own loss on two rows meet within 1e-5.
+    """
+    model = request.getfixturevalue(family)
+    sgd = ["--optim", "sgd", "--learning_rate", "0.1"]
+    stock = plugin_run(tmp_path, swift_dpo, model, None, "stock", options=sgd)
+    loss = {"loss": {"type": "sigmoid"}}
+    packed = plugin_run(tmp_path, swift_dpo, model, plugin_file, "packed", loss, sgd, model_dir=stock.model_dir)
+    text = packed.stdout + packed.stderr
+    assert PACKED_LINE in text, packed.tail()
+    for mine, theirs in zip(packed.logged_steps(), stock.logged_steps(), strict=True):
+        # The checks read this family's tokens and images from swift's processor and find nothing wrong.
+        assert mine["collation/warned_rows"] == mine["collation/skipped_rows"] == 0, mine
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
+
+    before = live_weights(packed.model_dir)
+    after = live_weights(packed.output_dir / "checkpoint-3")
+    moved = {name for name in before if not before[name].equal(after[name])}
+    assert moved and all(model.part(name) == "language" for name in moved), sorted(moved)
+    assert {model.part(name) for name in before} == {"vision", "aligner", "language"}
+
+
 @pytest.fixture
 def two_image_dataset(tmp_path, swift_dataset_writer):
     """Swift's rows with a second image in each prompt (the next row's, so the two differ): two ``<image>`` tags."""
