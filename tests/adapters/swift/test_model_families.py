@@ -109,7 +109,7 @@ def two_image_dataset(tmp_path, swift_dataset_writer):
 
 
 @pytest.mark.model_support("ms-swift", "multi-image")
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "mllama", "paligemma"])
 def test_two_images_per_prompt_pack_like_two_rows(tmp_path, request, swift_dpo, family, plugin_file, two_image_dataset):
     model = request.getfixturevalue(family)
     sgd = ["--optim", "sgd", "--learning_rate", "0.1"]
