@@ -187,32 +187,16 @@ def write_dataset(dataset_dir: Path, rows: list[dict] | None = None, num_rows: i
 VIDEO_PLACEHOLDER = "<video>"
 
 
-def write_video(path: Path, colors: list[tuple[int, int, int]], size: int = 56, fps: int = 2) -> Path:
-    """A short MPEG-4 clip, one solid frame per color (PyAV, which LLaMA-Factory reads videos with)."""
-    import av
-    import numpy as np
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for color in colors:
-            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), color, dtype=np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
-
-
 def write_video_dataset(dataset_dir: Path, num_rows: int = 6, seed: int = 0) -> None:
     """Sharegpt ranking rows whose prompt holds a four-frame video instead of an image."""
+    from videos import write_clip
+
     from vlm_dpo_plugins.tiny.data import make_preference_examples
 
     examples = make_preference_examples(num_rows, seed=seed)
     rows = []
     for index, example in enumerate(examples):
-        colors = [((index * 40 + frame * 60) % 256, (frame * 90) % 256, (index * 70) % 256) for frame in range(4)]
-        video = write_video(dataset_dir / "videos" / f"clip{index}.mp4", colors)
+        video = write_clip(dataset_dir / "videos" / f"clip{index}.mp4", index)
         rows.append({
             "conversations": [{"from": "human", "value": f"{VIDEO_PLACEHOLDER}{example.prompt}"}],
             "chosen": {"from": "gpt", "value": example.chosen},

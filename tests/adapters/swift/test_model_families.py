@@ -134,3 +134,66 @@ def test_two_images_per_prompt_pack_like_two_rows(tmp_path, request, swift_dpo, 
     for mine, theirs in zip(shared.logged_steps(), unshared.logged_steps(), strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
             assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
+
+
+@pytest.fixture
+def video_dataset(tmp_path, swift_dataset_writer):
+    """Swift's rows with a four-frame clip in each prompt instead of the image: a ``<video>`` tag and ``videos``."""
+    import json
+
+    from videos import write_clip
+
+    path = swift_dataset_writer(tmp_path / "videos" / "train.jsonl", 4)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for index, row in enumerate(rows):
+        del row["images"]
+        row["videos"] = [str(write_clip(path.parent / f"clip{index}.mp4", index))]
+        row["messages"][0]["content"] = row["messages"][0]["content"].replace("<image>", "<video>")
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+# qwen-vl-utils reads the clips (decord: torchvision 0.29 has no read_video); a few tokens per frame pair.
+VIDEO_ENV = {"VIDEO_MAX_PIXELS": "3136", "VIDEO_MIN_PIXELS": "784", "FPS": "2"}
+
+
+@pytest.mark.model_support("ms-swift", "video")
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_video_per_prompt_trains_as_swift_alone_and_packs_like_two_rows(
+    tmp_path, request, swift_dpo, family, plugin_file, video_dataset
+):
+    pytest.importorskip("decord", reason="qwen-vl-utils reads videos with decord here (the swift session has it)")
+    model = request.getfixturevalue(family)
+    sgd = ["--optim", "sgd", "--learning_rate", "0.1"]
+    model_dir = model.build(tmp_path / "model")
+
+    def train(name, config):
+        env = dict(VIDEO_ENV)
+        plugins = []
+        if config is not None:
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            env["VLM_DPO_CONFIG"] = str(path)
+            plugins = ["--external_plugins", plugin_file]
+        run = swift_dpo(
+            model, max_steps=3, extra_args=[*sgd, *plugins], output_name=name, env_extra=env,
+            dataset=video_dataset, model_dir=model_dir,
+        )  # fmt: skip
+        assert run.returncode == 0, run.tail()
+        assert len(run.logged_steps()) == 3, run.tail()
+        return run
+
+    stock = train("stock", None)
+    # Swift's printed example: the prompt holds a run of <|video_pad|> (id 151656) tokens.
+    assert "<|vision_start|>[151656 * " in stock.stdout + stock.stderr, stock.tail()
+    loss = {"loss": {"type": "sigmoid"}}
+    unshared = train("unshared", {**loss, "sharing": UNSHARED})
+    shared = train("shared", loss)
+    assert PACKED_LINE in shared.stdout + shared.stderr, shared.tail()
+    for mine, theirs in zip(unshared.logged_steps(), stock.logged_steps(), strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
+    for mine, theirs in zip(shared.logged_steps(), unshared.logged_steps(), strict=True):
+        assert mine["collation/warned_rows"] == mine["collation/skipped_rows"] == 0, mine
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
