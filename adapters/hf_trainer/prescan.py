@@ -48,6 +48,13 @@ class TrainingRows:
     def select(self, positions: list[int]) -> Any:
         return self.dataset.select(positions)
 
+    def kept(self, skipped: list[int]) -> Any:
+        """The training set without the positions in ``skipped``."""
+        if not skipped:
+            return self.dataset
+        dropped = set(skipped)
+        return self.select([row for row in range(len(self.dataset)) if row not in dropped])
+
 
 def prescan(
     plugins: Any,
@@ -85,7 +92,4 @@ def prescan(
             f"{collation.report_path or 'collation_report.jsonl in the output folder'}): "
             "nothing is left to train on; fix the data, or set collation.policy for the checks named there"
         )
-    if not skipped:
-        return rows.dataset, skipped
-    dropped = set(skipped)
-    return rows.select([row for row in range(total) if row not in dropped]), skipped
+    return rows.kept(skipped), skipped

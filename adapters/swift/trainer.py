@@ -139,7 +139,7 @@ class SwiftRows(TrainingRows):
         from swift.template import MaxLengthError
 
         lazy = self.dataset
-        encode = EncodeWithImageCount(lazy.encode_func)
+        encode = EncodeWithRowFacts(lazy.encode_func, self.row_index_key)
         for position in range(len(lazy.dataset)):
             row = lazy.dataset[position]
             try:
@@ -155,13 +155,20 @@ class SwiftRows(TrainingRows):
     def row_indices(self) -> list[int] | None:
         return None
 
+    def kept(self, skipped: list[int]) -> Any:
+        # Rebuilt even when nothing was left out: the rows then carry their position into every batch.
+        return self.select([row for row in range(len(self.dataset)) if row not in set(skipped)])
+
     def select(self, positions: list[int]) -> Any:
         from swift.dataset import LazyLLMDataset
 
         lazy = self.dataset
+        rows = lazy.dataset.select(positions)
+        if self.row_index_key is not None:
+            rows = rows.add_column(self.row_index_key, positions)
         return LazyLLMDataset(
-            lazy.dataset.select(positions),
-            EncodeWithImageCount(lazy.encode_func),
+            rows,
+            EncodeWithRowFacts(lazy.encode_func, self.row_index_key),
             n_try_fetch=lazy.n_try_fetch,
             strict=lazy.strict,
             random_state=lazy.random_state,
@@ -169,15 +176,21 @@ class SwiftRows(TrainingRows):
         )
 
 
-class EncodeWithImageCount:
-    """Swift's encoded rows keep no image list, so the image-count checks would not run on them: the raw row's
-    count goes beside them (swift's DPO collator reads only the ``chosen_``/``rejected_`` keys)."""
+class EncodeWithRowFacts:
+    """Swift's encoded rows keep neither the image list nor the row's place: the raw row's image count (for the
+    image-count checks) and its position in swift's dataset (so findings in a batch name the row the pre-scan
+    names) go beside them. Swift's DPO collator reads only the ``chosen_``/``rejected_`` keys."""
 
-    def __init__(self, encode: Any) -> None:
-        self.encode = encode.encode if isinstance(encode, EncodeWithImageCount) else encode
+    def __init__(self, encode: Any, row_index_key: str | None) -> None:
+        self.encode = encode.encode if isinstance(encode, EncodeWithRowFacts) else encode
+        self.row_index_key = row_index_key
 
     def __call__(self, row: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        return {**self.encode(row, **kwargs), IMAGE_COUNT_KEY: len(row.get("images") or ())}
+        facts = {IMAGE_COUNT_KEY: len(row.get("images") or ())}
+        if self.row_index_key is not None and self.row_index_key in row:
+            row = dict(row)
+            facts[self.row_index_key] = row.pop(self.row_index_key)
+        return {**self.encode(row, **kwargs), **facts}
 
 
 def _encode_finding(code: str, row: dict[str, Any], position: int, error: Exception) -> Finding:
