@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from vlm_dpo_plugins.collation.pairs import IMAGE_COUNT_KEY
 from vlm_dpo_plugins.collation.policy import decide
 from vlm_dpo_plugins.collation.wrapper import keep_rows, record_findings, scan_dataset
 from vlm_dpo_plugins.config import VLMDPOConfig
@@ -54,6 +55,23 @@ class TrainingRows:
             return self.dataset
         dropped = set(skipped)
         return self.select([row for row in range(len(self.dataset)) if row not in dropped])
+
+
+class RowFactsEncoder:
+    """A lazily encoding framework's encoder (ms-swift's), with what the checks need beside each encoded row: the
+    raw row's image count (encoded rows keep no image list) and its position in the framework's dataset (so a
+    batch's findings name the row the pre-scan names). The framework's collator must read only its own keys."""
+
+    def __init__(self, encode: Any, row_index_key: str | None) -> None:
+        self.encode = encode.encode if isinstance(encode, RowFactsEncoder) else encode
+        self.row_index_key = row_index_key
+
+    def __call__(self, row: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        facts = {IMAGE_COUNT_KEY: len(row.get("images") or ())}
+        if self.row_index_key is not None and self.row_index_key in row:
+            row = dict(row)
+            facts[self.row_index_key] = row.pop(self.row_index_key)
+        return {**self.encode(row, **kwargs), **facts}
 
 
 def prescan(

@@ -18,10 +18,9 @@ from swift.optimizers.multimodal import MultimodalOptimizerCallback
 from swift.rlhf_trainers import DPOTrainer
 from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import FindingsOnLogLine, PluginTrainerMixin, requires_grad_kept
 from vlm_dpo_plugins.adapters.hf_trainer.preference_step import StepInputs
-from vlm_dpo_plugins.adapters.hf_trainer.prescan import TrainingRows
+from vlm_dpo_plugins.adapters.hf_trainer.prescan import RowFactsEncoder, TrainingRows
 from vlm_dpo_plugins.adapters.swift.workflow import take_run
 
-from vlm_dpo_plugins.collation.pairs import IMAGE_COUNT_KEY
 from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.sharing.logits import response_logit_means
 from vlm_dpo_plugins.types import Finding, Severity
@@ -139,7 +138,7 @@ class SwiftRows(TrainingRows):
         from swift.template import MaxLengthError
 
         lazy = self.dataset
-        encode = EncodeWithRowFacts(lazy.encode_func, self.row_index_key)
+        encode = RowFactsEncoder(lazy.encode_func, self.row_index_key)
         for position in range(len(lazy.dataset)):
             row = lazy.dataset[position]
             try:
@@ -168,29 +167,12 @@ class SwiftRows(TrainingRows):
             rows = rows.add_column(self.row_index_key, positions)
         return LazyLLMDataset(
             rows,
-            EncodeWithRowFacts(lazy.encode_func, self.row_index_key),
+            RowFactsEncoder(lazy.encode_func, self.row_index_key),
             n_try_fetch=lazy.n_try_fetch,
             strict=lazy.strict,
             random_state=lazy.random_state,
             traceback_limit=lazy.traceback_limit,
         )
-
-
-class EncodeWithRowFacts:
-    """Swift's encoded rows keep neither the image list nor the row's place: the raw row's image count (for the
-    image-count checks) and its position in swift's dataset (so findings in a batch name the row the pre-scan
-    names) go beside them. Swift's DPO collator reads only the ``chosen_``/``rejected_`` keys."""
-
-    def __init__(self, encode: Any, row_index_key: str | None) -> None:
-        self.encode = encode.encode if isinstance(encode, EncodeWithRowFacts) else encode
-        self.row_index_key = row_index_key
-
-    def __call__(self, row: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        facts = {IMAGE_COUNT_KEY: len(row.get("images") or ())}
-        if self.row_index_key is not None and self.row_index_key in row:
-            row = dict(row)
-            facts[self.row_index_key] = row.pop(self.row_index_key)
-        return {**self.encode(row, **kwargs), **facts}
 
 
 def _encode_finding(code: str, row: dict[str, Any], position: int, error: Exception) -> Finding:
