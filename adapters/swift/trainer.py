@@ -108,7 +108,7 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
             model,
             without_text_positions,
             train_eval,
-            # Swift's logits/* are the mean over response tokens of each token's mean logit, over ranks.
+            # Swift's logits/* average, over response tokens and ranks, the mean logit that predicts each token.
             logit_means=lambda step: [
                 gather(value).mean().item()
                 for value in response_logit_means(

@@ -250,6 +250,13 @@ def test_log_probs_and_logit_means_per_collated_row_from_packed_logits():
         response_logit_means(collated_logits, labels, unpacked, 2),
     ):
         torch.testing.assert_close(mine, theirs)
+    # ms-swift's own formula: labels rolled one left, each masked position's mean logit, pooled over the side.
+    rolled = torch.roll(labels, shifts=-1, dims=1)
+    means = collated_logits.mean(-1)
+    swift_chosen = means[:2][rolled[:2] != IGNORE_INDEX].mean()
+    swift_rejected = means[2:][rolled[2:] != IGNORE_INDEX].mean()
+    torch.testing.assert_close(torch.stack(response_logit_means(collated_logits, labels, unpacked, 2)),
+                               torch.stack([swift_chosen, swift_rejected]))
     # Row means cover each row's own tokens; padding is left out.
     chosen, rejected = row_logit_means(packed_logits, prepared, 2)
     chosen_rows = collated_logits[:2][attention_mask[:2].bool()]

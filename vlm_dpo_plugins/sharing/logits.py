@@ -50,10 +50,11 @@ def row_logit_means(logits: torch.Tensor, prepared: PreparedBatch, pairs: int) -
 def response_logit_means(
     logits: torch.Tensor, labels: torch.Tensor, prepared: PreparedBatch, pairs: int, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over each side's response tokens of the token's mean logit, at the tokens' own positions (ms-swift)."""
-    mean_logits = logits.detach().float().mean(-1)
-    response = labels != ignore_index
+    """Mean over each side's response tokens of the mean logit that predicts the token (ms-swift's ``logits/*``:
+    it shifts the labels left, so a response token's logits are those of the position before it)."""
+    mean_logits = logits.detach().float().mean(-1)[:, :-1]
+    response = (labels != ignore_index)[:, 1:]
     if prepared.packed is None:
         return mean_logits[:pairs][response[:pairs]].mean(), mean_logits[pairs:][response[pairs:]].mean()
-    side = prepared.packed.side
+    side = prepared.packed.side[:, 1:]
     return tuple(mean_logits[response & (side == wanted)].mean() for wanted in (CHOSEN, REJECTED))

@@ -33,6 +33,14 @@ def plugin_run(tmp_path, swift_dpo, model, plugin_file, name, config=None, optio
     return run
 
 
+def assert_logits_as_swift_logs_them(ours, swift_alone):
+    """``logits/*`` of the plugins' loss are swift's (the mean logit that predicts each response token): compared
+    at the first step, where the weights are the same; swift logs four significant digits."""
+    mine, theirs = ours.logged_steps()[0], swift_alone.logged_steps()[0]
+    for key in ("logits/chosen", "logits/rejected"):
+        assert mine[key] == pytest.approx(theirs[key], rel=2e-3, abs=2e-7), (key, mine, theirs)
+
+
 @pytest.mark.model_support("ms-swift", "stock")
 @pytest.mark.model_support("ms-swift", "freeze")
 @pytest.mark.model_support("ms-swift", "sharing")
@@ -86,6 +94,7 @@ def test_a_family_trains_packed_like_swift_alone(tmp_path, request, swift_dpo, f
         assert mine["collation/warned_rows"] == mine["collation/skipped_rows"] == 0, mine
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
             assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
+    assert_logits_as_swift_logs_them(packed, stock)
 
     before = live_weights(packed.model_dir)
     after = live_weights(packed.output_dir / "checkpoint-3")
@@ -193,6 +202,7 @@ def test_a_video_per_prompt_trains_as_swift_alone_and_packs_like_two_rows(
     for mine, theirs in zip(unshared.logged_steps(), stock.logged_steps(), strict=True):
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
             assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
+    assert_logits_as_swift_logs_them(unshared, stock)
     for mine, theirs in zip(shared.logged_steps(), unshared.logged_steps(), strict=True):
         assert mine["collation/warned_rows"] == mine["collation/skipped_rows"] == 0, mine
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
