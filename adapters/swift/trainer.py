@@ -156,7 +156,8 @@ class SwiftRows(TrainingRows):
 
     def kept(self, skipped: list[int]) -> Any:
         # Rebuilt even when nothing was left out: the rows then carry their position into every batch.
-        return self.select([row for row in range(len(self.dataset)) if row not in set(skipped)])
+        dropped = set(skipped)
+        return self.select([row for row in range(len(self.dataset)) if row not in dropped])
 
     def select(self, positions: list[int]) -> Any:
         from swift.dataset import LazyLLMDataset
@@ -164,6 +165,10 @@ class SwiftRows(TrainingRows):
         lazy = self.dataset
         rows = lazy.dataset.select(positions)
         if self.row_index_key is not None:
+            # Swift 4.6 drops columns it does not know when it loads rows; should one of this name survive, the
+            # positions replace it (the pre-scan named rows by position too) rather than add_column failing.
+            if self.row_index_key in rows.column_names:
+                rows = rows.remove_columns(self.row_index_key)
             rows = rows.add_column(self.row_index_key, positions)
         return LazyLLMDataset(
             rows,

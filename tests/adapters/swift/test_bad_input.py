@@ -112,6 +112,7 @@ def test_the_token_checks_read_swifts_processor_a_bos_inside_a_response_is_named
     # The pre-scan and the batch that trains the row each report it, under one position in swift's dataset.
     flagged = {(record["check"], record["row"], record["field"]) for record in report}
     assert len(report) == 2 and len(flagged) == 1, (report, run.tail())
-    ((check, _, field),) = flagged
+    ((check, row, field),) = flagged
     assert (check, field) == ("special-token-misplaced", "chosen") and "in the response" in report[0]["message"]
+    assert row in range(4), report  # a position in swift's dataset
     assert "special-token-misplaced" in output, run.tail()
