@@ -51,10 +51,11 @@ class TrainingRows:
 
     def kept(self, skipped: list[int]) -> Any:
         """The training set without the positions in ``skipped``."""
-        if not skipped:
-            return self.dataset
+        return self.select(self.positions_kept(skipped)) if skipped else self.dataset
+
+    def positions_kept(self, skipped: list[int]) -> list[int]:
         dropped = set(skipped)
-        return self.select([row for row in range(len(self.dataset)) if row not in dropped])
+        return [row for row in range(len(self.dataset)) if row not in dropped]
 
 
 class RowFactsEncoder:

@@ -156,8 +156,7 @@ class SwiftRows(TrainingRows):
 
     def kept(self, skipped: list[int]) -> Any:
         # Rebuilt even when nothing was left out: the rows then carry their position into every batch.
-        dropped = set(skipped)
-        return self.select([row for row in range(len(self.dataset)) if row not in dropped])
+        return self.select(self.positions_kept(skipped))
 
     def select(self, positions: list[int]) -> Any:
         from swift.dataset import LazyLLMDataset

@@ -18,19 +18,49 @@ PACKED_LINE = "vlm-dpo: sharing.prompt: each pair runs as one row [prompt, chose
 UNSHARED = {"prompt": False, "vision_features": False}
 
 
-def plugin_run(tmp_path, swift_dpo, model, plugin_file, name, config=None, options=(), model_dir=None):
-    extra_env = {}
+SGD = ("--optim", "sgd", "--learning_rate", "0.1")
+"""Plain SGD for the comparisons: AdamW would scale fp32 rounding in a near-zero gradient up to a full step."""
+COMPARED = ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected")
+
+
+def plugin_run(
+    tmp_path, swift_dpo, model, plugin_file, name, config=None, options=(), model_dir=None, dataset=None, env=None
+):
+    """Three steps of ``swift rlhf``; with ``plugin_file`` the plugins (``config`` as the file VLM_DPO_CONFIG names)."""
+    extra_env = dict(env or {})
     if config is not None:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         extra_env["VLM_DPO_CONFIG"] = str(path)
     plugins = [] if plugin_file is None else ["--external_plugins", plugin_file]
     run = swift_dpo(
-        model, max_steps=3, extra_args=[*options, *plugins], env_extra=extra_env, output_name=name, model_dir=model_dir
-    )
+        model, max_steps=3, extra_args=[*options, *plugins], env_extra=extra_env, output_name=name,
+        model_dir=model_dir, dataset=dataset,
+    )  # fmt: skip
     assert run.returncode == 0, run.tail()
     assert len(run.logged_steps()) == 3, run.tail()
     return run
+
+
+def assert_same_steps(ours, theirs, keys=COMPARED, tolerance=1e-5):
+    for mine, other in zip(ours.logged_steps(), theirs.logged_steps(), strict=True):
+        for key in keys:
+            assert mine[key] == pytest.approx(other[key], abs=tolerance), (key, mine, other)
+
+
+def assert_checks_found_nothing(run):
+    for step in run.logged_steps():
+        assert step["collation/warned_rows"] == step["collation/skipped_rows"] == 0, step
+
+
+def assert_only_language_trained(model, run):
+    """Vision tower and aligner unchanged in the checkpoint, the language model trained; all three parts exist."""
+    before = live_weights(run.model_dir)
+    after = live_weights(run.output_dir / "checkpoint-3")
+    moved = {name for name in before if not before[name].equal(after[name])}
+    assert moved and all(model.part(name) == "language" for name in moved), sorted(moved)
+    assert {model.part(name) for name in before} == {"vision", "aligner", "language"}
+    return before
 
 
 def assert_logits_as_swift_logs_them(ours, swift_alone):
@@ -49,28 +79,20 @@ def test_a_family_trains_as_swift_alone_frozen_and_packed(tmp_path, request, swi
     model = request.getfixturevalue(family)
     stock = plugin_run(tmp_path, swift_dpo, model, None, "stock")
     plugged = plugin_run(tmp_path, swift_dpo, model, plugin_file, "plugged", model_dir=stock.model_dir)
-    for mine, theirs in zip(plugged.logged_steps(), stock.logged_steps(), strict=True):
-        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected"):
-            assert mine[key] == pytest.approx(theirs[key], abs=1e-6), (key, mine, theirs)
+    swift_keys = ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected")
+    assert_same_steps(plugged, stock, swift_keys, tolerance=1e-6)
 
-    before = live_weights(plugged.model_dir)
-    after = live_weights(plugged.output_dir / "checkpoint-3")
-    moved = {name for name in before if not before[name].equal(after[name])}
-    assert moved and all(model.part(name) == "language" for name in moved), sorted(moved)
-    assert {model.part(name) for name in before} == {"vision", "aligner", "language"}
+    before = assert_only_language_trained(model, plugged)
     if family == "qwen3_vl":
         assert any("deepstack_merger_list" in name for name in before), "no DeepStack merger in the tiny model"
 
-    # The plugins' loss, packed against two rows; SGD, so fp32 rounding is not scaled up to a full AdamW step.
-    sgd = ["--optim", "sgd", "--learning_rate", "0.1"]
+    # The plugins' loss, packed against two rows.
     loss = {"loss": {"type": "sigmoid"}}
-    shared = plugin_run(tmp_path, swift_dpo, model, plugin_file, "shared", loss, sgd, model_dir=stock.model_dir)
+    shared = plugin_run(tmp_path, swift_dpo, model, plugin_file, "shared", loss, SGD, model_dir=stock.model_dir)
     unshared = {**loss, "sharing": UNSHARED}
-    unshared = plugin_run(tmp_path, swift_dpo, model, plugin_file, "unshared", unshared, sgd, model_dir=stock.model_dir)
+    unshared = plugin_run(tmp_path, swift_dpo, model, plugin_file, "unshared", unshared, SGD, model_dir=stock.model_dir)
     assert PACKED_LINE in shared.stdout + shared.stderr and PACKED_LINE not in unshared.stdout + unshared.stderr
-    for mine, theirs in zip(shared.logged_steps(), unshared.logged_steps(), strict=True):
-        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
-            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
+    assert_same_steps(shared, unshared)
 
 
 @pytest.mark.model_support("ms-swift", "stock")
@@ -83,24 +105,15 @@ def test_a_family_trains_packed_like_swift_alone(tmp_path, request, swift_dpo, f
     Both on SGD, so the packed row, the plugins' sigmoid loss and swift's own loss on two rows meet within 1e-5.
     """
     model = request.getfixturevalue(family)
-    sgd = ["--optim", "sgd", "--learning_rate", "0.1"]
-    stock = plugin_run(tmp_path, swift_dpo, model, None, "stock", options=sgd)
+    stock = plugin_run(tmp_path, swift_dpo, model, None, "stock", options=SGD)
     loss = {"loss": {"type": "sigmoid"}}
-    packed = plugin_run(tmp_path, swift_dpo, model, plugin_file, "packed", loss, sgd, model_dir=stock.model_dir)
-    text = packed.stdout + packed.stderr
-    assert PACKED_LINE in text, packed.tail()
-    for mine, theirs in zip(packed.logged_steps(), stock.logged_steps(), strict=True):
-        # The checks read this family's tokens and images from swift's processor and find nothing wrong.
-        assert mine["collation/warned_rows"] == mine["collation/skipped_rows"] == 0, mine
-        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
-            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
+    packed = plugin_run(tmp_path, swift_dpo, model, plugin_file, "packed", loss, SGD, model_dir=stock.model_dir)
+    assert PACKED_LINE in packed.stdout + packed.stderr, packed.tail()
+    # The checks read this family's tokens and images from swift's processor and find nothing wrong.
+    assert_checks_found_nothing(packed)
+    assert_same_steps(packed, stock)
     assert_logits_as_swift_logs_them(packed, stock)
-
-    before = live_weights(packed.model_dir)
-    after = live_weights(packed.output_dir / "checkpoint-3")
-    moved = {name for name in before if not before[name].equal(after[name])}
-    assert moved and all(model.part(name) == "language" for name in moved), sorted(moved)
-    assert {model.part(name) for name in before} == {"vision", "aligner", "language"}
+    assert_only_language_trained(model, packed)
 
 
 @pytest.fixture
@@ -121,28 +134,19 @@ def two_image_dataset(tmp_path, swift_dataset_writer):
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "mllama", "paligemma"])
 def test_two_images_per_prompt_pack_like_two_rows(tmp_path, request, swift_dpo, family, plugin_file, two_image_dataset):
     model = request.getfixturevalue(family)
-    sgd = ["--optim", "sgd", "--learning_rate", "0.1"]
     loss = {"loss": {"type": "sigmoid"}}
     model_dir = model.build(tmp_path / "model")
 
     def train(name, config):
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        run = swift_dpo(
-            model, max_steps=3, extra_args=[*sgd, "--external_plugins", plugin_file], output_name=name,
-            env_extra={"VLM_DPO_CONFIG": str(path)}, dataset=two_image_dataset, model_dir=model_dir,
-        )  # fmt: skip
-        assert run.returncode == 0, run.tail()
-        assert len(run.logged_steps()) == 3, run.tail()
-        return run
+        return plugin_run(
+            tmp_path, swift_dpo, model, plugin_file, name, config, SGD, model_dir=model_dir, dataset=two_image_dataset
+        )
 
     shared = train("shared", loss)
     unshared = train("unshared", {**loss, "sharing": UNSHARED})
     text = shared.stdout + shared.stderr
     assert PACKED_LINE in text and "image-count-mismatch" not in text, shared.tail()
-    for mine, theirs in zip(shared.logged_steps(), unshared.logged_steps(), strict=True):
-        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
-            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
+    assert_same_steps(shared, unshared)
 
 
 @pytest.fixture
@@ -173,24 +177,14 @@ def test_a_video_per_prompt_trains_as_swift_alone_and_packs_like_two_rows(
 ):
     pytest.importorskip("decord", reason="qwen-vl-utils reads videos with decord here (the swift session has it)")
     model = request.getfixturevalue(family)
-    sgd = ["--optim", "sgd", "--learning_rate", "0.1"]
     model_dir = model.build(tmp_path / "model")
 
     def train(name, config):
-        env = dict(VIDEO_ENV)
-        plugins = []
-        if config is not None:
-            path = tmp_path / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(config))
-            env["VLM_DPO_CONFIG"] = str(path)
-            plugins = ["--external_plugins", plugin_file]
-        run = swift_dpo(
-            model, max_steps=3, extra_args=[*sgd, *plugins], output_name=name, env_extra=env,
-            dataset=video_dataset, model_dir=model_dir,
+        plugins = None if config is None else plugin_file
+        return plugin_run(
+            tmp_path, swift_dpo, model, plugins, name, config, SGD, model_dir=model_dir, dataset=video_dataset,
+            env=VIDEO_ENV,
         )  # fmt: skip
-        assert run.returncode == 0, run.tail()
-        assert len(run.logged_steps()) == 3, run.tail()
-        return run
 
     stock = train("stock", None)
     # Swift's printed example: the prompt holds a run of <|video_pad|> (id 151656) tokens.
@@ -199,11 +193,7 @@ def test_a_video_per_prompt_trains_as_swift_alone_and_packs_like_two_rows(
     unshared = train("unshared", {**loss, "sharing": UNSHARED})
     shared = train("shared", loss)
     assert PACKED_LINE in shared.stdout + shared.stderr, shared.tail()
-    for mine, theirs in zip(unshared.logged_steps(), stock.logged_steps(), strict=True):
-        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
-            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
+    assert_same_steps(unshared, stock)
     assert_logits_as_swift_logs_them(unshared, stock)
-    for mine, theirs in zip(shared.logged_steps(), unshared.logged_steps(), strict=True):
-        assert mine["collation/warned_rows"] == mine["collation/skipped_rows"] == 0, mine
-        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "rewards/rejected"):
-            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), (key, mine, theirs)
+    assert_checks_found_nothing(shared)
+    assert_same_steps(shared, unshared)
