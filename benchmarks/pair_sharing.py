@@ -59,6 +59,9 @@ from vlm_dpo_plugins.tiny.llava import build_tiny_llava  # noqa: E402
 from vlm_dpo_plugins.tiny.qwen2_vl import build_tiny_qwen2_vl  # noqa: E402
 
 ARMS = ("stock", "plugins, no sharing", "plugins, dense mask", "plugins", "plugins + precompute")
+PEER_ARM = "flash-pref"
+"""``flash_pref.FlashDPOTrainer`` (prefix sharing for text models, FlashAttention-2 varlen), a drop-in for
+``trl.DPOTrainer``: run as a peer arm by ``gpu_table.py`` where it imports beside this TRL."""
 """``plugins``: the defaults (with sdpa or flash attention: packed rows without a mask); ``plugins, dense mask``:
 ``sharing.attention: dense``, the packed rows under a 4D mask."""
 
@@ -203,6 +206,7 @@ def run_arm(arm: str, model_dir: Path, rows: list[dict], args, output_dir: str):
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=1e-5,
+        **({"optim": args.optim} if args.optim else {}),
         logging_steps=1,
         report_to="none",
         save_strategy="no",
@@ -219,10 +223,15 @@ def run_arm(arm: str, model_dir: Path, rows: list[dict], args, output_dir: str):
         train_dataset=Dataset.from_list(rows),
         processing_class=AutoProcessor.from_pretrained(model_dir),
     )
-    if arm == "stock":
+    if arm in ("stock", PEER_ARM):
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(".language_model." in f".{name}" or name.startswith("lm_head"))
-        trainer = trl.DPOTrainer(**kwargs)
+        if arm == PEER_ARM:
+            from flash_pref import FlashDPOTrainer
+
+            trainer = FlashDPOTrainer(**kwargs)
+        else:
+            trainer = trl.DPOTrainer(**kwargs)
     else:
         sharing = {
             "plugins, no sharing": {"prompt": False, "vision_features": False},
@@ -259,7 +268,7 @@ def run_arm(arm: str, model_dir: Path, rows: list[dict], args, output_dir: str):
     }
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("llava", "qwen2_vl"), default="llava")
     parser.add_argument("--device", default="cpu")
@@ -282,12 +291,24 @@ def main() -> None:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="the released model's widths, random weights")
     parser.add_argument("--preset-layers", type=int, help="with --preset: this many layers in each stack (a try run)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--optim", help="TRL's optim (default: TRL's); sgd keeps a 7B full fine-tune and its reference in 80 GB"
+    )
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
+    report(measure(args), args)
+
+
+def measure(args, arms: tuple[str, ...] = ARMS) -> dict[str, list[dict]]:
+    """Every arm ``args.repeats`` times, alternating the order, on one model folder and one set of rows."""
     if args.preset:
         args.model, args.image_size = PRESETS[args.preset][:2]
     hf_logging.set_verbosity_error()
 
-    results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    results: dict[str, list[dict]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as root:
         if args.model == "llava":
             args.image_size = args.image_size or 336
@@ -306,10 +327,10 @@ def main() -> None:
             )
         rows = preference_rows(args.batch_size * args.steps, args.response_words)
         for repeat in range(args.repeats):
-            order = ARMS if repeat % 2 == 0 else tuple(reversed(ARMS))
+            order = arms if repeat % 2 == 0 else tuple(reversed(arms))
             for arm in order:
                 results[arm].append(run_arm(arm, model_dir, rows, args, os.path.join(root, "out")))
-    report(results, args)
+    return results
 
 
 def _shape(args) -> str:
@@ -319,45 +340,67 @@ def _shape(args) -> str:
     return f"released widths{layers}, random weights"
 
 
-def report(results: dict[str, list[dict]], args) -> None:
+def summary(results: dict[str, list[dict]], args) -> list[dict]:
+    """Per arm: medians over every timed step of every run, and their ratios to stock's."""
+
     def pooled(arm: str, key: str) -> list[float]:
         return [value for run in results[arm] for value in run[key]]
 
     stock_time = statistics.median(pooled("stock", "times"))
     stock_memory = statistics.median(pooled("stock", "memory"))
+    stock_resident = statistics.median(pooled("stock", "resident"))
     stock_losses = results["stock"][0]["losses"]
-    memory_kind = "peak allocated" if args.device == "cuda" else "saved for backward"
+    steps_per_epoch = args.steps  # the data holds one epoch of steps
+    rows = []
+    for arm in results:
+        step = statistics.median(pooled(arm, "times"))
+        one_off = statistics.median(pooled(arm, "pass")) if pooled(arm, "pass") else 0.0
+        amortised = step + one_off / (args.epochs * steps_per_epoch)
+        rows.append(
+            {
+                "arm": arm,
+                "step": step,
+                "step_ratio": step / stock_time,
+                "memory": statistics.median(pooled(arm, "memory")),
+                "memory_ratio": statistics.median(pooled(arm, "memory")) / stock_memory,
+                "resident": statistics.median(pooled(arm, "resident")),
+                "resident_ratio": statistics.median(pooled(arm, "resident")) / stock_resident,
+                "one_off": one_off,
+                "amortised": amortised,
+                "amortised_ratio": amortised / stock_time,
+                "images": statistics.median(pooled(arm, "images")),
+                "tokens": statistics.median(pooled(arm, "tokens")),
+                "loss_diff": max(abs(a - b) for a, b in zip(results[arm][0]["losses"], stock_losses)),
+            }
+        )
+    return rows
+
+
+def memory_kind(args) -> str:
+    return "peak allocated" if args.device == "cuda" else "saved for backward"
+
+
+def report(results: dict[str, list[dict]], args) -> None:
     print(
         f"\n{args.preset or args.model}, {_shape(args)}, {args.image_tokens} image "
         f"tokens, batch {args.batch_size} pairs, {args.device}{' bf16' if args.bf16 else ' fp32'}, "
         f"{args.attn_implementation}, "
         f"{args.repeats} runs x {args.steps - args.warmup} timed steps per arm\n"
     )
-    stock_resident = statistics.median(pooled("stock", "resident"))
-    steps_per_epoch = args.steps  # the data holds one epoch of steps
     header = (
-        "| arm | step time (median) | × stock | memory, " + memory_kind + " | × stock | weights resident | × stock "
-        f"| one-off pass | step time with the pass over {args.epochs} epochs | × stock "
+        "| arm | step time (median) | × stock | memory, " + memory_kind(args) + " | × stock | weights resident "
+        f"| × stock | one-off pass | step time with the pass over {args.epochs} epochs | × stock "
         "| vision images / pair / step | LM tokens / pair (policy pass) | max abs loss diff vs stock |"
     )
     print(header)
     print("|" + " --- |" * 13)
-    for arm in ARMS:
-        step = statistics.median(pooled(arm, "times"))
-        memory = statistics.median(pooled(arm, "memory"))
-        resident = statistics.median(pooled(arm, "resident"))
-        one_off = statistics.median(pooled(arm, "pass")) if pooled(arm, "pass") else 0.0
-        amortised = step + one_off / (args.epochs * steps_per_epoch)
-        images = statistics.median(pooled(arm, "images"))
-        tokens = statistics.median(pooled(arm, "tokens"))
-        loss_diff = max(abs(a - b) for a, b in zip(results[arm][0]["losses"], stock_losses))
+    for row in summary(results, args):
         print(
-            f"| {arm} | {step * 1000:.0f} ms | {step / stock_time:.2f} | {memory / 2**20:.1f} MiB "
-            f"| {memory / stock_memory:.2f} | {resident / 2**20:.1f} MiB | {resident / stock_resident:.2f} "
-            f"| {one_off * 1000:.0f} ms | {amortised * 1000:.0f} ms | {amortised / stock_time:.2f} "
-            f"| {images:g} | {tokens:g} | {loss_diff:.1e} |"
+            f"| {row['arm']} | {row['step'] * 1000:.0f} ms | {row['step_ratio']:.2f} | {row['memory'] / 2**20:.1f} MiB "
+            f"| {row['memory_ratio']:.2f} | {row['resident'] / 2**20:.1f} MiB | {row['resident_ratio']:.2f} "
+            f"| {row['one_off'] * 1000:.0f} ms | {row['amortised'] * 1000:.0f} ms | {row['amortised_ratio']:.2f} "
+            f"| {row['images']:g} | {row['tokens']:g} | {row['loss_diff']:.1e} |"
         )
-
 
 if __name__ == "__main__":
     main()

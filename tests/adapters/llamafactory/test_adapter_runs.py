@@ -111,6 +111,29 @@ def test_defaults_train_like_llamafactory(tmp_path, models, dataset):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), (key, mine, theirs)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        # MPO as LLaMA-Factory ships it: sigmoid + BCO (its running reward baseline) + the SFT term. BCO is its own
+        # code, so LLaMA-Factory computes the loss and every other hook runs.
+        dict(pref_bco_weight=0.2, pref_ftx=1.0),
+        # The SFT term alone: the plugins compute the loss and add LLaMA-Factory's length-averaged term themselves.
+        dict(pref_ftx=0.5),
+    ],
+    ids=["mpo", "pref_ftx"],
+)
+def test_llamafactorys_multi_loss_options_train_as_llamafactory_alone(tmp_path, models, dataset, options):
+    ours = train(tmp_path / "ours", models, dataset, "qwen2_vl", "lora", pref_loss="sigmoid", **options)
+    stock = train(tmp_path / "stock", models, dataset, "qwen2_vl", "lora", env=DISABLED, pref_loss="sigmoid", **options)
+    assert ours.returncode == 0 and stock.returncode == 0, ours.log() + stock.log()
+    computed_by = "LLaMA-Factory's own" if "pref_bco_weight" in options else "'sigmoid'"
+    assert f"loss {computed_by}" in ours.output, ours.log()
+    assert len(ours.losses) == len(stock.losses) == 3
+    for mine, theirs in zip(ours.step_logs, stock.step_logs, strict=True):
+        for key in ("loss", "rewards/margins", "rewards/chosen", "grad_norm"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), (key, mine, theirs)
+
+
 def test_llava_full_frozen_vision_with_projector_unfrozen_later(tmp_path, models, dataset):
     section = {
         "freeze": {"unfreeze": [{"at_step": 2, "groups": ["projector"]}], "learning_rates": {"projector": 5.0e-4}}

@@ -89,6 +89,24 @@ def test_default_settings_train_exactly_as_swift_and_loading_twice_is_harmless(
     assert plugged_steps[0]["vlm_dpo/skipped_steps"] == 0 and "collation/skipped_rows" in plugged_steps[0]
 
 
+def test_swifts_loss_list_trains_as_swift_alone(tmp_path, swift_dpo, qwen2_vl, plugin_file):
+    """MPO as swift ships it (``--loss_type sigmoid bco_pair sft`` with ``--loss_weights``): swift's own loss code,
+    its running BCO baseline included, with every other hook on."""
+    mpo = ["--loss_type", "sigmoid", "bco_pair", "sft", "--loss_weights", "0.8", "0.2", "1.0"]
+    stock = swift_dpo(qwen2_vl, max_steps=3, extra_args=mpo, output_name="stock")
+    assert stock.returncode == 0, stock.tail()
+    extra, env = with_plugins(tmp_path, plugin_file)
+    plugged = swift_dpo(
+        qwen2_vl, max_steps=3, extra_args=[*mpo, *extra], env_extra=env, output_name="plugged",
+        model_dir=stock.model_dir,
+    )  # fmt: skip
+    assert plugged.returncode == 0, plugged.tail()
+    assert "loss swift's --loss_type ['sigmoid', 'bco_pair', 'sft']" in output(plugged), plugged.tail()
+    for mine, theirs in zip(steps(plugged), steps(stock), strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "logps/chosen"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-6), (key, mine, theirs)
+
+
 def test_lora_hinge_loss_from_the_config_and_adapters_on_the_language_model_only(
     tmp_path, swift_dpo, qwen2_vl, plugin_file
 ):

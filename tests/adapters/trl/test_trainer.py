@@ -343,8 +343,16 @@ def test_shared_loss_types_match_trl_own_implementation(variant, tiny_model_dirs
     )
 
 
-def test_a_trl_only_loss_type_is_left_to_trl(tiny_model_dirs, preference_rows, tmp_path):
-    options = dict(loss_type=["exo_pair"], label_smoothing=1e-3)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(loss_type=["exo_pair"], label_smoothing=1e-3),
+        # MPO as TRL ships it (InternVL's weights): sigmoid + BCO-pair (a running reward baseline) + SFT.
+        dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+    ],
+    ids=["exo_pair", "mpo"],
+)
+def test_a_trl_only_loss_type_is_left_to_trl(tiny_model_dirs, preference_rows, tmp_path, options):
     stock = make_trainer(
         tiny_model_dirs["llava"], preference_rows, tmp_path / "s", trainer_class=trl.DPOTrainer, **options
     )
