@@ -90,7 +90,11 @@ def assert_same_step(shared, unshared, tolerance=1e-5):
     for name in ("logps/chosen", "logps/rejected"):
         # Sums of ~50 token log-probs near -170: equal to fp32 rounding, relative.
         assert metrics[name] == pytest.approx(metrics_ref[name], rel=1e-6), name
-    assert metrics["rewards/accuracies"] == metrics_ref["rewards/accuracies"]
+    # Before the first update the policy is the reference: every reward is fp32 rounding (|r| within the tolerance)
+    # and its sign, which the accuracy counts, is the kernels' choice (0.0 against 0.25 for LLaVA-OneVision on an
+    # AVX-512 machine). Where the rewards are more than rounding, the accuracies must agree exactly.
+    if max(abs(metrics_ref[name]) for name in ("rewards/chosen", "rewards/rejected")) > tolerance:
+        assert metrics["rewards/accuracies"] == metrics_ref["rewards/accuracies"]
 
 
 @pytest.mark.model_support("TRL", "sharing")
