@@ -241,6 +241,37 @@ def test_with_sdpa_packed_rows_attend_without_a_dense_mask(tiny_model_dirs, unev
     assert_same_step(shared, dense)
 
 
+@pytest.mark.parametrize("model", ["llava", "qwen2_vl"])
+def test_with_flash_attention_2_packed_rows_attend_through_the_interface(
+    tiny_model_dirs, uneven_rows, tmp_path, monkeypatch, model
+):
+    """A language model configured for ``flash_attention_2`` packs as under sdpa: every decoder call is computed from
+    the layout, no dense mask is built, and the step equals two rows. flash-attn is not installed here (no CUDA):
+    the configuration is set after loading, so any call the layout did not serve would fail on its import."""
+    from transformers import AutoModelForImageTextToText
+
+    import trl_runs
+    from vlm_dpo_plugins.sharing import forward
+
+    class LoadedForFlashAttention:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            loaded = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+            loaded.config.get_text_config()._attn_implementation = "flash_attention_2"
+            return loaded
+
+    layouts = []
+    monkeypatch.setattr(forward.PairLayout, "of", record(forward.PairLayout.of, layouts))
+    monkeypatch.setattr(trl_runs, "AutoModelForImageTextToText", LoadedForFlashAttention)
+    with DenseMasks(pairs=4) as probe:
+        shared = one_step(tiny_model_dirs[model], uneven_rows, tmp_path / "on", {}, FROZEN)
+    monkeypatch.undo()
+    assert probe.found == []
+    assert [layout.dispatched for layout in layouts] == [4]
+    unshared = one_step(tiny_model_dirs[model], uneven_rows, tmp_path / "off", NO_SHARING, FROZEN)
+    assert_same_step(shared, unshared)
+
+
 def record(build, built):
     def of(*args, **kwargs):
         built.append(build(*args, **kwargs))
