@@ -59,11 +59,11 @@ from vlm_dpo_plugins.tiny.llava import build_tiny_llava  # noqa: E402
 from vlm_dpo_plugins.tiny.qwen2_vl import build_tiny_qwen2_vl  # noqa: E402
 
 ARMS = ("stock", "plugins, no sharing", "plugins, dense mask", "plugins", "plugins + precompute")
+"""``plugins``: the defaults (with sdpa or flash attention: packed rows without a mask); ``plugins, dense mask``:
+``sharing.attention: dense``, the packed rows under a 4D mask."""
 PEER_ARM = "flash-pref"
 """``flash_pref.FlashDPOTrainer`` (prefix sharing for text models, FlashAttention-2 varlen), a drop-in for
 ``trl.DPOTrainer``: run as a peer arm by ``gpu_table.py`` where it imports beside this TRL."""
-"""``plugins``: the defaults (with sdpa or flash attention: packed rows without a mask); ``plugins, dense mask``:
-``sharing.attention: dense``, the packed rows under a 4D mask."""
 
 PRESETS = {
     # Widths and depths of the released checkpoints; the vocabulary stays the tiny tokenizer's (LLaVA ~500 ids,
@@ -354,6 +354,8 @@ def summary(results: dict[str, list[dict]], args) -> list[dict]:
     rows = []
     for arm in results:
         step = statistics.median(pooled(arm, "times"))
+        memory = statistics.median(pooled(arm, "memory"))
+        resident = statistics.median(pooled(arm, "resident"))
         one_off = statistics.median(pooled(arm, "pass")) if pooled(arm, "pass") else 0.0
         amortised = step + one_off / (args.epochs * steps_per_epoch)
         rows.append(
@@ -361,10 +363,10 @@ def summary(results: dict[str, list[dict]], args) -> list[dict]:
                 "arm": arm,
                 "step": step,
                 "step_ratio": step / stock_time,
-                "memory": statistics.median(pooled(arm, "memory")),
-                "memory_ratio": statistics.median(pooled(arm, "memory")) / stock_memory,
-                "resident": statistics.median(pooled(arm, "resident")),
-                "resident_ratio": statistics.median(pooled(arm, "resident")) / stock_resident,
+                "memory": memory,
+                "memory_ratio": memory / stock_memory,
+                "resident": resident,
+                "resident_ratio": resident / stock_resident,
                 "one_off": one_off,
                 "amortised": amortised,
                 "amortised_ratio": amortised / stock_time,
@@ -401,6 +403,7 @@ def report(results: dict[str, list[dict]], args) -> None:
             f"| {row['one_off'] * 1000:.0f} ms | {row['amortised'] * 1000:.0f} ms | {row['amortised_ratio']:.2f} "
             f"| {row['images']:g} | {row['tokens']:g} | {row['loss_diff']:.1e} |"
         )
+
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,11 @@ pytest.importorskip("trl", reason="needs the TRL test environment")
 
 ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "benchmarks" / "gpu_table.py"
-BEGIN, END = "<!-- gpu table: written by benchmarks/gpu_table.py -->", "<!-- /gpu table -->"
+sys.path.insert(0, str(SCRIPT.parent))
+
+import gpu_table  # noqa: E402
+
+BEGIN, END = gpu_table.BEGIN, gpu_table.END
 
 
 @pytest.mark.parametrize("preset", ["qwen2-vl-2b", "llava-1.5-7b"])
@@ -44,9 +48,6 @@ def test_the_gpu_script_runs_on_cpu_and_writes_its_table(tmp_path, preset):
 
 
 def test_a_page_without_the_markers_is_refused_by_name(tmp_path):
-    sys.path.insert(0, str(SCRIPT.parent))
-    import gpu_table
-
     page = tmp_path / "page.md"
     page.write_text("no markers here\n")
     with pytest.raises(SystemExit, match="has no '<!-- gpu table"):
