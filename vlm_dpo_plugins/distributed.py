@@ -23,12 +23,21 @@ def rank() -> int:
 
 def max_across_ranks(values: Sequence[float], device: torch.device | str | None = None) -> list[float]:
     """The element-wise maximum of ``values`` over all ranks, in one collective."""
+    return _all_reduce(values, "MAX", device)
+
+
+def sum_across_ranks(values: Sequence[float], device: torch.device | str | None = None) -> list[float]:
+    """The element-wise sum of ``values`` over all ranks, in one collective."""
+    return _all_reduce(values, "SUM", device)
+
+
+def _all_reduce(values: Sequence[float], op: str, device: torch.device | str | None) -> list[float]:
     if not is_distributed():
         return [float(value) for value in values]
     if device is None:
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     tensor = torch.tensor([float(value) for value in values], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return tensor.tolist()
 
 

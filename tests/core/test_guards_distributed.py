@@ -52,3 +52,11 @@ def test_reentrant_checkpointing_with_a_frozen_tower_crashes_ddp_and_the_plan_do
         assert outcomes["reentrant, find_unused_parameters"].startswith("Expected to mark a variable ready only once")
         assert outcomes["plan"] == "ok"
         assert outcomes["plan keeping reentrant"] == "ok"
+
+
+def test_mpos_reward_baseline_is_the_mean_over_ranks_and_a_nan_on_one_rank_moves_it_on_none(ranks):
+    # Rank means 0.2 and 0.6: one update of weight two ranks, mean 0.4. Then rank 1's NaN: left on both.
+    # Then both 0.0: (0.4 * 2 + 0.0 * 2) / 4 = 0.2.
+    expected = [(pytest.approx(0.4), 2), (pytest.approx(0.4), 2), (pytest.approx(0.2), 4)]
+    assert ranks[0]["reward_baseline"] == ranks[1]["reward_baseline"]
+    assert ranks[0]["reward_baseline"] == expected

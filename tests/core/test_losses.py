@@ -25,14 +25,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from vlm_dpo_plugins.errors import ConfigError
+from vlm_dpo_plugins.errors import ConfigError, PluginError
 from vlm_dpo_plugins.losses.logprobs import SequenceLogps
 from vlm_dpo_plugins.losses.extra_rows import split_extras
 from vlm_dpo_plugins.losses.mdpo import CORRUPTED_CHOSEN, CORRUPTED_IMAGE_ROWS, REF_CORRUPTED_CHOSEN
-from vlm_dpo_plugins.losses.registry import BUILTIN_LOSS_INPUTS, BUILTIN_LOSSES
+from vlm_dpo_plugins.losses.mpo import RewardBaseline
+from vlm_dpo_plugins.losses.registry import BUILTIN_LOSS_INPUTS, builtin_losses
 from vlm_dpo_plugins.losses.settings import BUILTIN_LOSS_TYPES, LossConfig
 from vlm_dpo_plugins.manager import create_plugin_manager
-from vlm_dpo_plugins.types import LossInputs, PreferenceLogps
+from vlm_dpo_plugins.types import LossInputs, PreferenceLogps, StepSignals
 
 INPUTS = {
     "chosen": [-12.3, -20.7],
@@ -255,6 +256,113 @@ def test_variant_terms_are_reported():
     assert compute("ipo", make_logps(torch.float32)).metrics["ipo/length_normalised"] == 0.0
 
 
+def mpo(pairs, beta=0.1, weights=(0.8, 0.2, 1.0), running_baseline=True):
+    """Per pair (loss, d sum(losses) / d c, d sum(losses) / d r) for a whole batch: MPO's baseline and its
+    generation term are batch quantities.
+
+    delta = mean of every implicit reward of the batch = 0.1 * (0.9 - 0.6 - 0.5 + 0.7) / 4 = 0.0125 (a fresh
+    baseline takes the first batch's mean); generation g = -(c0 + c1) / (nc0 + nc1) = 33 / 10 = 3.3, the same
+    for every pair, so each pair's copy adds -wg / 10 to d/dc_i: 2 pairs, -2 wg / 10 in all.
+    """
+    wp, wq, wg = weights
+    rewards = [beta * (p.c - p.rc) for p in pairs] + [beta * (p.r - p.rr) for p in pairs]
+    delta = sum(rewards) / len(rewards) if running_baseline else 0.0
+    generation = -sum(p.c for p in pairs) / sum(p.nc for p in pairs)
+    d_generation = -len(pairs) * wg / sum(p.nc for p in pairs)
+    results = []
+    for p in pairs:
+        h, chosen, rejected = (p.c - p.rc) - (p.r - p.rr), beta * (p.c - p.rc), beta * (p.r - p.rr)
+        loss = wp * softplus(-beta * h) + wq * (softplus(-(chosen - delta)) + softplus(rejected - delta))
+        loss += wg * generation
+        d_chosen = -wp * beta * sigmoid(-beta * h) - wq * beta * sigmoid(-(chosen - delta)) + d_generation
+        d_rejected = wp * beta * sigmoid(-beta * h) + wq * beta * sigmoid(rejected - delta)
+        results.append((loss, d_chosen, d_rejected))
+    return results
+
+
+MPO_CASES = {
+    "paper": ({}, {}),
+    "trl-1.x": ({"mpo_running_baseline": False}, {"running_baseline": False}),
+    "weighted": (
+        {"mpo_preference_weight": 1.0, "mpo_quality_weight": 0.5, "mpo_generation_weight": 0.0},
+        {"weights": (1.0, 0.5, 0.0)},
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(MPO_CASES))
+def test_mpo_matches_its_closed_form(case, dtype):
+    options, closed_form_options = MPO_CASES[case]
+    logps = make_logps(dtype, counts=True)
+    output = compute("mpo", logps, **options)
+    assert output.losses.dtype == torch.float32
+    output.losses.sum().backward()
+    for index, (loss, d_chosen, d_rejected) in enumerate(mpo(stored(dtype), **closed_form_options)):
+        assert float(output.losses[index].detach()) == pytest.approx(loss, rel=1e-5)
+        assert float(logps.chosen.grad[index]) == pytest.approx(d_chosen, rel=GRADIENT_REL[dtype])
+        assert float(logps.rejected.grad[index]) == pytest.approx(d_rejected, rel=GRADIENT_REL[dtype])
+    pairs = stored(dtype)  # 0.0125 and 3.3 at the nominal values (fp32); bf16 holds others
+    rewards = [0.1 * (p.c - p.rc) for p in pairs] + [0.1 * (p.r - p.rr) for p in pairs]
+    expected_delta = sum(rewards) / 4 if options.get("mpo_running_baseline", True) else 0.0
+    assert output.metrics["mpo/reward_baseline"] == pytest.approx(expected_delta, rel=1e-5, abs=1e-9)
+    assert output.metrics["mpo/generation_loss"] == pytest.approx(-(pairs[0].c + pairs[1].c) / 10, rel=1e-5)
+    assert output.metrics["rewards/chosen"] == pytest.approx(sum(rewards[:2]) / 2, rel=1e-5)
+
+
+def mpo_run(config=None):
+    """A manager whose ``mpo`` variant keeps its baseline between calls, as within one training run."""
+    manager = create_plugin_manager(load_entry_points=False)
+    config = manager.load_config({"loss": {"type": "mpo", **(config or {})}})
+
+    def step(rewards_mean, *, trains=True):
+        # One pair whose chosen and rejected rewards average to rewards_mean (beta 0.1): ratios 10 * mean each.
+        ratio = torch.tensor([10.0 * rewards_mean], requires_grad=trains)
+        zero = torch.zeros(1)
+        logps = PreferenceLogps(
+            chosen=ratio - 5.0, rejected=ratio.detach() - 7.0, ref_chosen=zero - 5.0, ref_rejected=zero - 7.0,
+            chosen_token_count=torch.tensor([4]), rejected_token_count=torch.tensor([4]),
+        )
+        return manager.hook.vlm_dpo_compute_loss(logps=logps, config=config).metrics["mpo/reward_baseline"]
+
+    return manager, step
+
+
+def test_mpos_baseline_is_the_running_mean_of_training_batches_only():
+    manager, step = mpo_run()
+    assert step(0.2) == pytest.approx(0.2)  # the first batch's mean
+    assert step(0.4) == pytest.approx(0.3)  # (0.2 + 0.4) / 2
+    assert step(5.0, trains=False) == pytest.approx(0.3)  # an evaluation batch reads it, does not move it
+    assert step(float("nan")) == pytest.approx(0.3)  # nor does a batch whose rewards are not finite
+    assert step(0.9) == pytest.approx(0.5)  # (0.2 + 0.4 + 0.9) / 3
+    assert manager.collect_states()["losses"] == {"reward_baseline": {"mean": pytest.approx(0.5), "count": 3}}
+
+
+def test_a_skipped_step_takes_back_what_its_batches_did_to_mpos_baseline():
+    manager, step = mpo_run()
+    step(0.2)
+    manager.hook.vlm_dpo_step_begin(step=1, model=torch.nn.Linear(1, 1))
+    step(1.0), step(2.0)  # two micro-batches of the step that is then skipped
+    signals = StepSignals(step=1, loss=float("nan"), grad_norm=float("nan"), learning_rate=0.1)
+    manager.hook.vlm_dpo_after_optimizer_step(signals=signals, skipped=True, reasons=["non-finite loss"])
+    assert step(0.4) == pytest.approx(0.3)
+    manager.hook.vlm_dpo_step_begin(step=2, model=torch.nn.Linear(1, 1))
+    step(0.9)
+    manager.hook.vlm_dpo_after_optimizer_step(signals=signals, skipped=False, reasons=[])
+    assert manager.collect_states()["losses"]["reward_baseline"] == {"mean": pytest.approx(0.5), "count": 3}
+
+
+def test_mpos_baseline_resumes_from_the_checkpoint_state_and_refuses_a_broken_one():
+    manager, step = mpo_run()
+    manager.hook.vlm_dpo_load_state_dict(states={"losses": {"reward_baseline": {"mean": 0.25, "count": 3}}})
+    assert step(0.65) == pytest.approx(0.35)  # (0.25 * 3 + 0.65) / 4
+    manager.hook.vlm_dpo_load_state_dict(states={"guards": {}})  # a checkpoint from before: nothing to restore
+    assert step(0.35) == pytest.approx(0.35)
+    for broken in ({"mean": float("nan"), "count": 3}, {"mean": 0.1, "count": -1}, {"mean": "0.1", "count": 1}, [1]):
+        with pytest.raises(PluginError, match=r"plugin state losses.reward_baseline is .*; expected \{'mean': a "):
+            manager.hook.vlm_dpo_load_state_dict(states={"losses": {"reward_baseline": broken}})
+
+
 def test_llamafactory_hand_check_and_ln2_at_zero_margin():
     # log-ratio margin 1.5, beta 0.1: -log sigmoid(0.15) = 0.6210; hinge 1 - 0.15; IPO (1.5 - 5)^2
     def margin(value):
@@ -284,9 +392,9 @@ def test_bf16_log_probs_are_promoted_to_fp32_unless_switched_off():
 
 
 def test_registry_names_match_the_config_and_the_declared_inputs():
-    assert set(BUILTIN_LOSSES) == set(BUILTIN_LOSS_TYPES) == set(BUILTIN_LOSS_INPUTS)
+    assert set(builtin_losses(RewardBaseline())) == set(BUILTIN_LOSS_TYPES) == set(BUILTIN_LOSS_INPUTS)
     manager = create_plugin_manager(load_entry_points=False)
-    assert set(BUILTIN_LOSSES) <= set(manager.loss_functions())
+    assert set(BUILTIN_LOSS_TYPES) <= set(manager.loss_functions())
     assert manager.hook.vlm_dpo_loss_inputs(loss_type="simpo") == LossInputs(reference=False, token_counts=True)
     assert manager.hook.vlm_dpo_loss_inputs(loss_type="mdpo").extras == (CORRUPTED_CHOSEN, REF_CORRUPTED_CHOSEN)
     assert manager.hook.vlm_dpo_loss_inputs(loss_type="someone-elses") is None
@@ -294,7 +402,7 @@ def test_registry_names_match_the_config_and_the_declared_inputs():
 
 OPTIONS = {name: CASES[case][1] for case, name in
            [("sigmoid", "sigmoid"), ("hinge", "hinge"), ("ipo-counts", "ipo"), ("robust", "robust"),
-            ("simpo", "simpo"), ("rpo", "rpo"), ("mdpo-paper", "mdpo")]}
+            ("simpo", "simpo"), ("rpo", "rpo"), ("mdpo-paper", "mdpo")]} | {"mpo": {}}
 
 
 @pytest.mark.parametrize("loss_type", BUILTIN_LOSS_TYPES)
@@ -373,6 +481,12 @@ def test_unknown_loss_type_fails_when_the_config_is_loaded():
         ({"type": "mdpo", "mdpo_anchor_weight": -0.5}, "'loss.mdpo_anchor_weight' is -0.5; expected a weight >= 0"),
         ({"type": "mdpo", "mdpo_anchor_delta": float("nan")}, "'loss.mdpo_anchor_delta' is nan; expected a finite"),
         ({"type": "robust"}, "'loss.label_smoothing' is 0.0; expected the assumed label-flip rate in (0, 0.5)"),
+        ({"type": "mpo", "mpo_quality_weight": -0.2}, "'loss.mpo_quality_weight' is -0.2; expected a finite weight >= 0"),
+        (
+            {"type": "mpo", "mpo_preference_weight": 0, "mpo_quality_weight": 0, "mpo_generation_weight": 0},
+            "'loss.mpo_preference_weight' is 0.0; expected a weight > 0 for one of the three MPO terms at least",
+        ),
+        ({"type": "sigmoid", "mpo_running_baseline": False}, "'sigmoid' does not read it; it applies to 'mpo'"),
         (
             {"type": "sigmoid", "rpo_alpha": 0.5},
             (

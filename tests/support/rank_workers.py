@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -34,10 +35,23 @@ def guards_on_two_ranks(rank: int, world_size: int, port: int, results) -> None:
             "votes": (any_rank(rank == 1), any_rank(False)),
             "guarded_steps": _guarded_steps_with_nan_on_rank_one(rank),
             "checkpointing": _checkpointing_under_ddp(),
+            "reward_baseline": _reward_baseline_on_two_ranks(rank),
         }
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _reward_baseline_on_two_ranks(rank: int) -> list[tuple[float, int]]:
+    """MPO's baseline fed different rewards per rank, then a NaN on rank 1 alone."""
+    from vlm_dpo_plugins.losses.mpo import RewardBaseline
+
+    baseline = RewardBaseline()
+    seen = []
+    for rewards in ([0.1, 0.3] if rank == 0 else [0.5, 0.7], [1.0] if rank == 0 else [math.nan], [0.0]):
+        baseline.update(torch.tensor(rewards))
+        seen.append((baseline.mean, baseline.count))
+    return seen
 
 
 def _guarded_steps_with_nan_on_rank_one(rank: int) -> dict:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 from vlm_dpo_plugins.losses.functions import (
     DPO_INPUTS,
     IPO_INPUTS,
@@ -15,8 +18,9 @@ from vlm_dpo_plugins.losses.functions import (
     simpo_loss,
 )
 from vlm_dpo_plugins.losses.mdpo import MDPO_INPUTS, mdpo_loss
+from vlm_dpo_plugins.losses.mpo import MPO_INPUTS, RewardBaseline, mpo_loss
 
-BUILTIN_LOSSES = {
+STATELESS_LOSSES = {
     "sigmoid": sigmoid_loss,
     "hinge": hinge_loss,
     "ipo": ipo_loss,
@@ -26,6 +30,12 @@ BUILTIN_LOSSES = {
     "mdpo": mdpo_loss,
 }
 
+
+def builtin_losses(baseline: RewardBaseline) -> dict[str, Callable]:
+    """Every built-in variant; MPO's reads and moves ``baseline``, the run's own."""
+    return {**STATELESS_LOSSES, "mpo": functools.partial(mpo_loss, baseline=baseline)}
+
+
 BUILTIN_LOSS_INPUTS = {
     "sigmoid": DPO_INPUTS,
     "hinge": DPO_INPUTS,
@@ -34,4 +44,5 @@ BUILTIN_LOSS_INPUTS = {
     "simpo": SIMPO_INPUTS,
     "rpo": RPO_INPUTS,
     "mdpo": MDPO_INPUTS,
+    "mpo": MPO_INPUTS,
 }

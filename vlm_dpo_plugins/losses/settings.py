@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from vlm_dpo_plugins.validation import require
 
-BUILTIN_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "rpo", "mdpo")
+BUILTIN_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "rpo", "mdpo", "mpo")
 
 VARIANT_KEYS = {
     "label_smoothing": ("sigmoid", "robust", "simpo", "rpo"),
@@ -17,6 +17,10 @@ VARIANT_KEYS = {
     "mdpo_conditional_weight": ("mdpo",),
     "mdpo_anchor_weight": ("mdpo",),
     "mdpo_anchor_delta": ("mdpo",),
+    "mpo_preference_weight": ("mpo",),
+    "mpo_quality_weight": ("mpo",),
+    "mpo_generation_weight": ("mpo",),
+    "mpo_running_baseline": ("mpo",),
 }
 """Keys only some built-in variants read. Setting one for a built-in variant that ignores it is an error,
 because a value a user chose and the run silently ignored is worse than a refusal. A third-party ``type``
@@ -34,6 +38,10 @@ class LossConfig:
     mdpo_conditional_weight: float = 1.0
     mdpo_anchor_weight: float = 1.0
     mdpo_anchor_delta: float = 0.0
+    mpo_preference_weight: float = 0.8
+    mpo_quality_weight: float = 0.2
+    mpo_generation_weight: float = 1.0
+    mpo_running_baseline: bool = True
 
     def __post_init__(self) -> None:
         require(self.beta > 0, "beta", self.beta, "beta > 0 (beta = 0 makes every DPO loss constant)")
@@ -43,6 +51,16 @@ class LossConfig:
         for key in ("mdpo_conditional_weight", "mdpo_anchor_weight"):
             value = getattr(self, key)
             require(value >= 0, key, value, "a weight >= 0 (0 drops the term)")
+        mpo_weights = ("mpo_preference_weight", "mpo_quality_weight", "mpo_generation_weight")
+        for key in mpo_weights:
+            value = getattr(self, key)
+            require(math.isfinite(value) and value >= 0, key, value, "a finite weight >= 0 (0 drops the term)")
+        if self.type == "mpo":
+            require(
+                any(getattr(self, key) > 0 for key in mpo_weights), "mpo_preference_weight",
+                self.mpo_preference_weight, "a weight > 0 for one of the three MPO terms at least (all three 0 make "
+                "the loss constant)",
+            )
         require(math.isfinite(self.mdpo_anchor_delta), "mdpo_anchor_delta", self.mdpo_anchor_delta, "a finite number")
         if self.type in BUILTIN_LOSS_TYPES:
             self._reject_keys_the_variant_ignores()
