@@ -348,7 +348,7 @@ def test_shared_loss_types_match_trl_own_implementation(variant, tiny_model_dirs
     "options",
     [
         dict(loss_type=["exo_pair"], label_smoothing=1e-3),
-        # MPO as TRL ships it (InternVL's weights): sigmoid + BCO-pair (a running reward baseline) + SFT.
+        # MPO as TRL ships it (InternVL's weights): sigmoid + BCO-pair (without a reward baseline in TRL 1.x) + SFT.
         dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
     ],
     ids=["exo_pair", "mpo"],
@@ -366,6 +366,52 @@ def test_a_trl_only_loss_type_is_left_to_trl(tiny_model_dirs, preference_rows, t
     assert [e["loss"] for e in training_logs(ours)] == pytest.approx(
         [e["loss"] for e in training_logs(stock)], abs=1e-5
     )
+
+
+def test_mpo_from_the_registry_trains_as_trls_mpo(tiny_model_dirs, preference_rows, tmp_path):
+    # TRL 1.x's bco_pair has no reward baseline: the registry's mpo without one is TRL's loss list, step by step.
+    stock = make_trainer(
+        tiny_model_dirs["llava"], preference_rows, tmp_path / "s", trainer_class=trl.DPOTrainer, bf16=False,
+        loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0],
+    )
+    stock.train()
+    config = EVERYTHING_TRAINS | {"loss": {"type": "mpo", "mpo_running_baseline": False}}
+    ours = make_trainer(tiny_model_dirs["llava"], preference_rows, tmp_path / "o", bf16=False, vlm_dpo_config=config)
+    ours.train()
+    assert not ours._trl_computes_loss
+    for mine, theirs in zip(training_logs(ours), training_logs(stock), strict=True):
+        for key in ("loss", "rewards/chosen", "rewards/margins", "grad_norm"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (key, mine, theirs)
+
+
+def test_mpos_reward_baseline_follows_the_trained_batches_and_resumes(tiny_model_dirs, preference_rows, tmp_path):
+    def trainer(output_dir):
+        return make_trainer(
+            tiny_model_dirs["llava"], preference_rows, output_dir, bf16=False, max_steps=4, save_strategy="steps",
+            save_steps=3, callbacks=[InjectNonFiniteGradient([1])], vlm_dpo_config={"loss": {"type": "mpo"}},
+        )
+
+    straight = trainer(tmp_path / "run")
+    straight.train()
+    logs = training_logs(straight)
+    # Step 0: policy == reference, every reward 0: 0.8 ln 2 + 0.2 * 2 ln 2 + the SFT term.
+    assert logs[0]["loss"] == pytest.approx(1.2 * math.log(2) + logs[0]["mpo/generation_loss"], rel=1e-6)
+    # The baseline a step uses: the mean of its own batch's mean reward and those of the steps taken before it;
+    # step 1 is skipped (a NaN gradient), so its batch is taken back and counts for no later step.
+    means = [(entry["rewards/chosen"] + entry["rewards/rejected"]) / 2 for entry in logs]
+    expected = [means[0], (means[0] + means[1]) / 2, (means[0] + means[2]) / 2, (means[0] + means[2] + means[3]) / 3]
+    assert [entry["vlm_dpo/skipped_steps"] for entry in logs] == [0, 1, 1, 1]
+    assert [entry["mpo/reward_baseline"] for entry in logs] == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert abs(means[2]) > 1e-4  # the baseline is not a sum of zeros
+    # Saved after three steps: steps 0 and 2 count.
+    state = read_state(tmp_path / "run" / "checkpoint-3", 0)["losses"]["reward_baseline"]
+    assert state == {"mean": pytest.approx(expected[2], rel=1e-5), "count": 2}
+
+    resumed = trainer(tmp_path / "run")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    for mine, theirs in zip(training_logs(resumed)[3:], logs[3:], strict=True):
+        for key in ("loss", "mpo/reward_baseline"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), (key, mine, theirs)
 
 
 def test_conflicting_settings_name_both_keys(tiny_model_dirs, preference_rows, tmp_path):
