@@ -232,7 +232,7 @@ def choose_loss(framework: str, loss: FrameworkLoss, config: VLMDPOConfig, loss_
             raise ConfigError(
                 f"{names.framework.format(key=loss.key)} is {loss.value!r} and "
                 f"{names.plugin.format(key='loss.type')} is {config.loss.type!r}: set the loss in one place "
-                f"({names.plugin.format(key='loss.type')} covers every built-in variant, mDPO included)"
+                f"({names.plugin.format(key='loss.type')} covers every built-in variant, mDPO and MPO included)"
             )
         if loss.own_options:
             raise ConfigError(

@@ -11,7 +11,7 @@ from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import FINDINGS_KEY
 
-PLUGIN_KEY_PREFIXES = ("vlm_dpo/", "collation/", "mdpo/")
+PLUGIN_KEY_PREFIXES = ("vlm_dpo/", "collation/", "mdpo/", "mpo/", "rpo/", "ipo/")  # the built-in loss terms
 
 
 def extend_trainer_log(trainer: Any) -> None:

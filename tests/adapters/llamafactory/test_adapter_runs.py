@@ -111,27 +111,42 @@ def test_defaults_train_like_llamafactory(tmp_path, models, dataset):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), (key, mine, theirs)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        # MPO as LLaMA-Factory ships it: sigmoid + BCO (its running reward baseline) + the SFT term. BCO is its own
-        # code, so LLaMA-Factory computes the loss and every other hook runs.
-        dict(pref_bco_weight=0.2, pref_ftx=1.0),
-        # The SFT term alone: the plugins compute the loss and add LLaMA-Factory's length-averaged term themselves.
-        dict(pref_ftx=0.5),
-    ],
-    ids=["mpo", "pref_ftx"],
-)
-def test_llamafactorys_multi_loss_options_train_as_llamafactory_alone(tmp_path, models, dataset, options):
-    ours = train(tmp_path / "ours", models, dataset, "qwen2_vl", "lora", pref_loss="sigmoid", **options)
-    stock = train(tmp_path / "stock", models, dataset, "qwen2_vl", "lora", env=DISABLED, pref_loss="sigmoid", **options)
+def test_the_sft_term_alone_trains_as_llamafactory_alone(tmp_path, models, dataset):
+    # pref_ftx without BCO: the plugins compute the loss and add LLaMA-Factory's length-averaged term themselves.
+    ours = train(tmp_path / "ours", models, dataset, "qwen2_vl", "lora", pref_loss="sigmoid", pref_ftx=0.5)
+    stock = train(tmp_path / "stock", models, dataset, "qwen2_vl", "lora", env=DISABLED, pref_loss="sigmoid", pref_ftx=0.5)
     assert ours.returncode == 0 and stock.returncode == 0, ours.log() + stock.log()
-    computed_by = "LLaMA-Factory's own" if "pref_bco_weight" in options else "'sigmoid'"
-    assert f"loss {computed_by}" in ours.output, ours.log()
+    assert "loss 'sigmoid'" in ours.output, ours.log()
     assert len(ours.losses) == len(stock.losses) == 3
     for mine, theirs in zip(ours.step_logs, stock.step_logs, strict=True):
         for key in ("loss", "rewards/margins", "rewards/chosen", "grad_norm"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), (key, mine, theirs)
+
+
+def test_llamafactorys_mpo_and_the_registrys_train_as_llamafactory_alone(tmp_path, models, dataset):
+    """MPO as LLaMA-Factory ships it: sigmoid, BCO (``pref_bco_weight`` 0.25: weights 0.8 and 0.2, a running reward
+    baseline) and the SFT term (``pref_ftx``). With the plugins, first LLaMA-Factory's own code (every other hook
+    on), then the registry's ``loss.type: mpo`` in its place; both equal LLaMA-Factory alone, step by step.
+
+    One pair per micro-batch: LLaMA-Factory's SFT term averages each chosen response over its tokens, the
+    registry's (TRL's, ms-swift's) averages the batch's chosen tokens, which is the same for one pair."""
+    batches = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2)  # pref_loss: its default, sigmoid
+    mpo = dict(pref_bco_weight=0.25, pref_ftx=1.0)
+    stock = train(tmp_path / "stock", models, dataset, "qwen2_vl", "lora", env=DISABLED, **batches, **mpo)
+    assert stock.returncode == 0, stock.log()
+    assert len(stock.losses) == 3
+    for name, options, computed_by in (
+        ("own", mpo, "LLaMA-Factory's own"),
+        ("registry", dict(vlm_dpo={"loss": {"type": "mpo"}}), "'mpo'"),
+    ):
+        ours = train(tmp_path / name, models, dataset, "qwen2_vl", "lora", **batches, **options)
+        assert ours.returncode == 0, ours.log()
+        assert f"loss {computed_by}" in ours.output, ours.log()
+        for mine, theirs in zip(ours.step_logs, stock.step_logs, strict=True):
+            for key in ("loss", "rewards/margins", "rewards/chosen", "grad_norm"):
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), (name, key, mine, theirs)
+    # The registry's terms on LLaMA-Factory's own log line too.
+    assert {"mpo/quality_loss", "mpo/reward_baseline"} <= set(ours.trainer_log[0]), ours.trainer_log[0]
 
 
 def test_llava_full_frozen_vision_with_projector_unfrozen_later(tmp_path, models, dataset):

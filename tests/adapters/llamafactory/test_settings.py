@@ -105,7 +105,7 @@ def test_loss_written_twice_differently_is_an_error(tmp_path):
         parse(tmp_path, pref_loss="sigmoid", vlm_dpo={"loss": {"type": "mdpo"}})
     assert str(error.value) == (
         "LLaMA-Factory's pref_loss is 'sigmoid' and vlm_dpo.loss.type is 'mdpo': set the loss in one place "
-        "(vlm_dpo.loss.type covers every built-in variant, mDPO included)"
+        "(vlm_dpo.loss.type covers every built-in variant, mDPO and MPO included)"
     )
 
 

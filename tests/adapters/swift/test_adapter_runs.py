@@ -89,22 +89,34 @@ def test_default_settings_train_exactly_as_swift_and_loading_twice_is_harmless(
     assert plugged_steps[0]["vlm_dpo/skipped_steps"] == 0 and "collation/skipped_rows" in plugged_steps[0]
 
 
-def test_swifts_loss_list_trains_as_swift_alone(tmp_path, swift_dpo, qwen2_vl, plugin_file):
-    """MPO as swift ships it (``--loss_type sigmoid bco_pair sft`` with ``--loss_weights``): swift's own loss code,
-    its running BCO baseline included, with every other hook on."""
+def test_swifts_mpo_and_the_registrys_train_as_swift_alone(tmp_path, swift_dpo, qwen2_vl, plugin_file):
+    """MPO as swift ships it (``--loss_type sigmoid bco_pair sft`` with ``--loss_weights``, a running BCO baseline):
+    with the plugins on, swift's own loss code (every other hook on), then the registry's ``loss.type: mpo`` in its
+    place, both equal to swift alone step by step."""
     mpo = ["--loss_type", "sigmoid", "bco_pair", "sft", "--loss_weights", "0.8", "0.2", "1.0"]
     stock = swift_dpo(qwen2_vl, max_steps=3, extra_args=mpo, output_name="stock")
     assert stock.returncode == 0, stock.tail()
-    extra, env = with_plugins(tmp_path, plugin_file)
-    plugged = swift_dpo(
-        qwen2_vl, max_steps=3, extra_args=[*mpo, *extra], env_extra=env, output_name="plugged",
-        model_dir=stock.model_dir,
-    )  # fmt: skip
-    assert plugged.returncode == 0, plugged.tail()
-    assert "loss swift's --loss_type ['sigmoid', 'bco_pair', 'sft']" in output(plugged), plugged.tail()
-    for mine, theirs in zip(steps(plugged), steps(stock), strict=True):
-        for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "logps/chosen"):
-            assert mine[key] == pytest.approx(theirs[key], abs=1e-6), (key, mine, theirs)
+    for name, swift_args, config, loss, reward_scale in (
+        ("swift", mpo, None, "swift's --loss_type ['sigmoid', 'bco_pair', 'sft']", 1.0),
+        # Swift logs the weighted sum of each term's rewards, and its sft term's are beta's log-ratios too (its
+        # zeros are overwritten): 0.8 + 0.2 + 1.0 = 2 times what TRL, LLaMA-Factory and the registry log.
+        ("registry", [], {"loss": {"type": "mpo"}}, "'mpo'", 2.0),
+    ):
+        (tmp_path / name).mkdir()
+        extra, env = with_plugins(tmp_path / name, plugin_file, config)
+        plugged = swift_dpo(
+            qwen2_vl, max_steps=3, extra_args=[*swift_args, *extra], env_extra=env, output_name=name,
+            model_dir=stock.model_dir,
+        )  # fmt: skip
+        assert plugged.returncode == 0, plugged.tail()
+        assert f"loss {loss}" in output(plugged), plugged.tail()
+        for mine, theirs in zip(steps(plugged), steps(stock), strict=True):
+            for key in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "logps/chosen"):
+                scale = reward_scale if key.startswith("rewards/") else 1.0
+                # fp32 sums in another order: the loss (~12, the SFT term) within an ulp or two; a reward is beta
+                # times the difference of two log-probs near -36, whose ulp is 4e-6: within a few of those.
+                tolerance = dict(abs=5e-6) if key.startswith("rewards/") else dict(rel=1e-6, abs=1e-6)
+                assert mine[key] * scale == pytest.approx(theirs[key], **tolerance), (name, key, mine, theirs)
 
 
 def test_lora_hinge_loss_from_the_config_and_adapters_on_the_language_model_only(
