@@ -481,7 +481,7 @@ def test_unknown_loss_type_fails_when_the_config_is_loaded():
         ({"type": "mdpo", "mdpo_anchor_weight": -0.5}, "'loss.mdpo_anchor_weight' is -0.5; expected a weight >= 0"),
         ({"type": "mdpo", "mdpo_anchor_delta": float("nan")}, "'loss.mdpo_anchor_delta' is nan; expected a finite"),
         ({"type": "robust"}, "'loss.label_smoothing' is 0.0; expected the assumed label-flip rate in (0, 0.5)"),
-        ({"type": "mpo", "mpo_quality_weight": -0.2}, "'loss.mpo_quality_weight' is -0.2; expected a finite weight >= 0"),
+        ({"type": "mpo", "mpo_quality_weight": -0.2}, "'loss.mpo_quality_weight' is -0.2; expected a finite weight"),
         (
             {"type": "mpo", "mpo_preference_weight": 0, "mpo_quality_weight": 0, "mpo_generation_weight": 0},
             "'loss.mpo_preference_weight' is 0.0; expected a weight > 0 for one of the three MPO terms at least",

@@ -114,7 +114,9 @@ def test_defaults_train_like_llamafactory(tmp_path, models, dataset):
 def test_the_sft_term_alone_trains_as_llamafactory_alone(tmp_path, models, dataset):
     # pref_ftx without BCO: the plugins compute the loss and add LLaMA-Factory's length-averaged term themselves.
     ours = train(tmp_path / "ours", models, dataset, "qwen2_vl", "lora", pref_loss="sigmoid", pref_ftx=0.5)
-    stock = train(tmp_path / "stock", models, dataset, "qwen2_vl", "lora", env=DISABLED, pref_loss="sigmoid", pref_ftx=0.5)
+    stock = train(
+        tmp_path / "stock", models, dataset, "qwen2_vl", "lora", env=DISABLED, pref_loss="sigmoid", pref_ftx=0.5
+    )
     assert ours.returncode == 0 and stock.returncode == 0, ours.log() + stock.log()
     assert "loss 'sigmoid'" in ours.output, ours.log()
     assert len(ours.losses) == len(stock.losses) == 3
