@@ -15,7 +15,9 @@ from vlm_dpo_plugins.losses.settings import LossConfig
 from vlm_dpo_plugins.markers import hookimpl
 from vlm_dpo_plugins.types import LossInputs, PluginState, StepSignals
 
-EXTRA_ROWS = {key: CORRUPTED_IMAGE_ROWS for key in (CORRUPTED_IMAGE_ROWS.policy_key, CORRUPTED_IMAGE_ROWS.reference_key)}
+EXTRA_ROWS = {
+    key: CORRUPTED_IMAGE_ROWS for key in (CORRUPTED_IMAGE_ROWS.policy_key, CORRUPTED_IMAGE_ROWS.reference_key)
+}
 
 
 class LossVariants:
