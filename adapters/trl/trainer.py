@@ -29,6 +29,7 @@ from vlm_dpo_plugins.adapters.hf_trainer.trainable import lora_targets_from_poli
 from vlm_dpo_plugins.adapters.trl.batch import collated_outputs, completion_labels, model_inputs, summed_logps
 from vlm_dpo_plugins.adapters.trl.metrics import record_token_metrics
 from vlm_dpo_plugins.adapters.trl.settings import reconcile
+from vlm_dpo_plugins.adapters.trl.sharded_head import head_unsharded
 
 from vlm_dpo_plugins.collation.cross_attention import FullLengthCrossAttention
 from vlm_dpo_plugins.collation.prefix_lm import ResponsesAsSuffix, is_prefix_lm_processor
@@ -141,7 +142,8 @@ class VLMDPOTrainer(PluginTrainerMixin, trl.DPOTrainer):
 
 def _fused_forward(model: Any, prepared: PreparedBatch, batch: dict[str, Any], **extra: Any):
     """TRL's fused LM head: per-token log-probs of the labels, mapped back to the collated rows, summed."""
-    outputs = model(**prepared.kwargs, **extra, labels=prepared.labels, fused_lm_head=True)
+    with head_unsharded(model):
+        outputs = model(**prepared.kwargs, **extra, labels=prepared.labels, fused_lm_head=True)
     outputs = collated_outputs(outputs, prepared)
     return summed_logps(outputs.log_probs, batch["completion_mask"]), outputs
 

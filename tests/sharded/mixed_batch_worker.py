@@ -4,8 +4,13 @@ Run as a plain script, one process per rank (RANK, WORLD_SIZE, MASTER_ADDR and M
 ``mixed_batch_worker.py MODEL_DIR OUTPUT_DIR stock|plugins ENGINE GROUPS``, ENGINE one of zero2, zero3, ddp, fsdp2
 (GROUPS: the freeze groups that train, comma-separated; ``language+projector@1`` also unfreezes the projector at
 step 1). Prints one ``RESULT {json}`` line: the logged losses, how often this rank encoded a stand-in image, a
-checksum of every weight after training (gathered from the shards under ZeRO-3) and, with a stage (LLaVA), of the
-projector's at each step's beginning and after training.
+checksum of every weight after training (gathered from the shards under ZeRO-3 and FSDP2) and, with a stage
+(LLaVA), of the projector's at each step's beginning and after training.
+
+Environment: ``VLM_DPO_TEST_FSDP_ON_CPU=1`` opens accelerate's FSDP gate (tests/support/fsdp_on_cpu.py), so fsdp2
+is accelerate's real FSDP2 (without it a CPU run gets DDP); ``VLM_DPO_TEST_NAN_RANK`` puts a NaN in that rank's
+gradient at step 1; ``VLM_DPO_TEST_STEPS``, ``VLM_DPO_TEST_SAVE_STEPS`` and ``VLM_DPO_TEST_RESUME_FROM`` (a
+checkpoint) set the run's length, its checkpoints and where it resumes.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ import os
 import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if os.environ.get("VLM_DPO_TEST_FSDP_ON_CPU") == "1":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "support"))
+    from fsdp_on_cpu import open_gate
+
+    open_gate()
 
 import torch  # noqa: E402
 import trl  # noqa: E402
@@ -50,13 +60,22 @@ def zero_config(engine: str) -> dict | None:
 
 class NanAtStepOne(TrainerCallback):
     """A NaN into one language weight's gradient on ``NAN_RANK`` during step 1's backward, before DeepSpeed's own
-    hooks copy it into its partitions."""
+    hooks copy it into its partitions; under FSDP2 (whose backward runs on unsharded copies of the parameters)
+    into this rank's shard of the reduced gradient, before the optimizer step."""
 
     def __init__(self) -> None:
         self.handle = None
 
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1 and int(os.environ["RANK"]) == NAN_RANK and args.fsdp:
+            local = next(
+                p.grad.to_local() for name, p in model.named_parameters()
+                if "language_model" in name and p.grad is not None and p.grad.to_local().numel()
+            )
+            local.view(-1)[0] = math.nan
+
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if state.global_step == 1 and int(os.environ["RANK"]) == NAN_RANK:
+        if state.global_step == 1 and int(os.environ["RANK"]) == NAN_RANK and not args.fsdp:
             weight = next(p for name, p in model.named_parameters() if "language_model" in name and p.requires_grad)
             self.handle = weight.register_hook(lambda grad: torch.full_like(grad, math.nan))
 
@@ -66,14 +85,18 @@ class NanAtStepOne(TrainerCallback):
             self.handle = None
 
 
-def projector_checksum(model, engine: str) -> float:
-    parameters = list(model.model.multi_modal_projector.parameters())
+def checksum(parameters: list, engine: str) -> float:
     if engine == "zero3":
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(parameters):
             return sum(float(p.detach().double().sum()) for p in parameters)
-    return sum(float(p.detach().double().sum()) for p in parameters)
+    # FSDP2's parameters are DTensors: the sum of the whole tensor, not of this rank's shard.
+    return sum(float(getattr(p, "full_tensor", p.detach)().detach().double().sum()) for p in parameters)
+
+
+def projector_checksum(model, engine: str) -> float:
+    return checksum(list(model.model.multi_modal_projector.parameters()), engine)
 
 
 class ProjectorAtStepBegin(TrainerCallback):
@@ -85,8 +108,11 @@ class ProjectorAtStepBegin(TrainerCallback):
 
 
 def mixed_rows() -> list[dict]:
-    """Even rows with an image, odd rows text-only: read in order one row per rank, odd ranks never see an image."""
+    """Even rows with an image, odd rows text-only: read in order one row per rank, odd ranks never see an image
+    (every row keeps its image with ``VLM_DPO_TEST_ALL_IMAGES=1``)."""
     rows = trl_conversational_rows(make_preference_examples(24, seed=3))
+    if os.environ.get("VLM_DPO_TEST_ALL_IMAGES") == "1":
+        return rows
     for row in rows[1::2]:
         row["images"] = []
         row["prompt"] = [{"role": "user", "content": [{"type": "text", "text": "Name a shape."}]}]
@@ -104,12 +130,13 @@ def main() -> None:
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     args = trl.DPOConfig(
         output_dir=output_dir,
-        max_steps=STEPS + 1 if NAN_RANK is not None else STEPS,
-        per_device_train_batch_size=1,
+        max_steps=int(os.environ.get("VLM_DPO_TEST_STEPS") or (STEPS + 1 if NAN_RANK is not None else STEPS)),
+        per_device_train_batch_size=int(os.environ.get("VLM_DPO_TEST_BATCH") or 1),
         learning_rate=1e-2,
         logging_steps=1,
         report_to="none",
-        save_strategy="no",
+        save_strategy="steps" if os.environ.get("VLM_DPO_TEST_SAVE_STEPS") else "no",
+        save_steps=int(os.environ.get("VLM_DPO_TEST_SAVE_STEPS") or 500),
         use_cpu=True,
         seed=0,
         disable_tqdm=True,
@@ -133,21 +160,24 @@ def main() -> None:
         processing_class=AutoProcessor.from_pretrained(model_dir),
         callbacks=[callback for callback in (watch, NanAtStepOne() if NAN_RANK is not None else None) if callback],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=os.environ.get("VLM_DPO_TEST_RESUME_FROM") or None)
     lockstep = getattr(trainer, "_vision_lockstep", None)
-    parameters = list(trainer.model.parameters())
-    if engine == "zero3":
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(parameters):
-            checksum = sum(float(p.detach().double().sum()) for p in parameters)
-    else:
-        checksum = sum(float(p.detach().double().sum()) for p in parameters)
+    inner = trainer.model.model
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     result = {
         "rank": int(os.environ["RANK"]),
-        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "losses": [entry["loss"] for entry in steps],
+        "grad_norms": [entry.get("grad_norm") for entry in steps],
+        "chosen_logps": [entry.get("logps/chosen") for entry in steps],
         "stand_in_encodes": None if lockstep is None else lockstep.stand_in_encodes,
-        "checksum": checksum,
+        "checksum": checksum(list(trainer.model.parameters()), engine),
+        "part_checksums": {  # LLaVA's parts
+            "vision": checksum(list(inner.vision_tower.parameters()), engine),
+            "projector": checksum(list(inner.multi_modal_projector.parameters()), engine),
+            "language": checksum(list(inner.language_model.parameters()), engine),
+            "head": checksum(list(trainer.model.get_output_embeddings().parameters()), engine),
+        } if hasattr(inner, "vision_tower") else None,
+        "parameter_type": type(next(trainer.model.parameters())).__name__,
         "projector_checksums": [*watch.checksums, projector_checksum(trainer.model, engine)] if watch else None,
         "wrapped_as": type(trainer.model_wrapped).__name__,
         "fsdp_enabled": trainer.is_fsdp_enabled,

@@ -18,13 +18,17 @@ class RankRun:
     output: str
 
 
-def run_ranks(script: Path, arguments: list[str], port: int, timeout: float, world_size: int = 2) -> RankRun:
-    """Every rank of ``script``, killed after ``timeout`` seconds (a hang is what some of these runs show)."""
+def run_ranks(
+    script: Path, arguments: list[str], port: int, timeout: float, world_size: int = 2, env: dict | None = None
+) -> RankRun:
+    """Every rank of ``script``, killed after ``timeout`` seconds (a hang is what some of these runs show);
+    ``env``: variables added to every rank's environment."""
     # accelerate records the engine of a run in this process's environment (ACCELERATE_USE_DEEPSPEED, ...): an
     # earlier test's would otherwise reach these ranks.
     inherited = {name: value for name, value in os.environ.items() if not name.startswith("ACCELERATE_")}
     base = dict(
-        inherited, WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"
+        inherited, WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+        **(env or {}),
     )
     ranks = [
         subprocess.Popen(
