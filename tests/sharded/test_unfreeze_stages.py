@@ -1,9 +1,9 @@
-"""Unfreeze stages under DeepSpeed ZeRO-2 and ZeRO-3 through TRL's ``train()``, two CPU ranks, against DDP.
+"""Unfreeze stages under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 through TRL's ``train()``, two CPU ranks, against DDP.
 
 ZeRO partitions the optimizer when DeepSpeed starts, so the projector's stage sits in it from step 0 at rate 0 with
 its gradients zeroed, then takes its rate and fresh AdamW state at its step (``adapters/hf_trainer/
-staged_groups.py``). DDP holds the projector and adds it to the optimizer at the stage, as one process does. Both
-routes must train the same: the projector untouched before its stage, then the same losses and weights. Rank 1's
+staged_groups.py``). DDP and FSDP2 hold the projector and add it to the optimizer at the stage, as one process
+does. Every route must train the same: the projector untouched before its stage, then the same losses and weights. Rank 1's
 batches have no image (the mixed-batch worker), so under ZeRO-3 the vision lockstep runs too.
 """
 
@@ -31,16 +31,27 @@ def model_dir(tmp_path_factory):
 
 
 def train(model_dir: Path, output_dir: Path, engine: str, port: int):
-    run = run_ranks(WORKER, [str(model_dir), str(output_dir), "plugins", engine, GROUPS], port, timeout=300)
+    # fsdp2: accelerate's real FSDP2 on these CPU ranks (tests/support/fsdp_on_cpu.py; test_fsdp2_through_trl.py).
+    env = {"VLM_DPO_TEST_FSDP_ON_CPU": "1"} if engine == "fsdp2" else None
+    run = run_ranks(WORKER, [str(model_dir), str(output_dir), "plugins", engine, GROUPS], port, timeout=300, env=env)
     assert set(run.results) == {0, 1}, run.output[-3000:]
     return run
 
 
-@pytest.mark.parametrize("engine", ["zero2", "zero3"])
-def test_an_unfreeze_stage_under_zero_trains_as_under_ddp(model_dir, engine, tmp_path, master_port):
+@pytest.fixture(scope="module")
+def ddp(model_dir, tmp_path_factory):
+    return train(model_dir, tmp_path_factory.mktemp("ddp"), "ddp", free_port())
+
+
+# FSDP2 holds the projector trainable from the start (its gradient dropped until the stage), as DDP does.
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
+def test_an_unfreeze_stage_under_zero_and_fsdp2_trains_as_under_ddp(model_dir, engine, tmp_path, master_port, ddp):
     zero = train(model_dir, tmp_path / engine, engine, master_port)
-    ddp = train(model_dir, tmp_path / "ddp", "ddp", free_port())
-    assert "vlm-dpo: step 1: unfroze" in zero.output and "staged group(s)" in zero.output, zero.output[-3000:]
+    assert "vlm-dpo: step 1: unfroze" in zero.output, zero.output[-3000:]
+    if engine == "fsdp2":
+        assert zero.results[0]["parameter_type"] == "DTensor"
+    else:
+        assert "staged group(s)" in zero.output, zero.output[-3000:]
     for rank in (0, 1):
         mine, theirs = zero.results[rank], ddp.results[rank]
         before_stage, at_stage, after = mine["projector_checksums"]
