@@ -68,6 +68,10 @@ from vlm_dpo_plugins.adapters.hf_trainer.reference_precompute import (
     release_reference,
 )
 from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun
+from vlm_dpo_plugins.adapters.hf_trainer.sharded_resume import (
+    loads_fsdp2_sharded_optimizer,
+    sharded_optimizer_read_by_name,
+)
 from vlm_dpo_plugins.adapters.hf_trainer.staged_groups import DeepSpeedStages
 from vlm_dpo_plugins.adapters.hf_trainer.trainable import TrainableState
 
@@ -562,6 +566,13 @@ class PluginTrainerMixin:
         adapter_state = {"scan_skipped_rows": self._scan_skipped_rows, "global_step": self.state.global_step}
         write_state(checkpoint_dir, self.args.process_index, collect_state(self.plugins, adapter_state))
         mark_saved(checkpoint_dir, self.args.process_index)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        reading = contextlib.nullcontext()
+        if checkpoint is not None and loads_fsdp2_sharded_optimizer(self):
+            reading = sharded_optimizer_read_by_name()  # accelerate <= 1.11 reads none of it (sharded_resume.py)
+        with reading:
+            super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

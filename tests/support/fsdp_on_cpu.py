@@ -30,3 +30,14 @@ def open_gate() -> None:
 
     init.opens_fsdp_on_cpu = True
     state.AcceleratorState.__init__ = init
+
+
+def gate_env(folder) -> dict[str, str]:
+    """Environment for a framework's CLI whose processes (torchrun's ranks too) open the gate at start-up: a
+    ``sitecustomize`` module in ``folder``, on ``PYTHONPATH`` with this module's folder."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text("from fsdp_on_cpu import open_gate\n\nopen_gate()\n")
+    return {"PYTHONPATH": f"{folder}:{Path(__file__).parent}"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -28,13 +29,16 @@ from fault_matrix import (  # noqa: E402
     assert_step_changed_nothing,
 )
 from fault_plugin import install as install_fault_plugin  # noqa: E402
+from fsdp_on_cpu import gate_env  # noqa: E402
 from llamafactory_runs import (  # noqa: E402
     TINY_MODELS,
+    LlamaFactoryRun,
     assert_projector_trains_from,
     dpo_config,
     run_llamafactory,
     write_dataset,
 )
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +134,68 @@ def test_four_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(tmp_pa
     for rank in range(4):
         state = json.loads((first.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
         assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
+
+
+FSDP2 = dict(
+    fsdp="full_shard auto_wrap",
+    # transformers 5.6 lists a CLIP text module among LLaVA's _no_split_modules, which accelerate's auto wrap
+    # cannot find in a vision-only CLIP: the layer classes are named, as a user of that release names them.
+    fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "CLIPEncoderLayer"]},
+)
+
+
+@pytest.mark.reliability("LLaMA-Factory", row="fsdp2")
+def test_fsdp2_trains_as_ddp_skips_a_one_rank_nan_on_both_and_resumes_from_its_sharded_checkpoint(
+    tmp_path, llava, dataset
+):
+    """LLaMA-Factory's own FSDP2 path (``fsdp``/``fsdp_config`` in its YAML, accelerate's ``fully_shard``, the
+    Trainer's sharded checkpoints), with accelerate's device gate opened for these CPU ranks (tests/support/
+    fsdp_on_cpu.py; docs/scaling.md). Full tuning, a NaN loss on rank 1 at step 1."""
+    fault = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=1)
+    gate = gate_env(tmp_path / "gate")
+    sharded_env = {**fault, "PYTHONPATH": os.pathsep.join([gate["PYTHONPATH"], fault["PYTHONPATH"]])}
+
+    def two_full_ranks(name: str, env: dict, **overrides) -> LlamaFactoryRun:
+        config = dpo_config(
+            TINY_MODELS["llava"], llava, dataset, tmp_path / name, "full",
+            max_steps=3, save_strategy="steps", save_steps=1, **overrides,
+        )  # fmt: skip
+        run = run_llamafactory(tmp_path / f"cli-{name}", config, env=env, nproc=2)
+        assert run.returncode == 0 and "world size: 2" in run.output, run.log()
+        return run
+
+    sharded = two_full_ranks("fsdp2", sharded_env, **FSDP2)
+    ddp = two_full_ranks("ddp", fault)
+    # accelerate's sharded checkpoint: the model and optimizer as one distributed-checkpoint folder each.
+    assert (sharded.output_dir / "checkpoint-1" / "pytorch_model_fsdp_0").is_dir(), "not an FSDP2 checkpoint"
+    assert (sharded.output_dir / "checkpoint-1" / "optimizer_0").is_dir()
+    assert not (ddp.output_dir / "checkpoint-1" / "pytorch_model_fsdp_0").exists()
+    assert_one_rank_fault_skipped_on_both(sharded.output)
+    assert sharded.losses[0] == ddp.losses[0] == pytest.approx(math.log(2)), (sharded.losses, ddp.losses)
+    # The guards' norm is over all shards; the updates are DDP's (fp32 sums over shards in another order).
+    for mine, theirs in zip(sharded.step_logs, ddp.step_logs, strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins"):
+            if not math.isnan(theirs[key]):
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (key, mine, theirs)
+    for rank in (0, 1):
+        state = json.loads((sharded.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
+        assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
+
+    # The weights at the end, from the last sharded checkpoint (with accelerate's default SHARDED_STATE_DICT the
+    # Trainer's final save writes no model: fsdp_config state_dict_type FULL_STATE_DICT does).
+    straight = sharded_checkpoint_weights(sharded.output_dir / "checkpoint-3", tmp_path / "straight.pt")
+    checkpoint = str(sharded.output_dir / "checkpoint-2")
+    resumed = two_full_ranks("fsdp2", sharded_env, **FSDP2, resume_from_checkpoint=checkpoint)
+    assert resumed.losses[-1] == pytest.approx(sharded.losses[-1], rel=1e-6), (resumed.losses, sharded.losses)
+    after = sharded_checkpoint_weights(resumed.output_dir / "checkpoint-3", tmp_path / "resumed.pt")
+    assert after.keys() == straight.keys() and any("language_model" in name for name in after)
+    for name, tensor in after.items():
+        torch.testing.assert_close(tensor, straight[name], rtol=1e-6, atol=1e-8, msg=name)
+
+
+def sharded_checkpoint_weights(checkpoint, converted) -> dict:
+    """The full tensors of a checkpoint's FSDP2 model folder (a torch distributed checkpoint)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint / "pytorch_model_fsdp_0", converted)
+    return torch.load(converted, weights_only=True)["model"]
