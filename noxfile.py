@@ -121,8 +121,9 @@ def llamafactory(session: nox.Session) -> None:
 def swift(session: nox.Session) -> None:
     """ms-swift 4.6.0 with the ranges it pins (trl<1.0, transformers<5.20)."""
     link_shared_torch(session)
-    # decord: qwen-vl-utils reads the video tests' clips with it (torchvision 0.29 has no read_video).
-    session.install("ms-swift==4.6.0", "qwen-vl-utils", "decord==0.6.0", ".[test]", *CONSTRAINTS)
+    # decord: qwen-vl-utils reads the video tests' clips with it (torchvision 0.29 has no read_video). msgspec:
+    # ms-swift 4.6's DPO trainer imports it under --fsdp without declaring it (docs/swift.md).
+    session.install("ms-swift==4.6.0", "qwen-vl-utils", "decord==0.6.0", "msgspec", ".[test]", *CONSTRAINTS)
     # ms-swift's own --deepspeed path runs on CPU too; nothing compiled at install.
     session.install("deepspeed==0.19.8", *CONSTRAINTS, env={"DS_BUILD_OPS": "0"})
     run_tests(session, "tests/adapters/swift")

@@ -80,6 +80,7 @@ from vlm_dpo_plugins.collation.file_checks import CheckedFiles
 from vlm_dpo_plugins.collation.wrapper import HookedCollator
 from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.errors import VLMDPOError
+from vlm_dpo_plugins.freeze.names import named_parameters
 from vlm_dpo_plugins.freeze.optimizer import optimizer_param_groups, unfreeze_into_optimizer
 from vlm_dpo_plugins.freeze.report import trainable_report
 from vlm_dpo_plugins.guards.deepspeed import tune_deepspeed_config
@@ -273,7 +274,7 @@ class PluginTrainerMixin:
             logger.warning("vlm-dpo: %s", warning)
         if framework_builds:
             return super().create_optimizer(model)
-        trainable = {name for name, p in self.model.named_parameters() if self._trainable.is_trained(name, p)}
+        trainable = {name for name, p in named_parameters(self.model) if self._trainable.is_trained(name, p)}
         freeze = self.vlm_dpo_config.section("freeze")
         if self.is_deepspeed_enabled and freeze is not None and freeze.unfreeze:
             stage_steps = [stage.at_step for stage in freeze.unfreeze]

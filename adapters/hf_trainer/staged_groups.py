@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from vlm_dpo_plugins.freeze.names import named_parameters
 from vlm_dpo_plugins.freeze.optimizer import optimizer_param_groups
 
 STAGE_KEY = "vlm_dpo_stage"
@@ -68,7 +69,7 @@ class GradientsZeroed:
     def __init__(self, model: torch.nn.Module, names: set[str]) -> None:
         self._handles = {
             name: parameter.register_hook(torch.zeros_like)
-            for name, parameter in model.named_parameters()
+            for name, parameter in named_parameters(model)
             if name in names
         }
 

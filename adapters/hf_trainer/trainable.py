@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vlm_dpo_plugins.freeze.apply import apply_trainable, is_adapter_parameter
+from vlm_dpo_plugins.freeze.names import named_parameters
 from vlm_dpo_plugins.guards.clipping import parameters_by_group
 from vlm_dpo_plugins.types import ParameterGroups
 
@@ -45,10 +46,10 @@ class TrainableState:
             model=model, model_type=getattr(model.config, "model_type", None)
         )
         # No plugin classifies (the freeze policy blocked): one group, so clipping and sharing still see every weight.
-        self.groups: ParameterGroups = groups or {"other": [name for name, _ in model.named_parameters()]}
+        self.groups: ParameterGroups = groups or {"other": [name for name, _ in named_parameters(model)]}
         self.framework_trainable = {
             name
-            for name, parameter in model.named_parameters()
+            for name, parameter in named_parameters(model)
             if parameter.requires_grad and (limits_every_parameter or is_adapter_parameter(name))
         }
         self._wanted: set[str] | None = None
@@ -76,7 +77,7 @@ class TrainableState:
         made_trainable = apply_trainable(self.model, wanted | self.held, self.groups)
         if previous is None:
             return made_trainable
-        return {name for name, parameter in self.model.named_parameters() if name in newly and parameter.requires_grad}
+        return {name for name, parameter in named_parameters(self.model) if name in newly and parameter.requires_grad}
 
     def policy_wants(self, step: int) -> set[str] | None:
         """The names the policy trains at ``step``, within what the framework allows."""
@@ -93,14 +94,14 @@ class TrainableState:
 
     def drop_held_gradients(self) -> None:
         if self.held:
-            for name, parameter in self.model.named_parameters():
+            for name, parameter in named_parameters(self.model):
                 if name in self.held:
                     parameter.grad = None
 
     def by_group(self) -> dict[str, list[torch.nn.Parameter]]:
         """The trainable parameters per group, as the guards clip them."""
         if self._by_group is None:
-            trained = ((n, p) for n, p in self.model.named_parameters() if n not in self.held)
+            trained = ((n, p) for n, p in named_parameters(self.model) if n not in self.held)
             self._by_group = parameters_by_group(trained, self.groups)
         return self._by_group
 

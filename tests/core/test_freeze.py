@@ -357,3 +357,25 @@ def test_a_vision_rate_is_accepted_when_a_stage_unfreezes_vision_blocks():
         {"freeze": {"learning_rates": {"vision": 1e-6}, "unfreeze": [{"at_step": 3, "vision_blocks": 2}]}}
     )
     assert config.freeze.groups_ever_trained() == {"language", "vision"}
+
+
+def test_names_inside_activation_checkpoint_wrappers_are_the_models_own():
+    # FSDP's activation checkpointing (ms-swift's --fsdp fsdp2) wraps layers in place after the groups were named:
+    # every lookup by name must still find them (it was a KeyError in the freeze report).
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from vlm_dpo_plugins.freeze.names import named_parameters, plain_name
+    from vlm_dpo_plugins.freeze.report import trainable_report
+
+    model = torch.nn.Module()
+    model.visual = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.language_model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    groups = {
+        "vision": ["visual.0.weight", "visual.0.bias"],
+        "language": ["language_model.0.weight", "language_model.0.bias"],
+    }
+    model.language_model[0] = checkpoint_wrapper(model.language_model[0])
+    assert "language_model.0._checkpoint_wrapped_module.weight" in dict(model.named_parameters())
+    assert plain_name("a._orig_mod.b._checkpoint_wrapped_module.c") == "a.b.c"
+    assert sorted(name for name, _ in named_parameters(model)) == sorted(groups["vision"] + groups["language"])
+    assert trainable_report(groups, model)["language"]["parameters"] == 9

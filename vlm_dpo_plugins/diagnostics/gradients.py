@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from vlm_dpo_plugins.freeze.classify import GROUPS, group_of
+from vlm_dpo_plugins.freeze.names import named_parameters
 from vlm_dpo_plugins.types import Finding, PluginState, Severity, StepSignals
 
 NO_GRADIENT = "no-gradient"
@@ -21,7 +22,7 @@ NON_FINITE = "non-finite"
 
 
 def trainable_groups(model: torch.nn.Module, model_type: str | None) -> set[str]:
-    return {group_of(name, model_type) for name, parameter in model.named_parameters() if parameter.requires_grad}
+    return {group_of(name, model_type) for name, parameter in named_parameters(model) if parameter.requires_grad}
 
 
 def in_model_order(groups: Iterable[str]) -> list[str]:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
+from vlm_dpo_plugins.freeze.names import named_parameters
+
 __all__ = ["apply_trainable", "is_adapter_base", "is_adapter_parameter"]
 
 ADAPTER_PREFIXES = ("lora_", "ia3_", "oft_", "boft_", "vera_", "hra_", "adaption_")
@@ -42,7 +44,7 @@ def apply_trainable(
             name for members in groups.values() if any(map(is_adapter_parameter, members)) for name in members
         }
     newly_trainable = set()
-    for name, parameter in model.named_parameters():
+    for name, parameter in named_parameters(model):
         wanted = name in trainable and not is_adapter_base(name)
         if wanted and name in through_adapters:
             wanted = is_adapter_parameter(name)

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from vlm_dpo_plugins.freeze.names import named_parameters
+
 
 def takes_weight_decay(parameter: torch.Tensor) -> bool:
     """Matrices decay; biases and norm scales (1-D) do not, as in the transformers Trainer."""
@@ -31,7 +33,7 @@ def optimizer_param_groups(
     With ``weight_decay > 0`` each group splits into a decaying and a non-decaying part; every group
     states its ``weight_decay``, so the optimizer's default never applies.
     """
-    parameters = dict(model.named_parameters())
+    parameters = dict(named_parameters(model))
     order = {name: index for index, name in enumerate(parameters)}
     param_groups = []
     for entry in optimizer_groups:
@@ -77,7 +79,7 @@ def unfreeze_into_optimizer(
     ``learning_rates[group]`` is added, and ``scheduler``, when given, is extended
     to schedule it. Only ``LambdaLR`` (every transformers scheduler) can be extended.
     """
-    parameters = dict(model.named_parameters())
+    parameters = dict(named_parameters(model))
     order = {id(parameter): index for index, parameter in enumerate(parameters.values())}
     group_of = {name: group for group, names in groups.items() for name in names}
     present = {id(parameter) for param_group in optimizer.param_groups for parameter in param_group["params"]}

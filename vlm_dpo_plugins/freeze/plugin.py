@@ -15,6 +15,7 @@ from vlm_dpo_plugins.config import VLMDPOConfig
 from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.freeze.classify import GROUPS, classify_names, last_blocks
 from vlm_dpo_plugins.freeze.lora import lora_target_modules
+from vlm_dpo_plugins.freeze.names import named_parameters
 from vlm_dpo_plugins.freeze.report import LOGGER, format_trainable_report, trainable_report
 from vlm_dpo_plugins.freeze.settings import FreezeConfig
 from vlm_dpo_plugins.markers import hookimpl
@@ -42,7 +43,7 @@ class FreezePolicy:
     @hookimpl(trylast=True)
     def vlm_dpo_classify_parameters(self, model: torch.nn.Module, model_type: str | None) -> ParameterGroups:
         model_type = model_type or getattr(getattr(model, "config", None), "model_type", None)
-        result = classify_names((name for name, _ in model.named_parameters()), model_type)
+        result = classify_names((name for name, _ in named_parameters(model)), model_type)
         if result.unmatched and (model_type, len(result.unmatched)) not in self.warned_unmatched:
             self.warned_unmatched.add((model_type, len(result.unmatched)))  # guards and adapters classify again
             shown = ", ".join(result.unmatched[:_SHOWN_UNMATCHED])

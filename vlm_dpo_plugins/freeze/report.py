@@ -7,12 +7,14 @@ from collections.abc import Mapping
 
 import torch
 
+from vlm_dpo_plugins.freeze.names import named_parameters
+
 LOGGER = logging.getLogger("vlm_dpo_plugins.freeze")
 
 
 def trainable_report(groups: Mapping[str, list[str]], model: torch.nn.Module) -> dict[str, dict[str, float]]:
     """Per group: total parameters, trainable parameters, and the trainable share of the whole model."""
-    parameters = dict(model.named_parameters())
+    parameters = dict(named_parameters(model))
     total = sum(p.numel() for p in parameters.values()) or 1
     report = {}
     for group, names in groups.items():

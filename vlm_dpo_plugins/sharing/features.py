@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from vlm_dpo_plugins.freeze.apply import is_adapter_parameter
+from vlm_dpo_plugins.freeze.names import named_parameters
 from vlm_dpo_plugins.types import ParameterGroups
 
 VISION_GROUPS = ("vision", "projector")
@@ -169,7 +170,7 @@ class ReferenceFeatureReuse:
         names = {name for group in VISION_GROUPS for name in groups.get(group, [])}
         self._policy, self._reference = policy, reference
         self._names = names
-        self._parameters = [p for name, p in policy.named_parameters() if name in names]
+        self._parameters = [p for name, p in named_parameters(policy) if name in names]
         self._adapters = any(is_adapter_parameter(name) for name in names)
         self._vision_has_trained = False
         self._same_weights: bool | None = None
@@ -189,8 +190,8 @@ class ReferenceFeatureReuse:
 
 
 def _same_weights(policy: torch.nn.Module, reference: torch.nn.Module, names: set[str]) -> bool:
-    ours = {name: p for name, p in policy.named_parameters() if name in names}
-    theirs = {_plain_name(name): p for name, p in reference.named_parameters()}
+    ours = {name: p for name, p in named_parameters(policy) if name in names}
+    theirs = {_plain_name(name): p for name, p in named_parameters(reference)}
     for name, parameter in ours.items():
         other = theirs.get(_plain_name(name))
         if other is None or hasattr(parameter, "ds_numel") or hasattr(other, "ds_numel"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -32,6 +33,7 @@ from fault_matrix import (  # noqa: E402
 )
 from fault_plugin import install as install_fault_plugin  # noqa: E402
 from framework_cli import free_port  # noqa: E402
+from fsdp_on_cpu import gate_env  # noqa: E402
 
 TWO_CPU_RANKS = ["--tuner_type", "lora", "--use_cpu", "true"]
 REENTRANT = ["--gradient_checkpointing_kwargs", '{"use_reentrant": true}']
@@ -148,4 +150,44 @@ def test_four_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(
     assert_step_changed_nothing(first.output_dir, 1)
     for rank in range(4):
         state = json.loads((first.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
+        assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
+
+
+@pytest.mark.reliability("ms-swift", row="fsdp2")
+def test_fsdp2_trains_as_ddp_skips_a_one_rank_nan_on_both_and_resumes_from_its_sharded_checkpoint(
+    tmp_path, swift_dpo, qwen2_vl, plugin_file
+):
+    """swift's own FSDP2 path (``--fsdp fsdp2``: its fsdp2.json, accelerate's ``fully_shard``, sharded
+    checkpoints), with accelerate's device gate opened for these CPU ranks (tests/support/fsdp_on_cpu.py;
+    docs/scaling.md). Full tuning of the tiny Qwen2-VL, a NaN loss on rank 1 at step 1."""
+    config = tmp_path / "vlm_dpo.yaml"
+    config.write_text(yaml.safe_dump({"loss": {"type": "sigmoid"}}))  # the plugins compute the loss: one to poison
+    fault = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=1)
+    fault["VLM_DPO_CONFIG"] = str(config)
+    gate = gate_env(tmp_path / "gate")
+    sharded_env = {**fault, "PYTHONPATH": os.pathsep.join([gate["PYTHONPATH"], fault["PYTHONPATH"]])}
+    common = ["--tuner_type", "full", "--use_cpu", "true", "--save_steps", "1", "--save_only_model", "false",
+              "--external_plugins", plugin_file]  # fmt: skip
+
+    def two_full_ranks(name, env, extra):
+        env = {"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()), **env}
+        run = swift_dpo(
+            qwen2_vl, num_rows=8, max_steps=3, extra_args=[*common, *extra], env_extra=env, output_name=name,
+            model_dir=model_dir,
+        )  # fmt: skip
+        assert run.returncode == 0 and "world_size: 2" in run.stdout + run.stderr, run.tail()
+        return run
+
+    model_dir = qwen2_vl.build(tmp_path / "model")
+    sharded = two_full_ranks("fsdp2", sharded_env, ["--fsdp", "fsdp2"])
+    ddp = two_full_ranks("ddp", fault, [])
+    checkpoint = sharded.output_dir / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir(), sorted(path.name for path in checkpoint.iterdir())
+    assert_one_rank_fault_skipped_on_both(sharded.stdout + sharded.stderr)
+    for mine, theirs in zip(sharded.logged_steps(), ddp.logged_steps(), strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins"):
+            if not math.isnan(theirs[key]):
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (key, mine, theirs)
+    for rank in (0, 1):
+        state = json.loads((checkpoint / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
         assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
