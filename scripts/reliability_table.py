@@ -39,6 +39,7 @@ ROWS = {
     "zero3": "DeepSpeed ZeRO-3 (the framework's own path, CPU), NaN gradient",
     "zero3-no-image": "DeepSpeed ZeRO-3, and ZeRO-2 with the projector trained, 2 gloo ranks, one rank's batches "
     "without an image",
+    "fsdp2": "FSDP2 (the framework's own path; accelerate's CPU gate opened), 2 gloo ranks, NaN on rank 1",
     "bad-input": "broken rows in the framework's own data format: identical, whitespace-only and empty pairs, missing, "
     "zero-byte, corrupt and huge images, wrong image counts, wrong roles, a non-UTF-8 line, prompts past max_length; "
     "a fixed corpus and hypothesis mixes",
@@ -63,6 +64,9 @@ EXPECTED = {
     ),
     "zero3-no-image": "stock fails (mismatched collectives: over NCCL, the reported hang); with the plugins it "
     "trains, losses and weights equal to the same run under DDP",
+    "fsdp2": "step skipped on both ranks; losses and gradient norms (over all shards) equal to the same run under "
+    "DDP; each rank's plugin state in the sharded checkpoint (TRL, LLaMA-Factory: a resume from it continues the run "
+    "exactly)",
     "bad-input": "every broken row stops the run before training with its row, field and fix named, or is left out "
     "and reported; rows in = rows training + rows reported skipped, none dropped by the framework unseen",
 }

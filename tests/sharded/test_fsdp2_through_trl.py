@@ -75,6 +75,7 @@ def test_a_rank_without_images_breaks_stock_trl_under_fsdp2(model_dir, tmp_path)
     assert run.timed_out or COLLECTIVE_MISMATCH in run.output, run.output[-3000:]
 
 
+@pytest.mark.reliability("TRL", row="fsdp2")
 def test_fsdp2_through_trl_trains_as_ddp_skips_a_nan_everywhere_and_resumes_from_its_sharded_checkpoint(
     model_dir, tmp_path
 ):

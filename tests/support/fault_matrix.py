@@ -135,9 +135,9 @@ def assert_resumed_exactly(resumed_dir: Path, reference_dir: Path, last_step: in
     assert states[0] == states[1] and states[0]["guards"]["skipped_steps"] == 1, states
 
 
-DISTRIBUTED_ROWS = ("one-rank-nan", "ddp-reentrant", "zero2", "zero3", "zero3-no-image")
+DISTRIBUTED_ROWS = ("one-rank-nan", "ddp-reentrant", "zero2", "zero3", "zero3-no-image", "fsdp2")
 """Two gloo ranks: a fault only one rank sees, and the DDP + LoRA + reentrant-checkpointing crash; DeepSpeed; a
-ZeRO-3 rank without images."""
+ZeRO-3 rank without images; FSDP2."""
 DDP_CRASH = "RuntimeError: Expected to mark a variable ready only once"
 
 
