@@ -7,10 +7,11 @@ another number), clipping brings the whole gradient to ``max_grad_norm``, and a 
 step on every rank (two, and four as two nodes of two) with the shards of the weights and of AdamW's state
 untouched.
 
-accelerate builds FSDP only on accelerators (with ``use_cpu`` it silently builds DDP), so no framework's FSDP2
-path runs on this machine (docs/scaling.md). The largest part that can run: torch's ``fully_shard`` over gloo on
-the tiny LLaVA, each vision layer, language layer and the projector a unit as accelerate's transformer
-auto-wrap makes them, the lockstep installed as the shared step installs it (``VisionLockstep([model])``).
+accelerate builds FSDP only on accelerators (with ``use_cpu`` it silently builds DDP, below); the frameworks' own
+FSDP2 paths run with that gate opened (test_fsdp2_through_trl.py, and the LLaMA-Factory and ms-swift suites).
+Here, below any framework, where gradients can be compared directly: torch's ``fully_shard`` over gloo on the
+tiny LLaVA, each vision layer, language layer and the projector a unit as accelerate's transformer auto-wrap
+makes them, the lockstep installed as the shared step installs it (``VisionLockstep([model])``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ COLLECTIVE_MISMATCH = "Is there a distributed collective mismatch in your code?"
 
 
 def test_on_cpu_accelerate_builds_ddp_where_trl_is_asked_for_fsdp2(model_dir, tmp_path, master_port):
-    """Why no framework's FSDP2 path is tested here: TRL, LLaMA-Factory and ms-swift all hand FSDP to
-    accelerate, which switches to FSDP only on an accelerator and otherwise wraps the model in DDP, silently."""
+    """Why the framework-level FSDP2 tests open accelerate's gate (tests/support/fsdp_on_cpu.py): TRL,
+    LLaMA-Factory and ms-swift all hand FSDP to accelerate, which switches to FSDP only on an accelerator and
+    otherwise wraps the model in DDP, silently."""
     pytest.importorskip("trl")
     arguments = [str(model_dir), str(tmp_path), "stock", "fsdp2", "language"]
     run = run_processes(TRL_WORKER, arguments, master_port, timeout=180)
