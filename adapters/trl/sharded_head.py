@@ -7,7 +7,7 @@ the ranks while the rest of the model's is: each rank's shard of the head steps 
 (on the tiny LLaVA, 57% of the head's gradient norm off the DDP and one-process gradient; stock TRL the same).
 Unsharding the head unit before the call makes its weight the unsharded parameter FSDP2 manages, and FSDP2's
 end-of-backward reduce-scatters (averages) that gradient as it does a unit whose forward ran. A pass without
-gradients (the reference) reshards it again at once.
+gradients (the reference) reshards it again at once. A frozen head (LoRA) is left to TRL: it has no gradient.
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ import torch
 @contextlib.contextmanager
 def head_unsharded(model: Any) -> Iterator[None]:
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, FSDPModule):
+    weight = getattr(head, "weight", None)
+    # A frozen head (LoRA) has no gradient to average, and one already unsharded belongs to a pass whose backward
+    # is still to come (a LoRA reference pass runs the policy's own head): both are left as they are.
+    if not isinstance(head, FSDPModule) or not isinstance(weight, DTensor) or not weight.requires_grad:
         yield
         return
     head.unshard()

@@ -10,7 +10,8 @@ checksum of every weight after training (gathered from the shards under ZeRO-3 a
 Environment: ``VLM_DPO_TEST_FSDP_ON_CPU=1`` opens accelerate's FSDP gate (tests/support/fsdp_on_cpu.py), so fsdp2
 is accelerate's real FSDP2 (without it a CPU run gets DDP); ``VLM_DPO_TEST_NAN_RANK`` puts a NaN in that rank's
 gradient at step 1; ``VLM_DPO_TEST_STEPS``, ``VLM_DPO_TEST_SAVE_STEPS`` and ``VLM_DPO_TEST_RESUME_FROM`` (a
-checkpoint) set the run's length, its checkpoints and where it resumes.
+checkpoint) set the run's length, its checkpoints and where it resumes; ``VLM_DPO_TEST_LORA=1`` trains LoRA
+adapters on the language model's q/v projections.
 """
 
 from __future__ import annotations
@@ -152,6 +153,10 @@ def main() -> None:
     plugins = {} if mode == "stock" else {"vlm_dpo_config": {"freeze": freeze}}
     watch = ProjectorAtStepBegin(engine) if stage else None  # the stage's tests run LLaVA
     trainer_class = trl.DPOTrainer if mode == "stock" else VLMDPOTrainer
+    if os.environ.get("VLM_DPO_TEST_LORA") == "1":
+        from peft import LoraConfig
+
+        plugins["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     trainer = trainer_class(
         **plugins,
         model=model,

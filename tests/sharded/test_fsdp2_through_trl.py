@@ -9,7 +9,8 @@ The tiny LLaVA, rows read in order one per rank (mixed_batch_worker.py). What it
 - a rank whose batches have no image: stock breaks, the plugins train (the vision lockstep), equal to DDP;
 - the freeze policy inside the sharded model, the guards' norm over all shards (DDP's norm), a NaN in one rank's
   shard skipped on both ranks, the plugins' state in each rank's checkpoint and a resume from the sharded
-  checkpoint that continues the run exactly.
+  checkpoint that continues the run exactly;
+- LoRA under FSDP2 trains as under DDP.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def test_stock_trl_leaves_the_lm_heads_gradient_unaveraged_and_the_adapter_avera
     one_step = {"VLM_DPO_TEST_ALL_IMAGES": "1", "VLM_DPO_TEST_STEPS": "1"}
     stock_fsdp2 = finished(train(model_dir, tmp_path / "stock-fsdp2", "stock", "fsdp2", one_step))
     stock_ddp = finished(train(model_dir, tmp_path / "stock-ddp", "stock", "ddp", one_step))
-    assert stock_fsdp2["wrapped_as"] == "FSDPLlavaForConditionalGeneration" and stock_fsdp2["parameter_type"] == "DTensor"
+    assert stock_fsdp2["wrapped_as"] == "FSDPLlavaForConditionalGeneration"
+    assert stock_fsdp2["parameter_type"] == "DTensor"
     # The same forward, bit for bit, and every weight but the head's updated alike (AdamW's first step).
     assert stock_fsdp2["chosen_logps"] == stock_ddp["chosen_logps"]
     for part in ("vision", "projector", "language"):
@@ -112,3 +114,17 @@ def test_fsdp2_through_trl_trains_as_ddp_skips_a_nan_everywhere_and_resumes_from
     # The log history before the checkpoint comes back with it; the steps after are the uninterrupted run's.
     assert resumed["losses"] == pytest.approx(sharded["losses"], rel=1e-6)
     assert resumed["checksum"] == pytest.approx(sharded["checksum"], rel=1e-9)
+
+
+def test_lora_under_fsdp2_through_trl_trains_as_under_ddp(model_dir, tmp_path):
+    # LoRA on the language model's q/v projections: the head is frozen, so TRL's own gather of it stays (nothing
+    # to average), and the reference pass (the policy's own modules with the adapters off) leaves the policy's
+    # unsharded weights alone until its backward. Rank 1's batches without images, a NaN on rank 1 at step 1.
+    run = {"VLM_DPO_TEST_LORA": "1", "VLM_DPO_TEST_NAN_RANK": "1", "VLM_DPO_TEST_STEPS": "3"}
+    sharded = finished(train(model_dir, tmp_path / "fsdp2", "plugins", "fsdp2", run))
+    ddp = finished(train(model_dir, tmp_path / "ddp", "plugins", "ddp", run))
+    assert sharded["wrapped_as"] == "FSDPPeftModel" and sharded["skipped"] == [False, True, False]
+    assert sharded["losses"] == pytest.approx(ddp["losses"], rel=1e-6)
+    taken = (0, 2)  # step 1's norm is NaN in both
+    assert [sharded["grad_norms"][i] for i in taken] == pytest.approx([ddp["grad_norms"][i] for i in taken], rel=1e-5)
+    assert sharded["checksum"] == pytest.approx(ddp["checksum"], rel=1e-9)

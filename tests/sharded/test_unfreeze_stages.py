@@ -3,8 +3,8 @@
 ZeRO partitions the optimizer when DeepSpeed starts, so the projector's stage sits in it from step 0 at rate 0 with
 its gradients zeroed, then takes its rate and fresh AdamW state at its step (``adapters/hf_trainer/
 staged_groups.py``). DDP and FSDP2 hold the projector and add it to the optimizer at the stage, as one process
-does. Every route must train the same: the projector untouched before its stage, then the same losses and weights. Rank 1's
-batches have no image (the mixed-batch worker), so under ZeRO-3 the vision lockstep runs too.
+does. Every route must train the same: the projector untouched before its stage, then the same losses and
+weights. Rank 1's batches have no image (the mixed-batch worker), so under ZeRO-3 the vision lockstep runs too.
 """
 
 from __future__ import annotations
