@@ -19,10 +19,18 @@ class RankRun:
 
 
 def run_ranks(
-    script: Path, arguments: list[str], port: int, timeout: float, world_size: int = 2, env: dict | None = None
+    script: Path,
+    arguments: list[str],
+    port: int,
+    timeout: float,
+    world_size: int = 2,
+    env: dict | None = None,
+    ranks_per_node: int | None = None,
 ) -> RankRun:
     """Every rank of ``script``, killed after ``timeout`` seconds (a hang is what some of these runs show);
-    ``env``: variables added to every rank's environment."""
+    ``env``: variables added to every rank's environment. ``ranks_per_node``: the ranks stand for nodes of that
+    many ranks each, with the variables torchrun gives a rank on a node (LOCAL_RANK counts from 0 on each node,
+    LOCAL_WORLD_SIZE, GROUP_RANK, NODE_RANK); without it every rank is on one node."""
     # accelerate records the engine of a run in this process's environment (ACCELERATE_USE_DEEPSPEED, ...): an
     # earlier test's would otherwise reach these ranks.
     inherited = {name: value for name, value in os.environ.items() if not name.startswith("ACCELERATE_")}
@@ -33,7 +41,7 @@ def run_ranks(
     ranks = [
         subprocess.Popen(
             [sys.executable, str(script), *arguments],
-            env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank)),
+            env=dict(base, RANK=str(rank), **_placement(rank, world_size, ranks_per_node)),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -59,3 +67,16 @@ def run_ranks(
             result = json.loads(lines[-1].removeprefix("RESULT "))
             results[result.pop("rank")] = result
     return RankRun(results, timed_out, "\n".join(outputs))
+
+
+def _placement(rank: int, world_size: int, ranks_per_node: int | None) -> dict[str, str]:
+    if ranks_per_node is None:
+        return {"LOCAL_RANK": str(rank)}
+    assert world_size % ranks_per_node == 0, (world_size, ranks_per_node)
+    node = str(rank // ranks_per_node)
+    return {
+        "LOCAL_RANK": str(rank % ranks_per_node),
+        "LOCAL_WORLD_SIZE": str(ranks_per_node),
+        "GROUP_RANK": node,
+        "NODE_RANK": node,
+    }
