@@ -42,7 +42,6 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -52,14 +51,12 @@ from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_choice import choose_checkpo
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_format import reload_if_keys_were_renamed, runtime_format_saves
 from vlm_dpo_plugins.adapters.hf_trainer.checkpoint_state import collect_state, read_state, write_state
 from vlm_dpo_plugins.adapters.hf_trainer.ddp_teardown import release_ddp_wrapper, tear_down_before_interpreter_exit
-from vlm_dpo_plugins.adapters.hf_trainer.logits_forward import logits_forward
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_choice import PASSED_IN, framework_builds_optimizer
 from vlm_dpo_plugins.adapters.hf_trainer.optimizer_step import GuardedOptimizerStep
 from vlm_dpo_plugins.adapters.hf_trainer.preference_step import (
     PreferenceStep,
     StepInputs,
     StepResult,
-    preference_metrics,
 )
 from vlm_dpo_plugins.adapters.hf_trainer.prescan import TrainingRows, prescan
 from vlm_dpo_plugins.adapters.hf_trainer.reference_precompute import (
@@ -94,8 +91,6 @@ from vlm_dpo_plugins.sharing.reference_cache import ReferenceAttach, take_attach
 from vlm_dpo_plugins.types import Finding, ParameterGroups, RunContext
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters")
-FINDINGS_KEY = "vlm_dpo_findings"
-"""Where a framework's own log line carries the findings of its step."""
 
 
 class PluginTrainerMixin:
@@ -154,6 +149,9 @@ class PluginTrainerMixin:
     def vlm_dpo_attach(self, *, framework_computes_loss: bool, reference_pass: bool = True) -> None:
         """Called at the end of the adapter's ``__init__``, once the framework built model, reference and collator."""
         self.vlm_dpo_findings: list[Finding] = []
+        self.vlm_dpo_loss_terms: set[str] = set()
+        """The names of the loss variant's own terms logged so far (``mdpo/anchor_loss``), for a framework whose
+        log line holds a fixed set of keys."""
         self._events_reported = 0
         context = self.vlm_dpo_context()
         self._trainable = TrainableState(
@@ -457,42 +455,6 @@ class PluginTrainerMixin:
             )
         return self.vlm_dpo_reference_model(model)
 
-    def logits_step_inputs(self, batch: dict[str, Any], ignore_index: int) -> StepInputs:
-        """A batch with ``labels`` (``ignore_index`` outside the responses) for a model that returns logits
-        (LLaMA-Factory, ms-swift)."""
-        extended = self.vlm_dpo_step.extend(batch)
-        labels = extended["labels"]
-        return StepInputs(
-            {key: value for key, value in extended.items() if key != "labels"},
-            labels,
-            labels != ignore_index,
-            extended,
-            pairs=batch["labels"].shape[0] // 2,
-            forward=lambda model, prepared, _: logits_forward(model, prepared, ignore_index),
-        )
-
-    def logits_loss(
-        self,
-        model: Any,
-        batch: dict[str, Any],
-        train_eval: str,
-        *,
-        logit_means: Callable[[StepResult], Sequence[float]],
-        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        losses: Callable[[StepResult], torch.Tensor] = lambda step: step.output.losses,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss and the metrics, under the framework's names, of a logits framework's batch.
-
-        ``logit_means``: the framework's own ``logits/chosen`` and ``logits/rejected``; ``gather``: values gathered
-        over ranks, None for this rank's (a framework that averages its logged values itself); ``losses``: the
-        per-pair losses with any term of the framework's own added.
-        """
-        step = self.vlm_dpo_run_step(model, batch)
-        metrics = preference_metrics(step.output, step.logps, gather)
-        metrics.update(zip(("logits/chosen", "logits/rejected"), logit_means(step)))
-        prefix = "eval_" if train_eval == "eval" else ""
-        return losses(step).mean(), {f"{prefix}{name}": value for name, value in metrics.items()}
-
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
         """The norm the Trainer logs, without its own pass over every gradient.
 
@@ -587,23 +549,6 @@ class PluginTrainerMixin:
         """Called by the guards before they halt training: the weights of the last step taken, kept."""
         self._save_checkpoint(self.model_wrapped, trial=None)
         return self._checkpoint_dir()
-
-
-class FindingsOnLogLine(TrainerCallback):
-    """The detectors run on each logged dict before the framework's own callbacks write it to a file.
-
-    For a framework that writes the log line inside ``on_log`` (ms-swift's ``logging.jsonl``): inserted first, so
-    the findings are on the same line.
-    """
-
-    def __init__(self, trainer: PluginTrainerMixin) -> None:
-        self.trainer = trainer
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and "loss" in logs:
-            findings = self.trainer.run_detectors(logs)
-            if findings:
-                logs[FINDINGS_KEY] = [str(finding) for finding in findings]
 
 
 class PluginLifecycle(TrainerCallback):

@@ -75,6 +75,60 @@ class RowFactsEncoder:
         return {**self.encode(row, **kwargs), **facts}
 
 
+class LazilyEncodedRows(TrainingRows):
+    """A training set whose rows are encoded when drawn, by an encoder that may reject a row (ms-swift's
+    ``LazyLLMDataset``, which then silently draws another row instead). The pre-scan encodes every row once; a row
+    the encoder rejects is a finding, left out like the others. The set is rebuilt even when nothing was left out:
+    its rows then carry their position into every batch, so a batch's findings name the row the pre-scan named.
+
+    A framework says where its raw rows and encoder are (``raw_rows``, ``encoder``), how its dataset is rebuilt
+    around rows and an encoder (``rebuilt``) and what an encoder's error means (``rejection``).
+    """
+
+    encode_kwargs: Mapping[str, Any] = {}
+
+    def raw_rows(self) -> Any:
+        raise NotImplementedError
+
+    def encoder(self) -> Any:
+        raise NotImplementedError
+
+    def rebuilt(self, rows: Any, encode: RowFactsEncoder) -> Any:
+        raise NotImplementedError
+
+    def rejection(self, row: dict[str, Any], position: int, error: Exception) -> Finding:
+        raise NotImplementedError
+
+    def examples(self) -> Iterable[Mapping[str, Any]]:
+        raw = self.raw_rows()
+        encode = RowFactsEncoder(self.encoder(), self.row_index_key)
+        for position in range(len(raw)):
+            row = raw[position]
+            try:
+                encoded = encode(row, **self.encode_kwargs)
+            except Exception as error:
+                self.read_findings.append(self.rejection(row, position, error))
+                continue
+            yield {**encoded, self.row_index_key: position}
+
+    def row_indices(self) -> list[int] | None:
+        return None
+
+    def kept(self, skipped: list[int]) -> Any:
+        return self.select(self.positions_kept(skipped))
+
+    def select(self, positions: list[int]) -> Any:
+        rows = self.raw_rows().select(positions)
+        key = self.row_index_key
+        if key is not None:
+            # A column of this name in the user's rows (should the framework keep one) is replaced by the
+            # positions the pre-scan named rows by, rather than add_column failing.
+            if key in rows.column_names:
+                rows = rows.remove_columns(key)
+            rows = rows.add_column(key, positions)
+        return self.rebuilt(rows, RowFactsEncoder(self.encoder(), key))
+
+
 def prescan(
     plugins: Any,
     config: VLMDPOConfig,

@@ -14,12 +14,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlm_dpo_plugins.adapters.hf_trainer.preference_step import loss_inputs
 from vlm_dpo_plugins.adapters.hf_trainer.settings import Reconciled
 
 from vlm_dpo_plugins.collation.file_checks import CheckedFiles
 from vlm_dpo_plugins.config import VLMDPOConfig
+from vlm_dpo_plugins.config_source import load_plugin_config
 from vlm_dpo_plugins.errors import ConfigError
 from vlm_dpo_plugins.guards.deepspeed import zero_stage
+from vlm_dpo_plugins.manager import create_plugin_manager
 from vlm_dpo_plugins.types import RunContext
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters")
@@ -41,6 +44,34 @@ class PluginRun:
     """The training files the adapter checked before its framework read them (LLaMA-Factory, ms-swift)."""
     checkpointing_kwargs: dict[str, Any] = field(default_factory=dict)
     """The ``gradient_checkpointing_kwargs`` the guards chose (empty without gradient checkpointing)."""
+
+
+@dataclass
+class RunSettings:
+    """A run's plugins and the plugin config they loaded, before the framework's arguments are reconciled with it."""
+
+    plugins: Any
+    config: VLMDPOConfig
+    written: dict[str, set[str]]
+    """The keys the plugin config wrote, by section: a written value, unlike a default, can conflict."""
+    origin: str
+
+    @classmethod
+    def load(cls, source: Any, origin: str) -> RunSettings:
+        plugins = create_plugin_manager()
+        config, written = load_plugin_config(plugins, source)
+        return cls(plugins, config, written, origin)
+
+    def reads_reference(self, loss_type: str) -> bool:
+        """Whether the loss variant reads reference log-probs (so the framework must build or keep a reference)."""
+        return loss_inputs(self.plugins, loss_type).reference
+
+    def start(
+        self, reconciled: Reconciled, training_args: Any, framework: str, version: str, **facts: bool
+    ) -> PluginRun:
+        """``start_run`` with the run's facts read from ``training_args`` (``facts``: ``run_context``'s keywords)."""
+        context = run_context(framework, version, training_args, **facts)
+        return start_run(self.plugins, reconciled, context, self.origin, training_args)
 
 
 def settings_source(section: Any = None, section_origin: str = "") -> tuple[Any, str]:

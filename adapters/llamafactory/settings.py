@@ -7,10 +7,11 @@ fixed there too (``trainer.dpo_loss``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Set
 from dataclasses import dataclass
 from typing import Any
 
+from vlm_dpo_plugins.adapters.hf_trainer.run import RunSettings
 from vlm_dpo_plugins.adapters.hf_trainer.settings import (
     FrameworkLoss,
     FrameworkSettings,
@@ -19,8 +20,6 @@ from vlm_dpo_plugins.adapters.hf_trainer.settings import (
     SharedSetting,
     positive_or_none,
 )
-
-from vlm_dpo_plugins.config import VLMDPOConfig
 
 # Same name and formula in LLaMA-Factory 0.9.5 and in the built-in registry (tests compare the values).
 SHARED_LOSS_TYPES = frozenset({"sigmoid", "hinge", "ipo", "simpo"})
@@ -69,19 +68,9 @@ LLAMAFACTORY = FrameworkSettings(
 
 
 def reconcile(
-    model_args: Any,
-    training_args: Any,
-    finetuning_args: Any,
-    config: VLMDPOConfig,
-    written: Mapping[str, Set[str]],
-    framework_written: Set[str],
-    *,
-    reads_reference: Callable[[str], bool],
+    model_args: Any, training_args: Any, finetuning_args: Any, settings: RunSettings, framework_written: Set[str]
 ) -> Reconciled:
-    """Merge LLaMA-Factory's parsed arguments (changed in place) and ``config`` (replaced) into one set.
-
-    ``reads_reference(loss_type)``: whether that loss variant reads reference log-probs (the plugin registry knows).
-    """
+    """Merge LLaMA-Factory's parsed arguments (changed in place) and the plugin config (replaced) into one set."""
     pref_loss = finetuning_args.pref_loss
     # An unwritten pref_loss is LLaMA-Factory's default, sigmoid: the registry's default too.
     loss = FrameworkLoss(
@@ -92,8 +81,10 @@ def reconcile(
         own_options=_framework_only_options(finetuning_args),
     )
     arguments = Arguments(model_args, training_args, finetuning_args)
-    reconciled = LLAMAFACTORY.reconcile(arguments, config, written, framework_written, loss, flags_on=finetuning_args)
-    _write_back(reconciled, arguments, reads_reference)
+    reconciled = LLAMAFACTORY.reconcile(
+        arguments, settings.config, settings.written, framework_written, loss, flags_on=finetuning_args
+    )
+    _write_back(reconciled, arguments, settings.reads_reference)
     return reconciled
 
 

@@ -11,11 +11,13 @@ from typing import Any
 
 import torch
 from llamafactory.extras.constants import IGNORE_INDEX
+from llamafactory.train.callbacks import LogCallback
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
-from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import PluginTrainerMixin, with_row_index
-from vlm_dpo_plugins.adapters.hf_trainer.preference_step import StepInputs, StepResult
+from vlm_dpo_plugins.adapters.hf_trainer.log_line import extend_log_writer
+from vlm_dpo_plugins.adapters.hf_trainer.logits_trainer import LogitsTrainerMixin
+from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import with_row_index
+from vlm_dpo_plugins.adapters.hf_trainer.preference_step import StepResult
 from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun
-from vlm_dpo_plugins.adapters.llamafactory.trainer_log import extend_trainer_log
 
 from vlm_dpo_plugins.sharing.logits import row_logit_means
 
@@ -23,10 +25,11 @@ OPTIMIZER_FLAGS = ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "us
 """LLaMA-Factory options that build an optimizer of their own (per-group learning rates then do not apply)."""
 
 
-class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
+class PluginDPOTrainer(LogitsTrainerMixin, CustomDPOTrainer):
     # LLaMA-Factory decided what trains (its freeze flags, LoRA targets, freeze-tuning layers), with the flags
     # written from the policy: the policy narrows that set per step, never widens it.
     framework_limits_every_parameter = True
+    vlm_dpo_ignore_index = IGNORE_INDEX
 
     def __init__(self, *args: Any, vlm_dpo_run: PluginRun, **kwargs: Any) -> None:
         self.vlm_dpo_bind(vlm_dpo_run)
@@ -37,7 +40,7 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
         )
         super().__init__(*args, **kwargs)
         self.vlm_dpo_attach(framework_computes_loss=vlm_dpo_run.framework_computes_loss)
-        extend_trainer_log(self)
+        extend_log_writer(self, LogCallback, "_write_log")  # its trainer_log.jsonl line
         loss = "LLaMA-Factory's own" if vlm_dpo_run.framework_computes_loss else repr(self.vlm_dpo_config.loss.type)
         self.announce("LLaMA-Factory", vlm_dpo_run.origin, loss)
 
@@ -61,21 +64,13 @@ class PluginDPOTrainer(PluginTrainerMixin, CustomDPOTrainer):
         """TRL's ``dpo_loss`` with LLaMA-Factory's ``pref_loss``, which its ``compute_preference_loss`` omits."""
         return super().dpo_loss(*args, loss_type=loss_type or self.loss_type, **kwargs)
 
-    def get_batch_loss_metrics(self, model: Any, batch: dict[str, Any], train_eval: str = "train"):
-        if self._vlm_dpo_run.framework_computes_loss:
-            return super().get_batch_loss_metrics(model, batch, train_eval)
-        return self.logits_loss(model, batch, train_eval, logit_means=_row_logit_means, losses=self._with_sft_term)
+    def vlm_dpo_logit_means(self, step: StepResult) -> list[float]:
+        return [value.item() for value in row_logit_means(step.outputs, step.prepared, step.pairs)]
 
-    def vlm_dpo_step_inputs(self, batch: dict[str, Any]) -> StepInputs:
-        return self.logits_step_inputs(batch, IGNORE_INDEX)
-
-    def _with_sft_term(self, step: StepResult) -> torch.Tensor:
+    def vlm_dpo_losses(self, step: StepResult) -> torch.Tensor:
         """LLaMA-Factory's ``pref_ftx``: an SFT term on the chosen responses, length-averaged."""
         if self.ftx_gamma <= 1e-6:
             return step.output.losses
         logps = step.logps
         return step.output.losses + self.ftx_gamma * -(logps.chosen / logps.chosen_token_count.clamp(min=1))
 
-
-def _row_logit_means(step: StepResult) -> list[float]:
-    return [value.item() for value in row_logit_means(step.outputs, step.prepared, step.pairs)]

@@ -12,15 +12,13 @@ from contextlib import nullcontext
 from typing import Any
 
 from vlm_dpo_plugins.adapters.hf_trainer.activation import patched
-from vlm_dpo_plugins.adapters.hf_trainer.preference_step import loss_inputs
-from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun, run_context, start_run
-from vlm_dpo_plugins.adapters.llamafactory.config_section import ParsedSection, latest
+from vlm_dpo_plugins.adapters.hf_trainer.config_section import ParsedSection
+from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun, RunSettings
+from vlm_dpo_plugins.adapters.llamafactory.config_section import SECTION
 from vlm_dpo_plugins.adapters.llamafactory.data_checks import checked_loading
 from vlm_dpo_plugins.adapters.llamafactory.settings import reconcile
 
 from vlm_dpo_plugins.collation.wrapper import collation_report
-from vlm_dpo_plugins.config_source import load_plugin_config
-from vlm_dpo_plugins.manager import create_plugin_manager
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters.llamafactory")
 
@@ -31,7 +29,7 @@ def plugin_run_dpo(stock_run_dpo: Any) -> Any:
         if getattr(finetuning_args, "use_mca", False):
             logger.warning("vlm-dpo: use_mca trains with Megatron-Core, which the adapter does not hook; it stays off")
             return stock_run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
-        run = prepare_run(latest(), model_args, training_args, finetuning_args)
+        run = prepare_run(SECTION.latest, model_args, training_args, finetuning_args)
         from llamafactory.train.dpo import trainer as trainer_module
         from vlm_dpo_plugins.adapters.llamafactory.trainer import PluginDPOTrainer
 
@@ -50,26 +48,16 @@ def plugin_run_dpo(stock_run_dpo: Any) -> Any:
 def prepare_run(section: ParsedSection, model_args: Any, training_args: Any, finetuning_args: Any) -> PluginRun:
     import llamafactory
 
-    plugins = create_plugin_manager()
-    config, written = load_plugin_config(plugins, section.source)
-
-    reconciled = reconcile(
-        model_args,
+    settings = RunSettings.load(section.source, section.origin)
+    reconciled = reconcile(model_args, training_args, finetuning_args, settings, section.written)
+    run = settings.start(
+        reconciled,
         training_args,
-        finetuning_args,
-        config,
-        written,
-        section.written,
-        reads_reference=lambda loss_type: loss_inputs(plugins, loss_type).reference,
-    )
-    context = run_context(
         "llamafactory",
         llamafactory.__version__,
-        training_args,
         uses_peft=finetuning_args.finetuning_type in ("lora", "oft"),
         gradient_checkpointing=not model_args.disable_gradient_checkpointing,
     )
-    run = start_run(plugins, reconciled, context, section.origin, training_args)
     # LLaMA-Factory enables checkpointing itself in ``load_model``, reentrant unless told otherwise.
     if "use_reentrant" in run.checkpointing_kwargs:
         model_args.use_reentrant_gc = bool(run.checkpointing_kwargs["use_reentrant"])

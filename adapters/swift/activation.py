@@ -1,9 +1,7 @@
 """Wires the adapter into ms-swift when ``--external_plugins`` executes the plugin file (docs/swift.md).
 
-Places swift reads after the plugin file ran: ``TRAINER_MAPPING['dpo']`` (the trainer),
-``_prepare_model_tokenizer`` (settings checked to agree before any model or data loads), ``_get_dataset`` (files
-checked before swift reads them) and ``prepare_model`` (settings reconciled before LoRA or the full-tuning freeze
-are applied from swift's arguments).
+Places swift reads after the plugin file ran: ``TRAINER_MAPPING['dpo']`` (the trainer), and three steps of
+``SwiftRLHF``, each commented where it is wrapped.
 """
 
 from __future__ import annotations
@@ -40,39 +38,34 @@ def activate() -> bool:
         )
         return False
     mapping["dpo"] = TRAINER_PATH
-    wrap_once(SwiftRLHF, "prepare_model", _prepare_model, unwrap=lambda held: held.__func__)
+    # Swift applies LoRA or the full-tuning freeze from its arguments in prepare_model: the run is prepared first.
+    wrap_once(SwiftRLHF, "prepare_model", _first_in_dpo_runs("prepare_run", True), unwrap=lambda held: held.__func__)
+    # The first thing swift does with its parsed arguments is load the models: settings that conflict stop the run
+    # before that, and long before swift encodes the dataset.
+    wrap_once(SwiftRLHF, "_prepare_model_tokenizer", _first_in_dpo_runs("check_settings"))
     wrap_once(SwiftRLHF, "_get_dataset", _get_dataset)
-    wrap_once(SwiftRLHF, "_prepare_model_tokenizer", _prepare_model_tokenizer)
     return True
 
 
-def _prepare_model(stock: Any) -> Any:
-    """Swift applies LoRA or the full-tuning freeze from its arguments here: the run is prepared just before."""
+def _first_in_dpo_runs(step: str, args_given: bool = False) -> Any:
+    """Wraps a ``SwiftRLHF`` method to call ``workflow.<step>(args)`` first in a DPO run.
 
-    @functools.wraps(stock)
-    def prepare_model(cls: Any, args: Any, model: Any, *positional: Any, **kwargs: Any) -> Any:
-        if getattr(args, "rlhf_type", None) == "dpo":
-            from vlm_dpo_plugins.adapters.swift.workflow import prepare_run
+    ``args_given``: the method takes swift's arguments as its first argument, instead of reading ``self.args``.
+    """
 
-            prepare_run(args)
-        return stock(cls, args, model, *positional, **kwargs)
+    def make(stock: Any) -> Any:
+        @functools.wraps(stock)
+        def wrapped(owner: Any, *positional: Any, **kwargs: Any) -> Any:
+            args = positional[0] if args_given else owner.args
+            if getattr(args, "rlhf_type", None) == "dpo":
+                from vlm_dpo_plugins.adapters.swift import workflow
 
-    return prepare_model
+                getattr(workflow, step)(args)
+            return stock(owner, *positional, **kwargs)
 
+        return wrapped
 
-def _prepare_model_tokenizer(stock: Any) -> Any:
-    """The first thing swift does with its parsed arguments is load the models: settings that conflict stop the
-    run before that, and long before swift encodes the dataset."""
-
-    @functools.wraps(stock)
-    def prepare_model_tokenizer(self: Any, *positional: Any, **kwargs: Any) -> Any:
-        if getattr(self.args, "rlhf_type", None) == "dpo":
-            from vlm_dpo_plugins.adapters.swift.workflow import check_settings
-
-            check_settings(self.args)
-        return stock(self, *positional, **kwargs)
-
-    return prepare_model_tokenizer
+    return make
 
 
 def _get_dataset(stock: Any) -> Any:
@@ -84,7 +77,7 @@ def _get_dataset(stock: Any) -> Any:
         from vlm_dpo_plugins.adapters.swift.workflow import current_run
 
         run = current_run(self.args)
-        with checked_loading(self.args, run.plugins, run.config.collation) as run.checked_files:
+        with checked_loading(self.args, run.settings.plugins, run.settings.config.collation) as run.checked_files:
             return stock(self)
 
     return get_dataset

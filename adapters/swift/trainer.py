@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from swift.optimizers import OptimizerCallback
 from swift.optimizers.multimodal import MultimodalOptimizerCallback
 from swift.rlhf_trainers import DPOTrainer
-from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import FindingsOnLogLine, PluginTrainerMixin, requires_grad_kept
-from vlm_dpo_plugins.adapters.hf_trainer.preference_step import StepInputs
-from vlm_dpo_plugins.adapters.hf_trainer.prescan import RowFactsEncoder, TrainingRows
+from vlm_dpo_plugins.adapters.hf_trainer.log_line import FindingsOnLogLine
+from vlm_dpo_plugins.adapters.hf_trainer.logits_trainer import LogitsTrainerMixin
+from vlm_dpo_plugins.adapters.hf_trainer.plugin_trainer import requires_grad_kept
+from vlm_dpo_plugins.adapters.hf_trainer.preference_step import StepResult
+from vlm_dpo_plugins.adapters.hf_trainer.prescan import LazilyEncodedRows
 from vlm_dpo_plugins.adapters.swift.workflow import take_run
 
 from vlm_dpo_plugins.errors import ConfigError
@@ -30,10 +31,11 @@ REPLACEABLE_OPTIMIZER_CALLBACKS = (OptimizerCallback, MultimodalOptimizerCallbac
 """Swift's optimizer callbacks that only build AdamW param groups (``--vit_lr/--aligner_lr`` picks the second)."""
 
 
-class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
+class PluginDPOTrainer(LogitsTrainerMixin, DPOTrainer):
     # Swift's LoRA decides which adapters exist (its freeze flags, written from the policy, pick the targets);
     # every other parameter follows the policy, as swift's full-tuning freeze does with the same flags.
     framework_limits_every_parameter = False
+    metrics_gathered = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         run = take_run(kwargs.get("args"))
@@ -99,95 +101,63 @@ class PluginDPOTrainer(PluginTrainerMixin, DPOTrainer):
         with requires_grad_kept(self.model), super().null_ref_context():
             yield
 
-    def get_batch_loss_metrics(self, model: Any, batch: dict[str, Any], train_eval: str = "train", **kwargs: Any):
-        if self._vlm_dpo_run.framework_computes_loss:
-            return super().get_batch_loss_metrics(model, batch, train_eval, **kwargs)
-        without_text_positions = {key: value for key, value in batch.items() if key != "text_position_ids"}
-        gather = self.accelerator.gather_for_metrics
-        return self.logits_loss(
-            model,
-            without_text_positions,
-            train_eval,
-            # Swift's logits/* average, over response tokens and ranks, the mean logit that predicts each token.
-            logit_means=lambda step: [
-                gather(value).mean().item()
-                for value in response_logit_means(
-                    step.outputs, step.prepared.labels, step.prepared, step.pairs, self.label_pad_token_id
-                )
-            ],
-            gather=gather,
-        )
+    @property
+    def vlm_dpo_ignore_index(self) -> int:
+        return self.label_pad_token_id
 
-    def vlm_dpo_step_inputs(self, batch: dict[str, Any]) -> StepInputs:
-        return self.logits_step_inputs(batch, self.label_pad_token_id)
+    def vlm_dpo_model_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in batch.items() if key != "text_position_ids"}
+
+    def vlm_dpo_logit_means(self, step: StepResult) -> list[float]:
+        # Swift's logits/* average, over response tokens and ranks, the mean logit that predicts each token.
+        prepared = step.prepared
+        means = response_logit_means(step.outputs, prepared.labels, prepared, step.pairs, self.label_pad_token_id)
+        return [self.accelerator.gather_for_metrics(value).mean().item() for value in means]
 
     def vlm_dpo_reference_model(self, model: Any) -> tuple[Any, list[Any]]:
         return (model, [self.null_ref_context()]) if self.ref_model is None else (self.ref_model, [])
 
 
-class SwiftRows(TrainingRows):
-    """Swift's ``LazyLLMDataset`` encodes each row when drawn, and on an error silently draws another row instead:
-    the pre-scan encodes every row once, and a row the encoder rejects is a finding, left out like the others."""
+class SwiftRows(LazilyEncodedRows):
+    """Swift's ``LazyLLMDataset``: on an encoder error it silently draws another row instead (``prescan.py``)."""
+
+    encode_kwargs = {"return_length": True}
 
     def scannable(self) -> bool:
         from swift.dataset import LazyLLMDataset
 
         return isinstance(self.dataset, LazyLLMDataset)
 
-    def examples(self) -> Iterator[dict[str, Any]]:
-        from swift.template import MaxLengthError
+    def raw_rows(self) -> Any:
+        return self.dataset.dataset
 
-        lazy = self.dataset
-        encode = RowFactsEncoder(lazy.encode_func, self.row_index_key)
-        for position in range(len(lazy.dataset)):
-            row = lazy.dataset[position]
-            try:
-                encoded = encode(row, return_length=True)
-            except MaxLengthError as error:
-                self.read_findings.append(_encode_finding("row-too-long", row, position, error))
-                continue
-            except Exception as error:
-                self.read_findings.append(_encode_finding("collate-failed", row, position, error))
-                continue
-            yield {**encoded, self.row_index_key: position}
+    def encoder(self) -> Any:
+        return self.dataset.encode_func
 
-    def row_indices(self) -> list[int] | None:
-        return None
-
-    def kept(self, skipped: list[int]) -> Any:
-        # Rebuilt even when nothing was left out: the rows then carry their position into every batch.
-        return self.select(self.positions_kept(skipped))
-
-    def select(self, positions: list[int]) -> Any:
+    def rebuilt(self, rows: Any, encode: Any) -> Any:
         from swift.dataset import LazyLLMDataset
 
         lazy = self.dataset
-        rows = lazy.dataset.select(positions)
-        if self.row_index_key is not None:
-            # Swift 4.6 drops columns it does not know when it loads rows; should one of this name survive, the
-            # positions replace it (the pre-scan named rows by position too) rather than add_column failing.
-            if self.row_index_key in rows.column_names:
-                rows = rows.remove_columns(self.row_index_key)
-            rows = rows.add_column(self.row_index_key, positions)
         return LazyLLMDataset(
             rows,
-            RowFactsEncoder(lazy.encode_func, self.row_index_key),
+            encode,
             n_try_fetch=lazy.n_try_fetch,
             strict=lazy.strict,
             random_state=lazy.random_state,
             traceback_limit=lazy.traceback_limit,
         )
 
+    def rejection(self, row: dict[str, Any], position: int, error: Exception) -> Finding:
+        from swift.template import MaxLengthError
 
-def _encode_finding(code: str, row: dict[str, Any], position: int, error: Exception) -> Finding:
-    # Swift shuffled the rows when it loaded them: the position is in its dataset, the question says which row.
-    messages = row.get("messages") or [{}]
-    question = str(messages[0].get("content", ""))[:60]
-    if code == "row-too-long":
-        message = f"ms-swift deletes this row ({error}); question {question!r}"
-        fix = "raise --max_length, or set --truncation_strategy left/right to truncate it instead"
-    else:
-        message = f"ms-swift's template.encode raised on this row alone: {type(error).__name__}: {error}; question "
-        message += repr(question)
-        fix = "fix the row (its messages, images and image tags must match the template) or drop it"
-    return Finding(code, Severity.ERROR, message, fix, row=position, field="row", source="collation")
+        # Swift shuffled the rows when it loaded them: the position is in its dataset, the question says which row.
+        question = repr(str((row.get("messages") or [{}])[0].get("content", ""))[:60])
+        if isinstance(error, MaxLengthError):
+            code, message = "row-too-long", f"ms-swift deletes this row ({error}); question {question}"
+            fix = "raise --max_length, or set --truncation_strategy left/right to truncate it instead"
+        else:
+            code = "collate-failed"
+            message = f"ms-swift's template.encode raised on this row alone: {type(error).__name__}: {error}; "
+            message += f"question {question}"
+            fix = "fix the row (its messages, images and image tags must match the template) or drop it"
+        return Finding(code, Severity.ERROR, message, fix, row=position, field="row", source="collation")

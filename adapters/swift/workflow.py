@@ -1,7 +1,8 @@
 """One swift DPO run with the plugins: one plugin manager from the data checks to the trainer.
 
 Swift reads its ``--dataset`` files first (checked with this run's plugins); ``prepare_run`` runs right before
-``SwiftRLHF.prepare_model``, and the trainer swift builds next takes the run with ``take_run``.
+``SwiftRLHF.prepare_model``, and the trainer swift builds next (by name, from ``TRAINER_MAPPING``, so nothing can
+be passed to it) takes the run with ``take_run``.
 """
 
 from __future__ import annotations
@@ -13,13 +14,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from vlm_dpo_plugins.adapters.hf_trainer import run as shared
+from vlm_dpo_plugins.adapters.hf_trainer.run import PluginRun, RunSettings, command_line_keys, settings_source
 from vlm_dpo_plugins.adapters.swift.settings import agree, reconcile
 
 from vlm_dpo_plugins.collation.file_checks import CheckedFiles
-from vlm_dpo_plugins.config import VLMDPOConfig
-from vlm_dpo_plugins.config_source import load_plugin_config
-from vlm_dpo_plugins.manager import create_plugin_manager
 
 logger = logging.getLogger("vlm_dpo_plugins.adapters.swift")
 
@@ -29,12 +27,9 @@ class SwiftRun:
     """One swift run's plugins, keyed by swift's arguments object, from the data checks to the trainer."""
 
     args: Any
-    plugins: Any
-    config: VLMDPOConfig
-    written: dict[str, set[str]]
-    origin: str
+    settings: RunSettings
     checked_files: CheckedFiles | None = None
-    prepared: tuple[shared.PluginRun, Any] | None = None
+    prepared: tuple[PluginRun, Any] | None = None
     """The run ``prepare_run`` made last, with the training arguments it was made for."""
 
 
@@ -45,42 +40,39 @@ def current_run(args: Any) -> SwiftRun:
     """This swift run's plugins and config, made on first use (the data checks, or ``prepare_run``)."""
     global _current
     if _current is None or _current.args is not args:
-        plugins = create_plugin_manager()
-        source, origin = shared.settings_source()
-        config, written = load_plugin_config(plugins, source)
-        _current = SwiftRun(args, plugins, config, written, origin)
+        _current = SwiftRun(args, RunSettings.load(*settings_source()))
     return _current
 
 
 def check_settings(args: Any) -> SwiftRun:
     """This run's plugins, with swift's flags and the plugin config checked to agree before any data is read."""
     current = current_run(args)
-    agree(args, current.config, current.written, shared.command_line_keys(_command_line()))
+    agree(args, current.settings.config, current.settings.written, command_line_keys(_command_line()))
     return current
 
 
-def prepare_run(args: Any) -> shared.PluginRun:
+def prepare_run(args: Any) -> PluginRun:
     import swift
 
     current = current_run(args)
-    reconciled = reconcile(args, current.config, current.written, shared.command_line_keys(_command_line()))
-    training_args = args.training_args
-    context = shared.run_context(
+    settings, training_args = current.settings, args.training_args
+    reconciled = reconcile(args, settings.config, settings.written, command_line_keys(_command_line()))
+    # Swift forces its ``use_reentrant`` on every checkpoint call, read from ``gradient_checkpointing_kwargs``.
+    run = settings.start(
+        reconciled,
+        training_args,
         "swift",
         swift.__version__,
-        training_args,
         uses_peft=args.tuner_type != "full",
         gradient_checkpointing=bool(training_args.gradient_checkpointing),
     )
-    # Swift forces its ``use_reentrant`` on every checkpoint call, read from ``gradient_checkpointing_kwargs``.
-    run = shared.start_run(current.plugins, reconciled, context, current.origin, training_args)
     _warn_about_unsynchronised_cpu_ranks(training_args)
     run.checked_files = current.checked_files
     current.prepared = (run, training_args)
     return run
 
 
-def take_run(training_args: Any) -> shared.PluginRun | None:
+def take_run(training_args: Any) -> PluginRun | None:
     """The run prepared for these training arguments (once), or None when swift's pipeline did not prepare one."""
     if _current is None or _current.prepared is None or _current.prepared[1] is not training_args:
         return None

@@ -1,7 +1,8 @@
 """A third-party plugin that adds one loss variant and does nothing else: no ``vlm_dpo_compute_loss`` of its own.
 
 ``doubled_sigmoid`` is twice the sigmoid DPO loss, so at step 0, where the policy equals its reference, every
-pair's loss is 2 ln 2: a run that trains with it shows the registered function was called, in any framework.
+pair's loss is 2 ln 2: a run that trains with it shows the registered function was called, in any framework. Its
+one term, ``doubled/dpo_loss`` (ln 2 at step 0), is a metric name no built-in variant logs.
 ``install(directory)`` makes it an installed entry point for a framework's CLI in a subprocess.
 """
 
@@ -16,13 +17,15 @@ from vlm_dpo_plugins.types import LossOutput
 
 ENTRY_POINT_NAME = "test_doubled_sigmoid"
 VARIANT = "doubled_sigmoid"
+TERM = "doubled/dpo_loss"
 
 
 def doubled_sigmoid(logps, config) -> LossOutput:
     chosen_ratio = logps.chosen.float() - logps.ref_chosen.float()
     rejected_ratio = logps.rejected.float() - logps.ref_rejected.float()
     losses = -2 * F.logsigmoid(config.beta * (chosen_ratio - rejected_ratio))
-    return LossOutput(losses, (config.beta * chosen_ratio).detach(), (config.beta * rejected_ratio).detach())
+    term = {TERM: (losses / 2).mean().item()}
+    return LossOutput(losses, (config.beta * chosen_ratio).detach(), (config.beta * rejected_ratio).detach(), term)
 
 
 class DoubledSigmoid:

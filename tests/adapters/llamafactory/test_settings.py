@@ -18,7 +18,7 @@ import llamafactory.train.dpo as dpo_package  # noqa: E402
 from llamafactory.hparams import get_train_args  # noqa: E402
 from vlm_dpo_plugins.adapters.hf_trainer.run import CONFIG_VARIABLE as CONFIG_PATH_VARIABLE  # noqa: E402
 from vlm_dpo_plugins.adapters.llamafactory.activation import activate  # noqa: E402
-from vlm_dpo_plugins.adapters.llamafactory.config_section import latest  # noqa: E402
+from vlm_dpo_plugins.adapters.llamafactory.config_section import SECTION  # noqa: E402
 from vlm_dpo_plugins.adapters.llamafactory.workflow import PluginRun, prepare_run  # noqa: E402
 
 from vlm_dpo_plugins.errors import ConfigError  # noqa: E402
@@ -50,7 +50,7 @@ def parsed_arguments(tmp_path: Path, stage: str = "dpo", **config):
 def parse(tmp_path: Path, **config):
     """LLaMA-Factory's parsed arguments and the reconciled plugin run for a LoRA DPO config plus ``config``."""
     model_args, _, training_args, finetuning_args, _ = parsed_arguments(tmp_path, **config)
-    run = prepare_run(latest(), model_args, training_args, finetuning_args)
+    run = prepare_run(SECTION.latest, model_args, training_args, finetuning_args)
     return run, model_args, training_args, finetuning_args
 
 
@@ -189,7 +189,7 @@ def test_docs_examples_parse_and_reconcile(tmp_path):
         example.update(model_name_or_path=str(tmp_path / "model"), output_dir=str(tmp_path / "out"), use_cpu=True)
         example.update(bf16=False)
         model_args, _, training_args, finetuning_args, _ = get_train_args(example)
-        run = prepare_run(latest(), model_args, training_args, finetuning_args)
+        run = prepare_run(SECTION.latest, model_args, training_args, finetuning_args)
         section = example["vlm_dpo"]
         if "loss" in section and "type" in section["loss"]:
             assert run.config.loss.type == section["loss"]["type"]
@@ -242,4 +242,4 @@ def test_a_key_written_with_dashes_on_the_command_line_counts_as_written(tmp_pat
     model_args, _, training_args, finetuning_args, _ = get_train_args(argv)
     assert finetuning_args.pref_beta == 0.3
     with pytest.raises(ConfigError, match="pref_beta is 0.3 and vlm_dpo.loss.beta is 0.2"):
-        prepare_run(latest(), model_args, training_args, finetuning_args)
+        prepare_run(SECTION.latest, model_args, training_args, finetuning_args)

@@ -46,7 +46,7 @@ def traced_run(llamafactory_dpo, tmp_path, spec):
 def test_a_variant_an_installed_plugin_only_registers_trains(llamafactory_dpo, tmp_path):
     import math
 
-    from variant_plugin import VARIANT
+    from variant_plugin import TERM, VARIANT
     from variant_plugin import install as install_variant_plugin
 
     env = install_variant_plugin(tmp_path / "plugins")
@@ -54,3 +54,5 @@ def test_a_variant_an_installed_plugin_only_registers_trains(llamafactory_dpo, t
     assert run.returncode == 0, run.log()
     assert f"loss '{VARIANT}'" in run.output, run.log()
     assert run.losses[0] == pytest.approx(2 * math.log(2), abs=1e-4)
+    # Its term reaches LLaMA-Factory's own log line, though no built-in variant logs that name.
+    assert run.trainer_log[0][TERM] == pytest.approx(math.log(2), abs=1e-4)
