@@ -28,8 +28,8 @@ LAST_STEP = 2**62
 
 
 class TrainableState:
-    """``hold_later_stages``: DDP registers the parameters it synchronises when it wraps the model, so a parameter
-    made trainable later would never be averaged across ranks. There, every parameter of a later unfreeze stage is
+    """``hold_later_stages``: DDP, FSDP2 and DeepSpeed fix the parameters they synchronise when they wrap the model,
+    so a parameter made trainable later would never be averaged across ranks. There, every parameter of a later unfreeze stage is
     trainable from the start and held: its gradient is computed and averaged, then dropped before clipping and the
     optimizer step (``drop_held_gradients``) until its stage, when it joins the optimizer as it does on one process.
     """
@@ -68,8 +68,9 @@ class TrainableState:
             self.held = (self.policy_wants(LAST_STEP) or wanted) - wanted
             if self.held:
                 logger.info(
-                    "vlm-dpo: DDP: the %d parameter(s) of later unfreeze stages are trainable from the start, so DDP "
-                    "averages their gradients; each gradient is dropped before the optimizer step until its stage",
+                    "vlm-dpo: the %d parameter(s) of later unfreeze stages are trainable from the start, so the "
+                    "distributed engine (DDP, FSDP2, DeepSpeed) reduces their gradients with the others; each "
+                    "gradient is dropped before the optimizer step until its stage",
                     len(self.held),
                 )
         newly = wanted - (previous or set())

@@ -35,6 +35,7 @@ from llamafactory_runs import (  # noqa: E402
     LlamaFactoryRun,
     assert_projector_trains_from,
     dpo_config,
+    projector_weights,
     run_llamafactory,
     write_dataset,
 )
@@ -199,3 +200,124 @@ def sharded_checkpoint_weights(checkpoint, converted) -> dict:
 
     dcp_to_torch_save(checkpoint / "pytorch_model_fsdp_0", converted)
     return torch.load(converted, weights_only=True)["model"]
+
+
+def test_an_unfreeze_stage_under_fsdp2_trains_the_projector_from_its_step_as_under_ddp(tmp_path, llava, dataset):
+    """``freeze.unfreeze`` through LLaMA-Factory's own FSDP2 path (the gate opened, full tuning, as the fsdp2 test
+    above): the projector is held trainable from the start with its gradient dropped until its stage, then joins
+    the optimizer, each rank's shard of it alike; the same run under DDP is the measure."""
+    section = {"freeze": {"unfreeze": [{"at_step": 2, "groups": ["projector"]}]}}
+
+    def two_full_ranks(name: str, env: dict | None, **overrides) -> LlamaFactoryRun:
+        config = dpo_config(
+            TINY_MODELS["llava"], llava, dataset, tmp_path / name, "full",
+            max_steps=3, save_strategy="steps", save_steps=1, vlm_dpo=section, **overrides,
+        )  # fmt: skip
+        run = run_llamafactory(tmp_path / f"cli-{name}", config, env=env, nproc=2)
+        assert run.returncode == 0 and "world size: 2" in run.output, run.log()
+        assert "of later unfreeze stages are trainable from the start" in run.output, run.log()
+        assert run.output.count("step 2: unfroze") == 2, run.log()  # on each rank
+        return run
+
+    sharded = two_full_ranks("fsdp2", gate_env(tmp_path / "gate"), **FSDP2)
+    ddp = two_full_ranks("ddp", None)
+    assert (sharded.output_dir / "checkpoint-1" / "pytorch_model_fsdp_0").is_dir(), "not an FSDP2 checkpoint"
+
+    initial = projector_weights(llava / "model.safetensors")
+    saved = {
+        step: sharded_checkpoint_weights(sharded.output_dir / f"checkpoint-{step}", tmp_path / f"{step}.pt")
+        for step in (1, 2, 3)
+    }
+    projector = {step: projector_of(weights) for step, weights in saved.items()}
+    assert initial and all(projector[step].keys() == initial.keys() for step in saved), projector[3].keys()
+    # fully_shard splits each weight on dim 0 over the ranks: rank r's shard is chunk r. Each rank's shard must be
+    # held before the stage and stepped from it, not only the weights as a whole.
+    for name, tensor in initial.items():
+        for rank, start in enumerate(tensor.chunk(2)):
+            shard = {step: projector[step][name].chunk(2)[rank] for step in saved}
+            assert shard[1].equal(start) and shard[2].equal(start), f"rank {rank}'s shard of {name} moved before step 2"
+            assert not shard[3].equal(start), f"rank {rank}'s shard of {name} did not train at step 2"
+
+    # Every weight after the stage, the losses and each group's gradient norm (over all shards) are DDP's; the
+    # projector's norm appears at its stage, its held gradient never counted before.
+    from safetensors.torch import load_file
+
+    after_ddp = load_file(ddp.output_dir / "checkpoint-3" / "model.safetensors")
+    assert saved[3].keys() == after_ddp.keys()
+    for name, tensor in saved[3].items():
+        torch.testing.assert_close(tensor, after_ddp[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert [("vlm_dpo/grad_norm/projector" in entry) for entry in sharded.step_logs] == [False, False, True]
+    for mine, theirs in zip(sharded.step_logs, ddp.step_logs, strict=True):
+        assert mine.keys() == theirs.keys()
+        for key in [key for key in theirs if key in ("loss", "rewards/margins") or "grad_norm" in key]:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (key, mine, theirs)
+
+
+def projector_of(weights: dict) -> dict:
+    """The projector's tensors of a full state dict, by their name inside the projector (as ``projector_weights``)."""
+    return {name[name.index("multi_modal_projector") :]: weights[name] for name in weights if "projector" in name}
+
+
+def test_four_fsdp2_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(tmp_path, llava, dataset):
+    """Four FSDP2 ranks through LLaMA-Factory's own path (the gate opened, full tuning, the fsdp2 test's settings),
+    launched as two nodes of two ranks (``NNODES``/``NODE_RANK``): a NaN loss on rank 3, the second node's second
+    rank, skips the step on all four, every rank's shard of the weights and of AdamW's state unchanged by it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from framework_cli import free_port
+
+    fault = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=3)
+    gate = gate_env(tmp_path / "gate")
+    env = {**fault, "PYTHONPATH": os.pathsep.join([gate["PYTHONPATH"], fault["PYTHONPATH"]])}
+    env.update(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    config = dpo_config(
+        TINY_MODELS["llava"], llava, dataset, tmp_path / "out", "full",
+        max_steps=3, save_strategy="steps", save_steps=1, **FSDP2,
+    )  # fmt: skip
+
+    def node(rank: int) -> LlamaFactoryRun:
+        return run_llamafactory(tmp_path / f"node{rank}", config, env={**env, "NODE_RANK": str(rank)}, nproc=2)
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(node, (0, 1))
+    assert first.returncode == 0 and second.returncode == 0, first.log() + second.log()
+    assert "world size: 4" in first.output, first.log()
+    assert "[test_fault_injection] loss-nan at step 1" in second.output, second.log()
+    assert "[test_fault_injection]" not in first.output, first.log()
+    assert_skip_logged_once(first.output, "step 1:", "rank 3: non-finite loss (nan)")
+    checkpoints = [first.output_dir / f"checkpoint-{step}" for step in (1, 2, 3)]
+    assert all((folder / "pytorch_model_fsdp_0").is_dir() for folder in checkpoints), "not FSDP2 checkpoints"
+    for rank in range(4):
+        state = json.loads((checkpoints[2] / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
+        assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
+
+    # Checkpoint 1 is before the skipped step, checkpoint 2 after it, checkpoint 3 after the next step.
+    weights = [sharded_checkpoint_weights(folder, tmp_path / f"model-{folder.name}.pt") for folder in checkpoints]
+    moments = [sharded_optimizer_state(folder, tmp_path / f"optimizer-{folder.name}.pt") for folder in checkpoints]
+    assert weights[0].keys() == weights[1].keys() and moments[0] and moments[0].keys() == moments[1].keys()
+    for name in weights[0]:
+        assert weights[0][name].equal(weights[1][name]), f"the skipped step changed {name}"
+    for name in moments[0]:
+        assert moments[0][name].equal(moments[1][name]), f"the skipped step moved the optimizer's {name}"
+    schedules = [torch.load(folder / "scheduler.pt", weights_only=False)["last_epoch"] for folder in checkpoints]
+    assert schedules == [1, 1, 2], schedules
+    adam_steps = [{value.item() for key, value in state.items() if key.endswith(".step")} for state in moments]
+    assert adam_steps == [{1.0}, {1.0}, {2.0}], adam_steps
+    assert [entry["vlm_dpo/skipped_steps"] for entry in first.step_logs] == [0.0, 1.0, 1.0], first.step_logs
+    # fully_shard gives rank r chunk r of each weight on dim 0: every rank's shard trained on after the skip.
+    trained = [name for name in weights[1] if not weights[1][name].equal(weights[2][name])]
+    assert trained and all(torch.isfinite(tensor).all() for tensor in weights[2].values()), trained
+    for rank in range(4):
+        assert any(
+            not weights[1][name].chunk(4)[rank].equal(weights[2][name].chunk(4)[rank])
+            for name in trained if weights[1][name].shape[0] >= 4
+        ), f"rank {rank}'s shards did not train after the skipped step"  # fmt: skip
+
+
+def sharded_optimizer_state(checkpoint, converted) -> dict:
+    """AdamW's full state tensors in a checkpoint's FSDP2 optimizer folder, flattened to ``"<param>.<key>"``."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint / "optimizer_0", converted)
+    state = torch.load(converted, weights_only=True)["optimizer"]["state"]
+    return {f"{name}.{key}": value for name, entry in state.items() for key, value in entry.items()}
