@@ -8,6 +8,9 @@
   once" (the Qwen2.5-VL report); with the adapter, which keeps the reentrant checkpointing asked for and gives DDP
   a static graph, it trains, and no DDP wrapper is left for interpreter shutdown to tear down in whatever order
   with the process group (the crash at exit that ``scripts/two_rank_exit_soak.py`` counts; ``exit_check_plugin.py``).
+- swift's own FSDP2 path (``--fsdp fsdp2``, accelerate's CPU gate opened; full tuning): equal to DDP, a one-rank
+  NaN skipped on both, resumed from the sharded checkpoint exactly (weights, AdamW state, guard state); an unfreeze
+  stage held until its step; four ranks as two nodes, a NaN on rank 3 skipped by every rank's shard.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from exit_check_plugin import expected_lines as no_ddp_wrapper_at_exit  # noqa: 
 from exit_check_plugin import install as install_exit_check  # noqa: E402
 from fault_matrix import (  # noqa: E402
     DDP_CRASH,
+    SKIP_LINE,
     assert_one_rank_fault_skipped_on_both,
     assert_skip_logged_once,
     assert_step_changed_nothing,
@@ -153,36 +157,50 @@ def test_four_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(
         assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
 
 
+FULL_TWO_RANKS = ["--tuner_type", "full", "--use_cpu", "true", "--save_steps", "1", "--save_only_model", "false"]
+"""Full tuning on gloo ranks, a checkpoint after every step (transformers refuses ``--save_only_model true`` with
+swift's FSDP2 state dict type, SHARDED_STATE_DICT)."""
+
+
+def two_full_ranks(swift_dpo, model, model_dir, name, env, extra, max_steps=3):
+    env = {"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()), **env}
+    run = swift_dpo(
+        model, num_rows=8, max_steps=max_steps, extra_args=[*FULL_TWO_RANKS, *extra], env_extra=env,
+        output_name=name, model_dir=model_dir,
+    )  # fmt: skip
+    assert run.returncode == 0 and "world_size: 2" in run.stdout + run.stderr, run.tail()
+    return run
+
+
+def with_gate(env, folder) -> dict:
+    """``env`` with accelerate's FSDP gate opened for the CPU ranks (tests/support/fsdp_on_cpu.py)."""
+    paths = [gate_env(folder)["PYTHONPATH"], *filter(None, [env.get("PYTHONPATH")])]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 @pytest.mark.reliability("ms-swift", row="fsdp2")
 def test_fsdp2_trains_as_ddp_skips_a_one_rank_nan_on_both_and_resumes_from_its_sharded_checkpoint(
     tmp_path, swift_dpo, qwen2_vl, plugin_file
 ):
     """swift's own FSDP2 path (``--fsdp fsdp2``: its fsdp2.json, accelerate's ``fully_shard``, sharded
     checkpoints), with accelerate's device gate opened for these CPU ranks (tests/support/fsdp_on_cpu.py;
-    docs/scaling.md). Full tuning of the tiny Qwen2-VL, a NaN loss on rank 1 at step 1."""
+    docs/scaling.md). Full tuning of the tiny Qwen2-VL, a NaN loss on rank 1 at step 1; then the same command
+    resumed from the sharded checkpoint-2 ends where the uninterrupted run ends."""
     config = tmp_path / "vlm_dpo.yaml"
     config.write_text(yaml.safe_dump({"loss": {"type": "sigmoid"}}))  # the plugins compute the loss: one to poison
     fault = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=1)
     fault["VLM_DPO_CONFIG"] = str(config)
-    gate = gate_env(tmp_path / "gate")
-    sharded_env = {**fault, "PYTHONPATH": os.pathsep.join([gate["PYTHONPATH"], fault["PYTHONPATH"]])}
-    common = ["--tuner_type", "full", "--use_cpu", "true", "--save_steps", "1", "--save_only_model", "false",
-              "--external_plugins", plugin_file]  # fmt: skip
-
-    def two_full_ranks(name, env, extra):
-        env = {"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()), **env}
-        run = swift_dpo(
-            qwen2_vl, num_rows=8, max_steps=3, extra_args=[*common, *extra], env_extra=env, output_name=name,
-            model_dir=model_dir,
-        )  # fmt: skip
-        assert run.returncode == 0 and "world_size: 2" in run.stdout + run.stderr, run.tail()
-        return run
-
+    sharded_env = with_gate(fault, tmp_path / "gate")
     model_dir = qwen2_vl.build(tmp_path / "model")
-    sharded = two_full_ranks("fsdp2", sharded_env, ["--fsdp", "fsdp2"])
-    ddp = two_full_ranks("ddp", fault, [])
+
+    def launch(name, env, *extra):
+        return two_full_ranks(swift_dpo, qwen2_vl, model_dir, name, env, ["--external_plugins", plugin_file, *extra])
+
+    sharded = launch("fsdp2", sharded_env, "--fsdp", "fsdp2")
+    ddp = launch("ddp", fault)
     checkpoint = sharded.output_dir / "checkpoint-2"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir(), sorted(path.name for path in checkpoint.iterdir())
+    assert (checkpoint / "optimizer_0").is_dir(), sorted(path.name for path in checkpoint.iterdir())
     assert_one_rank_fault_skipped_on_both(sharded.stdout + sharded.stderr)
     for mine, theirs in zip(sharded.logged_steps(), ddp.logged_steps(), strict=True):
         for key in ("loss", "grad_norm", "rewards/margins"):
@@ -191,3 +209,168 @@ def test_fsdp2_trains_as_ddp_skips_a_one_rank_nan_on_both_and_resumes_from_its_s
     for rank in (0, 1):
         state = json.loads((checkpoint / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
         assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
+
+    # Step 3 again, from the sharded checkpoint-2 (the skip at step 1 is behind it: only restored state counts it).
+    resumed = launch("resumed", sharded_env, "--fsdp", "fsdp2", "--resume_from_checkpoint", str(checkpoint))
+    output = resumed.stdout + resumed.stderr
+    assert "[test_fault_injection]" not in output and SKIP_LINE not in output, resumed.tail()
+    steps = resumed.logged_steps()
+    assert [entry["global_step/max_steps"] for entry in steps] == ["3/3"], steps
+    assert steps[-1]["loss"] == pytest.approx(sharded.logged_steps()[-1]["loss"], rel=1e-6), (steps, sharded.tail())
+    straight, again = (run.output_dir / "checkpoint-3" for run in (sharded, resumed))
+    # AdamW's moments and step counts too: an optimizer restarted at the resume moves every weight elsewhere.
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert_same_tensors(
+            flat_tensors(sharded_checkpoint(straight / part, tmp_path / f"straight-{part}.pt")),
+            flat_tensors(sharded_checkpoint(again / part, tmp_path / f"resumed-{part}.pt")),
+        )
+    # The guards' state goes on from the checkpoint: the skip counted before it, each rank's own loss window.
+    for rank in (0, 1):
+        mine, theirs = (
+            json.loads((folder / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())["guards"]
+            for folder in (again, straight)
+        )
+        assert mine == theirs and mine["skipped_steps"] == 1, (rank, mine, theirs)
+
+
+def test_an_unfreeze_stage_under_fsdp2_trains_the_aligner_from_its_step_on_both_ranks_as_ddp_does(
+    tmp_path, swift_dpo, qwen2_vl, plugin_file
+):
+    """``freeze.unfreeze`` through ``swift rlhf --fsdp fsdp2`` (full tuning): the merger (swift's aligner, the
+    policy's projector group) is held from the start and trains from its stage's step (docs/scaling.md)."""
+    from safetensors.torch import load_file
+    from saved_models import live_weights
+
+    config = tmp_path / "vlm_dpo.yaml"
+    config.write_text(yaml.safe_dump({"freeze": {"unfreeze": [{"at_step": 2, "groups": ["projector"]}]}}))
+    env = {"VLM_DPO_CONFIG": str(config)}
+    model_dir = qwen2_vl.build(tmp_path / "model")
+    extra = ["--external_plugins", plugin_file]
+    sharded = two_full_ranks(swift_dpo, qwen2_vl, model_dir, "fsdp2", with_gate(env, tmp_path / "gate"),
+                             [*extra, "--fsdp", "fsdp2"])  # fmt: skip
+    ddp = two_full_ranks(swift_dpo, qwen2_vl, model_dir, "ddp", env, extra)
+    for run in (sharded, ddp):
+        output = run.stdout + run.stderr
+        assert "of later unfreeze stages are trainable from the start" in output, run.tail()
+        assert "step 2: unfroze" in output, run.tail()
+
+    initial = live_weights(model_dir)
+    aligner = [name for name in initial if qwen2_vl.part(name) == "aligner"]
+    vision = [name for name in initial if qwen2_vl.part(name) == "vision"]
+    assert aligner and vision
+    for step in (1, 2, 3):
+        folder = sharded.output_dir / f"checkpoint-{step}" / "pytorch_model_fsdp_0"
+        mine = sharded_checkpoint(folder, tmp_path / f"fsdp2-{step}.pt")["model"]
+        theirs = load_file(ddp.output_dir / f"checkpoint-{step}" / "model.safetensors")
+        for name in vision + (aligner if step < 3 else []):
+            assert mine[name].equal(initial[name]) and theirs[name].equal(initial[name]), (step, name)
+        assert any(not mine[name].equal(initial[name]) for name in initial if qwen2_vl.part(name) == "language")
+        # The same updates as DDP's (its gradients averaged over both ranks), every weight.
+        assert_same_tensors({name: theirs[name] for name in mine}, mine, rtol=1e-5)
+    for name in aligner:
+        # fully_shard splits dim 0 over the ranks: each rank's optimizer steps its own half.
+        for rank, (before, after) in enumerate(zip(initial[name].chunk(2), mine[name].chunk(2), strict=True)):
+            assert not after.equal(before), f"rank {rank}'s shard of {name} did not train at its stage"
+    losses = [[entry["loss"] for entry in run.logged_steps()] for run in (sharded, ddp)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-7), losses
+    # The held gradient is left out of the guards' norm (clipped and voted on) until the stage, then counted.
+    logged = sharded.logged_steps()
+    groups = [{key.rsplit("/", 1)[1] for key in entry if key.startswith("vlm_dpo/grad_norm/")} for entry in logged]
+    assert groups == [{"language"}, {"language"}, {"language", "projector"}], groups
+    language, projector = logged[-1]["vlm_dpo/grad_norm/language"], logged[-1]["vlm_dpo/grad_norm/projector"]
+    assert projector > 0 and logged[-1]["grad_norm"] == pytest.approx(math.hypot(language, projector), rel=1e-5)
+
+
+def test_fsdp2_on_four_ranks_on_two_nodes_skips_a_nan_on_the_second_node_on_every_rank(
+    tmp_path, swift_dpo, swift_dataset_writer, qwen2_vl, plugin_file
+):
+    """Two ``swift rlhf --fsdp fsdp2`` launches as two nodes of two ranks (NNODES/NODE_RANK), the gate opened: a
+    NaN loss on rank 3 at step 1 is skipped by all four, each of which steps its own quarter of every weight."""
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = tmp_path / "vlm_dpo.yaml"
+    config.write_text(yaml.safe_dump({"loss": {"type": "sigmoid"}}))  # the plugins compute the loss: one to poison
+    fault = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=3)
+    env = {
+        **with_gate({**fault, "VLM_DPO_CONFIG": str(config)}, tmp_path / "gate"),
+        "NPROC_PER_NODE": "2",
+        "NNODES": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    model_dir = qwen2_vl.build(tmp_path / "model")
+    dataset = swift_dataset_writer(tmp_path / "data" / "train.jsonl", 16)
+    extra = [*FULL_TWO_RANKS, "--fsdp", "fsdp2", "--external_plugins", plugin_file]
+
+    def node(rank: int):
+        return swift_dpo(
+            qwen2_vl, max_steps=3, extra_args=extra, env_extra={**env, "NODE_RANK": str(rank)}, dataset=dataset,
+            model_dir=model_dir, timeout=500,
+        )  # fmt: skip
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(node, (0, 1))
+    assert first.returncode == 0 and second.returncode == 0, first.tail() + second.tail()
+    output = first.stdout + first.stderr
+    assert "world_size: 4" in output, first.tail()
+    assert "[test_fault_injection] loss-nan at step 1" in second.stdout + second.stderr, second.tail()
+    assert_skip_logged_once(output, "rank 3: non-finite loss (nan)")
+    assert "rank 0:" not in next(line for line in output.splitlines() if SKIP_LINE in line)
+
+    # fully_shard splits each weight's dim 0 (and its AdamW state) over the four ranks: the checkpoints around the
+    # skipped step, every rank's shard in them, hold the same weights, optimizer state and schedule.
+    def saved(step):
+        folder = first.output_dir / f"checkpoint-{step}"
+        model, optimizer = (
+            flat_tensors(sharded_checkpoint(folder / part, tmp_path / f"{step}-{part}.pt"))
+            for part in ("pytorch_model_fsdp_0", "optimizer_0")
+        )
+        return model, optimizer, torch.load(folder / "scheduler.pt")["last_epoch"]
+
+    (before, before_moments, before_lr), (after, after_moments, after_lr), (then, _, then_lr) = map(saved, (1, 2, 3))
+    assert_same_tensors(before, after, rtol=0)
+    assert_same_tensors(before_moments, after_moments, rtol=0)
+    assert (before_lr, after_lr, then_lr) == (1, 1, 2)
+    # The step after it trains on every rank: each quarter of every decoder weight moves, to finite values (not
+    # the embeddings: the rows of tokens absent from the batch get no gradient).
+    decoder = [name for name in then if ".language_model.layers." in name]
+    assert decoder and all(torch.isfinite(tensor).all() for tensor in then.values())
+    for name in decoder:
+        quarters = zip(after[name].chunk(4), then[name].chunk(4), strict=True)
+        assert all(not old.equal(new) for old, new in quarters), f"a rank's shard of {name} did not step"
+    for rank in range(4):
+        state = json.loads((first.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
+        assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
+
+
+def sharded_checkpoint(folder, converted) -> dict:
+    """A distributed-checkpoint folder (accelerate's FSDP2 model or optimizer) as full tensors."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, converted)
+    return torch.load(converted, weights_only=False)
+
+
+def flat_tensors(tree, prefix="") -> dict:
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else None
+    if items is not None:
+        return {name: value for key, item in items for name, value in flat_tensors(item, f"{prefix}/{key}").items()}
+    return {prefix: torch.tensor(tree)} if isinstance(tree, (int, float)) else {}
+
+
+def assert_same_tensors(expected: dict, actual: dict, rtol=1e-6) -> None:
+    import torch
+
+    assert expected.keys() == actual.keys() and expected, sorted(set(expected) ^ set(actual))[:10]
+    for name, tensor in expected.items():
+        # Relative to each tensor's scale: AdamW's second moments are ~1e-9, under any fixed atol worth having.
+        scale = tensor.abs().max().item() if tensor.is_floating_point() and tensor.numel() else 0.0
+        torch.testing.assert_close(
+            actual[name], tensor, rtol=rtol, atol=rtol * scale, msg=lambda default, name=name: f"{name}: {default}"
+        )
