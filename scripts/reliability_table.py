@@ -65,8 +65,7 @@ EXPECTED = {
     "zero3-no-image": "stock fails (mismatched collectives: over NCCL, the reported hang); with the plugins it "
     "trains, losses and weights equal to the same run under DDP",
     "fsdp2": "step skipped on both ranks; losses and gradient norms (over all shards) equal to the same run under "
-    "DDP; each rank's plugin state in the sharded checkpoint (TRL, LLaMA-Factory: a resume from it continues the run "
-    "exactly)",
+    "DDP; each rank's plugin state in the sharded checkpoint, and a resume from it continues the run exactly",
     "bad-input": "every broken row stops the run before training with its row, field and fix named, or is left out "
     "and reported; rows in = rows training + rows reported skipped, none dropped by the framework unseen",
 }
