@@ -309,6 +309,13 @@ def test_unfreeze_stages_are_refused_under_fsdp1_where_units_are_flattened_at_wr
     configured().hook.vlm_dpo_train_begin(model=models["llava"], context=context)  # no stages: fine
 
 
+def test_the_logged_unfreeze_stage_rises_on_the_line_of_the_first_step_the_stage_trains_in():
+    # A stage at step 2 starts when step index 2 begins; the Trainer logs that step with global_step 3.
+    freeze = configured({"freeze": {"unfreeze": [{"at_step": 2, "groups": ["projector"]}]}}).get_plugin("freeze")
+    logged = [freeze.vlm_dpo_metrics(step=global_step)["vlm_dpo/unfreeze_stage"] for global_step in (1, 2, 3, 4)]
+    assert logged == [0.0, 0.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize(
     "context",
     [

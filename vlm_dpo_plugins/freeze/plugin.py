@@ -115,5 +115,6 @@ class FreezePolicy:
     def vlm_dpo_metrics(self, step: int) -> Mapping[str, float]:
         if not self.config.unfreeze:
             return {}
-        # Logged as a count so a plot can mark where it rises: an unfreeze event.
-        return {"vlm_dpo/unfreeze_stage": float(sum(stage.at_step <= step for stage in self.config.unfreeze))}
+        # Logged as a count so a plot can mark where it rises: an unfreeze event. ``step`` steps were taken, the
+        # last of them step ``step - 1``: a stage counts from the line of the first step it trained in.
+        return {"vlm_dpo/unfreeze_stage": float(sum(stage.at_step < step for stage in self.config.unfreeze))}
