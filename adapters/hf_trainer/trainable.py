@@ -29,9 +29,10 @@ LAST_STEP = 2**62
 
 class TrainableState:
     """``hold_later_stages``: DDP, FSDP2 and DeepSpeed fix the parameters they synchronise when they wrap the
-    model, so a parameter made trainable later would never be averaged across ranks. There, every parameter of a later unfreeze stage is
-    trainable from the start and held: its gradient is computed and averaged, then dropped before clipping and the
-    optimizer step (``drop_held_gradients``) until its stage, when it joins the optimizer as it does on one process.
+    model, so a parameter made trainable later would never be averaged across ranks. There, every parameter of a
+    later unfreeze stage is trainable from the start and held: its gradient is computed and averaged, then dropped
+    before clipping and the optimizer step (``drop_held_gradients``) until its stage, when it joins the optimizer
+    as it does on one process.
     """
 
     def __init__(
