@@ -208,8 +208,7 @@ def vlm_dpo_on_log(step: int, metrics: Mapping[str, float]) -> Sequence[Finding]
 
 @hookspec
 def vlm_dpo_metrics(step: int) -> Mapping[str, float]:
-    """Return this plugin's own metrics to add to the framework's log after ``step`` optimizer steps (the
-    Trainer's ``global_step`` when it logs: the line of step index ``step - 1``)."""
+    """Return this plugin's metrics for the log line after ``step`` optimizer steps (the Trainer's global_step)."""
 
 
 @hookspec
