@@ -149,9 +149,9 @@ class PluginTrainerMixin:
     def vlm_dpo_attach(self, *, framework_computes_loss: bool, reference_pass: bool = True) -> None:
         """Called at the end of the adapter's ``__init__``, once the framework built model, reference and collator."""
         self.vlm_dpo_findings: list[Finding] = []
+        # The loss variant's own terms logged so far (mdpo/anchor_loss): a framework whose log line holds a fixed
+        # set of keys learns from them which of ours to keep.
         self.vlm_dpo_loss_terms: set[str] = set()
-        """The names of the loss variant's own terms logged so far (``mdpo/anchor_loss``), for a framework whose
-        log line holds a fixed set of keys."""
         self._events_reported = 0
         context = self.vlm_dpo_context()
         self._trainable = TrainableState(
