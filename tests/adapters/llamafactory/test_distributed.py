@@ -112,17 +112,29 @@ def test_an_unfreeze_stage_under_ddp_trains_the_projector_from_its_step(tmp_path
 def test_four_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(tmp_path, llava, dataset):
     # Two `llamafactory-cli train` launches on this machine, as two nodes of two ranks (LLaMA-Factory's own
     # NNODES/NODE_RANK/MASTER_ADDR); the NaN loss is on rank 3, the second node's second rank.
+    env = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=3)
+    config = dpo_config(
+        TINY_MODELS["llava"], llava, dataset, tmp_path / "out", "lora", max_steps=3, save_strategy="steps", save_steps=1
+    )
+    first, _ = two_nodes(tmp_path, config, env)
+    assert_skip_logged_once(first.output, "rank 3: non-finite loss (nan)")
+    assert_step_changed_nothing(first.output_dir, 1)
+    for rank in range(4):
+        state = json.loads((first.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
+        assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
+
+
+def two_nodes(tmp_path, config: dict, env: dict) -> tuple[LlamaFactoryRun, LlamaFactoryRun]:
+    """``config`` launched at once as two nodes of two ranks on this machine (LLaMA-Factory's own ``NNODES``/
+    ``NODE_RANK``/``MASTER_ADDR``, one ``MASTER_PORT``), ``env`` (a fault plugin's, injecting a NaN loss on rank 3
+    at step 1) added; both launches succeed as one world of four, the fault on the second node only."""
     from concurrent.futures import ThreadPoolExecutor
 
     from framework_cli import free_port
 
-    env = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=3)
-    env.update(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    config = dpo_config(
-        TINY_MODELS["llava"], llava, dataset, tmp_path / "out", "lora", max_steps=3, save_strategy="steps", save_steps=1
-    )
+    env = {**env, "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
 
-    def node(rank: int):
+    def node(rank: int) -> LlamaFactoryRun:
         return run_llamafactory(tmp_path / f"node{rank}", config, env={**env, "NODE_RANK": str(rank)}, nproc=2)
 
     with ThreadPoolExecutor(2) as pool:
@@ -130,11 +142,8 @@ def test_four_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(tmp_pa
     assert first.returncode == 0 and second.returncode == 0, first.log() + second.log()
     assert "world size: 4" in first.output, first.log()
     assert "[test_fault_injection] loss-nan at step 1" in second.output, second.log()
-    assert_skip_logged_once(first.output, "rank 3: non-finite loss (nan)")
-    assert_step_changed_nothing(first.output_dir, 1)
-    for rank in range(4):
-        state = json.loads((first.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
-        assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
+    assert "[test_fault_injection]" not in first.output, first.log()
+    return first, second
 
 
 FSDP2 = dict(
@@ -183,7 +192,8 @@ def test_fsdp2_trains_as_ddp_skips_a_one_rank_nan_on_both_and_resumes_from_its_s
         assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
 
     # The weights at the end, from the last sharded checkpoint (with accelerate's default SHARDED_STATE_DICT the
-    # Trainer's final save writes no model: fsdp_config state_dict_type FULL_STATE_DICT does).
+    # Trainer's final save writes no model; FSDP_STATE_DICT_TYPE=FULL_STATE_DICT in the environment does: transformers
+    # 5.6 reads no state_dict_type from fsdp_config).
     straight = sharded_checkpoint_weights(sharded.output_dir / "checkpoint-3", tmp_path / "straight.pt")
     checkpoint = str(sharded.output_dir / "checkpoint-2")
     resumed = two_full_ranks("fsdp2", sharded_env, **FSDP2, resume_from_checkpoint=checkpoint)
@@ -192,6 +202,78 @@ def test_fsdp2_trains_as_ddp_skips_a_one_rank_nan_on_both_and_resumes_from_its_s
     assert after.keys() == straight.keys() and any("language_model" in name for name in after)
     for name, tensor in after.items():
         torch.testing.assert_close(tensor, straight[name], rtol=1e-6, atol=1e-8, msg=name)
+
+
+QWEN2_VL_FSDP2 = dict(
+    fsdp="full_shard auto_wrap",
+    # Qwen2-VL's vision block and decoder layer (its _no_split_modules in transformers 5.6), named as above.
+    fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2VLVisionBlock", "Qwen2VLDecoderLayer"]},
+)
+
+
+def test_fsdp2_with_qwen2_vl_and_lora_trains_as_ddp_and_skips_a_one_rank_nan_on_both(
+    tmp_path, tiny_model_dir, dataset
+):
+    """LLaMA-Factory's own FSDP2 path (the gate opened) with the tiny Qwen2-VL and LoRA (``lora_target: all``, the
+    tower and merger frozen by LLaMA-Factory's defaults), a NaN loss on rank 1 at step 1; the measure is the same
+    run under DDP.
+
+    What the Trainer saves there: transformers passes ``adapter_only=True`` to accelerate's ``save_fsdp_model``, so a
+    checkpoint's ``pytorch_model_fsdp_0`` (a distributed checkpoint, one file per rank) holds the adapter's tensors
+    only, under the names of PEFT's ``adapter_model.safetensors``; with accelerate's default ``SHARDED_STATE_DICT``
+    neither a checkpoint nor the final output has an ``adapter_model.safetensors`` or ``adapter_config.json``
+    (``save_model`` writes a model under FSDP only for ``FULL_STATE_DICT``, which ``FSDP_STATE_DICT_TYPE`` in the
+    environment selects: then both are written, not tested here)."""
+    model_dir = tiny_model_dir("qwen2_vl")
+    fault = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=1)
+    gate = gate_env(tmp_path / "gate")
+    sharded_env = {**fault, "PYTHONPATH": os.pathsep.join([gate["PYTHONPATH"], fault["PYTHONPATH"]])}
+
+    def two_lora_ranks(name: str, env: dict, **overrides) -> LlamaFactoryRun:
+        config = dpo_config(
+            TINY_MODELS["qwen2_vl"], model_dir, dataset, tmp_path / name, "lora",
+            max_steps=3, save_strategy="steps", save_steps=3, **overrides,
+        )  # fmt: skip
+        run = run_llamafactory(tmp_path / f"cli-{name}", config, env=env, nproc=2)
+        assert run.returncode == 0 and "world size: 2" in run.output, run.log()
+        assert "[test_fault_injection] loss-nan at step 1" in run.output, run.log()
+        assert_one_rank_fault_skipped_on_both(run.output)
+        for rank in (0, 1):
+            state = json.loads((run.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
+            assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
+        return run
+
+    sharded = two_lora_ranks("fsdp2", sharded_env, **QWEN2_VL_FSDP2)
+    ddp = two_lora_ranks("ddp", fault)
+    assert sharded.losses[0] == ddp.losses[0] == pytest.approx(math.log(2)), (sharded.losses, ddp.losses)
+    assert [entry["vlm_dpo/skipped_steps"] for entry in sharded.step_logs] == [0.0, 1.0, 1.0], sharded.step_logs
+    # The guards' norm is over all shards (FSDP2 sums them in another order than DDP: the fsdp2 test's tolerance).
+    for mine, theirs in zip(sharded.step_logs, ddp.step_logs, strict=True):
+        for key in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+            if not math.isnan(theirs[key]):
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (key, mine, theirs)
+
+    checkpoint = sharded.output_dir / "checkpoint-3"
+    assert sorted(path.name for path in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp",
+    ], "not a two-rank FSDP2 checkpoint"  # fmt: skip
+    for folder in (checkpoint, sharded.output_dir):
+        assert not {"adapter_model.safetensors", "adapter_config.json"} & {path.name for path in folder.iterdir()}
+    assert (ddp.output_dir / "adapter_model.safetensors").is_file()
+
+    # Only the adapters of the language model trained: they are all the checkpoint holds and all AdamW steps (the
+    # tower, merger and base weights have no optimizer state), and they equal DDP's after the run.
+    from safetensors.torch import load_file
+
+    adapter = sharded_checkpoint_weights(checkpoint, tmp_path / "adapter.pt")
+    ddp_adapter = load_file(ddp.output_dir / "checkpoint-3" / "adapter_model.safetensors")
+    assert adapter.keys() == ddp_adapter.keys() and adapter, sorted(adapter.keys() ^ ddp_adapter.keys())
+    assert all(".lora_" in name and "language_model" in name for name in adapter), sorted(adapter)
+    stepped = {name.replace(".default.", ".") for name in sharded_optimizer_state(checkpoint, tmp_path / "adam.pt")}
+    assert {name.rsplit(".", 1)[0] for name in stepped} == adapter.keys(), sorted(stepped)
+    for name, tensor in adapter.items():
+        torch.testing.assert_close(tensor, ddp_adapter[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert all(tensor.abs().sum() > 0 for name, tensor in adapter.items() if "lora_B" in name), "LoRA B stayed at 0"
 
 
 def sharded_checkpoint_weights(checkpoint, converted) -> dict:
@@ -262,28 +344,14 @@ def test_four_fsdp2_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(
     """Four FSDP2 ranks through LLaMA-Factory's own path (the gate opened, full tuning, the fsdp2 test's settings),
     launched as two nodes of two ranks (``NNODES``/``NODE_RANK``): a NaN loss on rank 3, the second node's second
     rank, skips the step on all four, every rank's shard of the weights and of AdamW's state unchanged by it."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from framework_cli import free_port
-
     fault = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=3)
     gate = gate_env(tmp_path / "gate")
     env = {**fault, "PYTHONPATH": os.pathsep.join([gate["PYTHONPATH"], fault["PYTHONPATH"]])}
-    env.update(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     config = dpo_config(
         TINY_MODELS["llava"], llava, dataset, tmp_path / "out", "full",
         max_steps=3, save_strategy="steps", save_steps=1, **FSDP2,
     )  # fmt: skip
-
-    def node(rank: int) -> LlamaFactoryRun:
-        return run_llamafactory(tmp_path / f"node{rank}", config, env={**env, "NODE_RANK": str(rank)}, nproc=2)
-
-    with ThreadPoolExecutor(2) as pool:
-        first, second = pool.map(node, (0, 1))
-    assert first.returncode == 0 and second.returncode == 0, first.log() + second.log()
-    assert "world size: 4" in first.output, first.log()
-    assert "[test_fault_injection] loss-nan at step 1" in second.output, second.log()
-    assert "[test_fault_injection]" not in first.output, first.log()
+    first, _ = two_nodes(tmp_path, config, env)
     assert_skip_logged_once(first.output, "step 1:", "rank 3: non-finite loss (nan)")
     checkpoints = [first.output_dir / f"checkpoint-{step}" for step in (1, 2, 3)]
     assert all((folder / "pytorch_model_fsdp_0").is_dir() for folder in checkpoints), "not FSDP2 checkpoints"
