@@ -10,7 +10,9 @@
   with the process group (the crash at exit that ``scripts/two_rank_exit_soak.py`` counts; ``exit_check_plugin.py``).
 - swift's own FSDP2 path (``--fsdp fsdp2``, accelerate's CPU gate opened; full tuning): equal to DDP, a one-rank
   NaN skipped on both, resumed from the sharded checkpoint exactly (weights, AdamW state, guard state); an unfreeze
-  stage held until its step; four ranks as two nodes, a NaN on rank 3 skipped by every rank's shard.
+  stage held until its step; four ranks as two nodes, a NaN on rank 3 skipped by every rank's shard. With LoRA on the
+  tiny LLaVA: equal to DDP, the one-rank NaN skipped on both; the checkpoints hold the adapter alone, as a distributed
+  checkpoint (no ``adapter_model.safetensors``), and the base, vision tower and projector stay as loaded.
 """
 
 from __future__ import annotations
@@ -112,37 +114,29 @@ def assert_stock_fails_and_the_adapter_trains(tmp_path, swift_dpo, model, plugin
         assert line in output, run.tail()
 
 
-def test_four_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(
-    tmp_path, swift_dpo, swift_dataset_writer, qwen2_vl, plugin_file
-):
-    # Two `swift rlhf` launches on this machine, as two nodes of two ranks (swift's own NNODES/NODE_RANK/
-    # MASTER_ADDR); the NaN loss is on rank 3, the second node's second rank.
+def two_nodes_with_a_nan_on_rank_3(tmp_path, swift_dpo, swift_dataset_writer, model, plugin_file, extra, gate=False):
+    """Two ``swift rlhf`` launches on this machine as two nodes of two ranks (swift's own NNODES/NODE_RANK/
+    MASTER_ADDR), three steps of ``model`` with ``extra`` and the plugins, a NaN loss on rank 3 (the second node's
+    second rank) at step 1; ``gate`` opens accelerate's FSDP gate. Asserts what every such run shows: both nodes
+    succeed as one world of four, the fault fired on the second node, the step was skipped once for rank 3's reason
+    alone, and all four ranks' plugin state counts the skip. Returns the first node's run (rank 0 saves)."""
     from concurrent.futures import ThreadPoolExecutor
 
     config = tmp_path / "vlm_dpo.yaml"
-    config.write_text(yaml.safe_dump({"loss": {"type": "sigmoid"}}))
-    env = {
-        "VLM_DPO_CONFIG": str(config),
-        "NPROC_PER_NODE": "2",
-        "NNODES": "2",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        **install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=3),
-    }
-    model_dir = qwen2_vl.build(tmp_path / "model")
+    config.write_text(yaml.safe_dump({"loss": {"type": "sigmoid"}}))  # the plugins compute the loss: one to poison
+    env = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=3)
+    env["VLM_DPO_CONFIG"] = str(config)
+    if gate:
+        env = with_gate(env, tmp_path / "gate")
+    env.update(NPROC_PER_NODE="2", NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    model_dir = model.build(tmp_path / "model")
     dataset = swift_dataset_writer(tmp_path / "data" / "train.jsonl", 16)
-    extra = [*TWO_CPU_RANKS, "--save_steps", "1", "--save_only_model", "false", "--external_plugins", plugin_file]
 
     def node(rank: int):
         return swift_dpo(
-            qwen2_vl,
-            max_steps=3,
-            extra_args=extra,
-            env_extra={**env, "NODE_RANK": str(rank)},
-            dataset=dataset,
-            model_dir=model_dir,
-            timeout=500,
-        )
+            model, max_steps=3, extra_args=[*extra, "--external_plugins", plugin_file],
+            env_extra={**env, "NODE_RANK": str(rank)}, dataset=dataset, model_dir=model_dir, timeout=500,
+        )  # fmt: skip
 
     with ThreadPoolExecutor(2) as pool:
         first, second = pool.map(node, (0, 1))
@@ -151,15 +145,27 @@ def test_four_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(
     assert "world_size: 4" in output, first.tail()
     assert "[test_fault_injection] loss-nan at step 1" in second.stdout + second.stderr, second.tail()
     assert_skip_logged_once(output, "rank 3: non-finite loss (nan)")
-    assert_step_changed_nothing(first.output_dir, 1)
+    assert "rank 0:" not in next(line for line in output.splitlines() if SKIP_LINE in line)
     for rank in range(4):
         state = json.loads((first.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
         assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
+    return first
+
+
+def test_four_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(
+    tmp_path, swift_dpo, swift_dataset_writer, qwen2_vl, plugin_file
+):
+    # LoRA under DDP: rank 0's checkpoints around the skipped step hold the same weights and AdamW state.
+    extra = [*TWO_CPU_RANKS, "--save_steps", "1", "--save_only_model", "false"]
+    first = two_nodes_with_a_nan_on_rank_3(tmp_path, swift_dpo, swift_dataset_writer, qwen2_vl, plugin_file, extra)
+    assert_step_changed_nothing(first.output_dir, 1)
 
 
 FULL_TWO_RANKS = ["--tuner_type", "full", "--use_cpu", "true", "--save_steps", "1", "--save_only_model", "false"]
 """Full tuning on gloo ranks, a checkpoint after every step (transformers refuses ``--save_only_model true`` with
 swift's FSDP2 state dict type, SHARDED_STATE_DICT)."""
+LORA_TWO_RANKS = ["--tuner_type", "lora", "--use_cpu", "true", "--save_steps", "1", "--save_only_model", "false"]
+"""The same with LoRA (swift's default targets: the language model's linear layers)."""
 
 
 def two_full_ranks(swift_dpo, model, model_dir, name, env, extra, max_steps=3):
@@ -233,6 +239,154 @@ def test_fsdp2_trains_as_ddp_skips_a_one_rank_nan_on_both_and_resumes_from_its_s
         assert mine == theirs and mine["skipped_steps"] == 1, (rank, mine, theirs)
 
 
+FULL_WEIGHTS_PLUGIN = """
+# A test plugin: when training ends every rank gathers the whole model (FSDP2's shards, the frozen base too, which
+# an FSDP2 LoRA checkpoint leaves out) and rank 0 saves it to $VLM_DPO_TEST_FULL_WEIGHTS.
+import os
+
+import torch
+
+from vlm_dpo_plugins import hookimpl
+
+
+class FullWeights:
+    model = None
+
+    @hookimpl
+    def vlm_dpo_train_begin(self, model, context):
+        self.model = model
+        # fully_shard's units, as the classes they wrap (FSDP<class>; an activation-checkpointed layer's inside)
+        units = sorted(
+            type(getattr(module, "_checkpoint_wrapped_module", module)).__name__.removeprefix("FSDP")
+            for module in model.modules() if type(module).__name__.startswith("FSDP")
+        )
+        print(f"[test_full_weights] rank {context.rank}: fsdp_version={context.fsdp_version} "
+              f"uses_peft={context.uses_peft} {type(model).__name__} units={','.join(units)}", flush=True)
+
+    @hookimpl
+    def vlm_dpo_train_end(self, context, metrics):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)  # under FSDP2 a collective: every rank calls it
+        if context.rank == 0:
+            torch.save(state, os.environ["VLM_DPO_TEST_FULL_WEIGHTS"])
+
+
+plugin = FullWeights()
+"""
+
+
+def install_full_weights(directory, fault: dict, saved) -> dict:
+    """``fault``'s environment plus :data:`FULL_WEIGHTS_PLUGIN` installed beside it, saving to ``saved``."""
+    from plugin_install import install_as_entry_point
+
+    source = directory / "source" / "vlm_dpo_test_full_weights.py"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text(FULL_WEIGHTS_PLUGIN)
+    env = install_as_entry_point(source, directory / "installed", "vlm_dpo_test_full_weights", "test_full_weights")
+    return {
+        **fault,
+        "PYTHONPATH": os.pathsep.join([env["PYTHONPATH"], fault["PYTHONPATH"]]),
+        "VLM_DPO_LOAD_PLUGINS": f"{fault['VLM_DPO_LOAD_PLUGINS']},{env['VLM_DPO_LOAD_PLUGINS']}",
+        "VLM_DPO_TEST_FULL_WEIGHTS": str(saved),
+    }
+
+
+def test_fsdp2_with_lora_on_llava_trains_as_ddp_and_skips_a_one_rank_nan_on_both(
+    tmp_path, swift_dpo, llava, plugin_file
+):
+    """``swift rlhf --fsdp fsdp2 --tuner_type lora`` on the tiny LLaVA (swift's ``llava1_5_hf``; its fsdp2.json:
+    auto-wrap by ``_no_split_modules``, activation checkpointing, SHARDED_STATE_DICT), the gate opened; a NaN loss
+    on rank 1 at step 1. The same run under DDP is the reference. Under FSDP2 with LoRA the Trainer saves the
+    adapter alone, as a distributed checkpoint (``pytorch_model_fsdp_0``: the LoRA tensors, named as in
+    ``adapter_model.safetensors``), and swift's own ``adapter_model.safetensors``/``adapter_config.json`` are not
+    written; the frozen base is checked from the whole model gathered at the end (FULL_WEIGHTS_PLUGIN)."""
+    import torch
+    from safetensors.torch import load_file
+    from saved_models import live_weights
+
+    config = tmp_path / "vlm_dpo.yaml"
+    config.write_text(yaml.safe_dump({"loss": {"type": "sigmoid"}}))  # the plugins compute the loss: one to poison
+    fault = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=1)
+    fault["VLM_DPO_CONFIG"] = str(config)
+    model_dir = llava.build(tmp_path / "model")
+
+    def launch(name, env, *extra):
+        env = {
+            **install_full_weights(tmp_path / f"weights-{name}", env, tmp_path / f"{name}-final.pt"),
+            "NPROC_PER_NODE": "2",
+            "MASTER_PORT": str(free_port()),
+        }
+        run = swift_dpo(
+            llava, num_rows=8, max_steps=3, extra_args=[*LORA_TWO_RANKS, "--external_plugins", plugin_file, *extra],
+            env_extra=env, output_name=name, model_dir=model_dir,
+        )  # fmt: skip
+        assert run.returncode == 0 and "world_size: 2" in run.stdout + run.stderr, run.tail()
+        return run
+
+    sharded = launch("fsdp2", with_gate(fault, tmp_path / "gate"), "--fsdp", "fsdp2")
+    ddp = launch("ddp", fault)
+    # Really FSDP2 over the PeftModel: fsdp2.json's auto-wrap makes each of _no_split_modules present a unit (the
+    # language and vision layers and CLIP's vision embeddings, checkpointed; not the CLIPTextEmbeddings LLaVA's CLIP
+    # also names, which accelerate 1.16 leaves out), the embeddings and the LM head units of their own, the root the
+    # rest (the projector). And the DDP run has none.
+    units = "CLIPEncoderLayer,CLIPEncoderLayer,CLIPVisionEmbeddings,Embedding,Linear,LlamaDecoderLayer,"
+    units += "LlamaDecoderLayer"
+    for rank in (0, 1):
+        line = f"[test_full_weights] rank {rank}: fsdp_version=2 uses_peft=True FSDPPeftModelForCausalLM units={units},"
+        assert f"{line}PeftModelForCausalLM\n" in sharded.stdout + sharded.stderr, sharded.tail()
+        line = f"[test_full_weights] rank {rank}: fsdp_version=None uses_peft=True PeftModelForCausalLM units=\n"
+        assert line in ddp.stdout + ddp.stderr, ddp.tail()
+    for run in (sharded, ddp):
+        assert_one_rank_fault_skipped_on_both(run.stdout + run.stderr)
+        for rank in (0, 1):
+            state = json.loads((run.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
+            assert state["guards"]["skipped_steps"] == 1, (run.output_dir.name, rank, state["guards"])
+    logged = sharded.logged_steps()
+    assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), logged  # LoRA's B starts at zero: policy = ref
+    for mine, theirs in zip(logged, ddp.logged_steps(), strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins"):
+            if not math.isnan(theirs[key]):
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (key, mine, theirs)
+
+    # What the FSDP2 checkpoint holds: the adapter's tensors (DCP), AdamW's state for them alone, no safetensors.
+    def saved(step):
+        folder = sharded.output_dir / f"checkpoint-{step}"
+        # The Trainer's save_model calls swift's _save (the adapter's files, args.json) only with FULL_STATE_DICT.
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert not (folder / name).exists(), sorted(path.name for path in folder.iterdir())
+        model = sharded_checkpoint(folder / "pytorch_model_fsdp_0", tmp_path / f"{step}-model.pt")["model"]
+        optimizer = sharded_checkpoint(folder / "optimizer_0", tmp_path / f"{step}-optimizer.pt")["optimizer"]
+        return model, optimizer
+
+    (before, before_moments), (after, after_moments), (last, last_moments) = map(saved, (1, 2, 3))
+    adapter = load_file(ddp.output_dir / "checkpoint-3" / "adapter_model.safetensors")
+    assert all(".lora_" in name for name in adapter) and len(adapter) == 28, sorted(adapter)  # 2 layers x 7 x A, B
+    assert_same_tensors(adapter, last, rtol=1e-5)  # the same keys, and the same LoRA weights as DDP's
+    assert {name.replace(".default.", ".") for name in last_moments["state"]} == set(adapter), last_moments["state"]
+    assert_same_tensors(flat_tensors(before), flat_tensors(after), rtol=0)  # the skipped step moved nothing
+    assert_same_tensors(flat_tensors(before_moments), flat_tensors(after_moments), rtol=0)
+    assert not any(after[name].equal(last[name]) for name in last if ".lora_B." in name)
+
+    # The whole model at the end: the LoRA weights trained, the base language model, vision tower and projector
+    # are as loaded, under FSDP2 (gathered from the shards) as under DDP.
+    initial = live_weights(model_dir)
+    for run in (sharded, ddp):
+        final = torch.load(tmp_path / f"{run.output_dir.name}-final.pt")
+        lora = {name.replace(".default.", "."): tensor for name, tensor in final.items() if ".lora_" in name}
+        base = {
+            name.removeprefix("base_model.model.").replace(".base_layer.", "."): tensor
+            for name, tensor in final.items() if ".lora_" not in name
+        }  # fmt: skip
+        assert base.keys() == initial.keys(), sorted(set(base) ^ set(initial))[:10]
+        assert {llava.part(name) for name in base} == {"vision", "aligner", "language"}
+        for name, tensor in initial.items():
+            assert base[name].equal(tensor), (run.output_dir.name, name)
+        assert_same_tensors(adapter, lora, rtol=1e-5)
+        assert all(lora[name].abs().max() > 0 for name in lora if ".lora_B." in name)
+
+
 def test_an_unfreeze_stage_under_fsdp2_trains_the_aligner_from_its_step_on_both_ranks_as_ddp_does(
     tmp_path, swift_dpo, qwen2_vl, plugin_file
 ):
@@ -287,36 +441,11 @@ def test_fsdp2_on_four_ranks_on_two_nodes_skips_a_nan_on_the_second_node_on_ever
     """Two ``swift rlhf --fsdp fsdp2`` launches as two nodes of two ranks (NNODES/NODE_RANK), the gate opened: a
     NaN loss on rank 3 at step 1 is skipped by all four, each of which steps its own quarter of every weight."""
     import torch
-    from concurrent.futures import ThreadPoolExecutor
 
-    config = tmp_path / "vlm_dpo.yaml"
-    config.write_text(yaml.safe_dump({"loss": {"type": "sigmoid"}}))  # the plugins compute the loss: one to poison
-    fault = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=3)
-    env = {
-        **with_gate({**fault, "VLM_DPO_CONFIG": str(config)}, tmp_path / "gate"),
-        "NPROC_PER_NODE": "2",
-        "NNODES": "2",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }
-    model_dir = qwen2_vl.build(tmp_path / "model")
-    dataset = swift_dataset_writer(tmp_path / "data" / "train.jsonl", 16)
-    extra = [*FULL_TWO_RANKS, "--fsdp", "fsdp2", "--external_plugins", plugin_file]
-
-    def node(rank: int):
-        return swift_dpo(
-            qwen2_vl, max_steps=3, extra_args=extra, env_extra={**env, "NODE_RANK": str(rank)}, dataset=dataset,
-            model_dir=model_dir, timeout=500,
-        )  # fmt: skip
-
-    with ThreadPoolExecutor(2) as pool:
-        first, second = pool.map(node, (0, 1))
-    assert first.returncode == 0 and second.returncode == 0, first.tail() + second.tail()
-    output = first.stdout + first.stderr
-    assert "world_size: 4" in output, first.tail()
-    assert "[test_fault_injection] loss-nan at step 1" in second.stdout + second.stderr, second.tail()
-    assert_skip_logged_once(output, "rank 3: non-finite loss (nan)")
-    assert "rank 0:" not in next(line for line in output.splitlines() if SKIP_LINE in line)
+    extra = [*FULL_TWO_RANKS, "--fsdp", "fsdp2"]
+    first = two_nodes_with_a_nan_on_rank_3(
+        tmp_path, swift_dpo, swift_dataset_writer, qwen2_vl, plugin_file, extra, gate=True
+    )
 
     # fully_shard splits each weight's dim 0 (and its AdamW state) over the four ranks: the checkpoints around the
     # skipped step, every rank's shard in them, hold the same weights, optimizer state and schedule.
@@ -339,9 +468,6 @@ def test_fsdp2_on_four_ranks_on_two_nodes_skips_a_nan_on_the_second_node_on_ever
     for name in decoder:
         quarters = zip(after[name].chunk(4), then[name].chunk(4), strict=True)
         assert all(not old.equal(new) for old, new in quarters), f"a rank's shard of {name} did not step"
-    for rank in range(4):
-        state = json.loads((first.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
-        assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
 
 
 def sharded_checkpoint(folder, converted) -> dict:
@@ -374,3 +500,4 @@ def assert_same_tensors(expected: dict, actual: dict, rtol=1e-6) -> None:
         torch.testing.assert_close(
             actual[name], tensor, rtol=rtol, atol=rtol * scale, msg=lambda default, name=name: f"{name}: {default}"
         )
+
