@@ -9,10 +9,12 @@
   a static graph, it trains, and no DDP wrapper is left for interpreter shutdown to tear down in whatever order
   with the process group (the crash at exit that ``scripts/two_rank_exit_soak.py`` counts; ``exit_check_plugin.py``).
 - swift's own FSDP2 path (``--fsdp fsdp2``, accelerate's CPU gate opened; full tuning): equal to DDP, a one-rank
-  NaN skipped on both, resumed from the sharded checkpoint exactly (weights, AdamW state, guard state); an unfreeze
-  stage held until its step; four ranks as two nodes, a NaN on rank 3 skipped by every rank's shard. With LoRA on the
-  tiny LLaVA: equal to DDP, the one-rank NaN skipped on both; the checkpoints hold the adapter alone, as a distributed
-  checkpoint (no ``adapter_model.safetensors``), and the base, vision tower and projector stay as loaded.
+  NaN skipped on both, resumed from the sharded checkpoint exactly (weights, AdamW state, guard state); four ranks
+  as two nodes, a NaN on rank 3 skipped by every rank's shard. With LoRA on the tiny LLaVA: equal to DDP, the
+  one-rank NaN skipped on both; the checkpoints hold the adapter alone, as a distributed checkpoint (no
+  ``adapter_model.safetensors``), and the base, vision tower and projector stay as loaded.
+- An unfreeze stage under DDP, FSDP2 and a stock ZeRO-2 (``--deepspeed``), one test: held (or inert in ZeRO's
+  optimizer) until its step, then trained, every checkpoint's weights equal to DDP's.
 """
 
 from __future__ import annotations
@@ -387,26 +389,49 @@ def test_fsdp2_with_lora_on_llava_trains_as_ddp_and_skips_a_one_rank_nan_on_both
         assert all(lora[name].abs().max() > 0 for name in lora if ".lora_B." in name)
 
 
-def test_an_unfreeze_stage_under_fsdp2_trains_the_aligner_from_its_step_on_both_ranks_as_ddp_does(
+def test_an_unfreeze_stage_trains_the_aligner_from_its_step_under_ddp_fsdp2_and_zero2_alike(
     tmp_path, swift_dpo, qwen2_vl, plugin_file
 ):
-    """``freeze.unfreeze`` through ``swift rlhf --fsdp fsdp2`` (full tuning): the merger (swift's aligner, the
-    policy's projector group) is held from the start and trains from its stage's step (docs/scaling.md)."""
+    """``freeze.unfreeze`` (the merger, swift's aligner, the policy's projector group, from step 2) on two ranks, full
+    tuning of the tiny Qwen2-VL, a checkpoint after every step, three ways (docs/scaling.md): under DDP, the measure,
+    the merger is held trainable from the start and joins at its step; through ``swift rlhf --fsdp fsdp2`` (the gate
+    opened) it is held the same way, each rank stepping its half; under a stock ZeRO-2 (``--deepspeed``) it is in
+    ZeRO's partitioned optimizer from the start, inert until its stage. Every checkpoint's weights, the losses and
+    the norms equal the DDP run's.
+
+    The runs share one command but for ``--save_only_model``: false under DDP and FSDP2 (transformers refuses true
+    with swift's FSDP2 state dict type, SHARDED_STATE_DICT; under DDP it only adds the optimizer's files), true under
+    ZeRO-2 (its weights are whole in ``model.safetensors``; no ZeRO optimizer checkpoint to write). DDP and ZeRO-2
+    run in fp32 explicitly (``--fp16 false --bf16 false``: swift turns fp16 on for float32 weights, which a ZeRO
+    config's "auto" would take up); FSDP2 runs as users launch it (accelerate enables fp16 only off CPU, so the
+    DDP measure is the one it always had)."""
+    pytest.importorskip("deepspeed", reason="needs deepspeed in the ms-swift environment")
+    import torch
+    from fault_matrix import deepspeed_environment, zero_config
     from safetensors.torch import load_file
     from saved_models import live_weights
 
     config = tmp_path / "vlm_dpo.yaml"
     config.write_text(yaml.safe_dump({"freeze": {"unfreeze": [{"at_step": 2, "groups": ["projector"]}]}}))
     env = {"VLM_DPO_CONFIG": str(config)}
+    zero2 = tmp_path / "zero2.json"
+    zero2.write_text(json.dumps(zero_config(2)))
     model_dir = qwen2_vl.build(tmp_path / "model")
     extra = ["--external_plugins", plugin_file]
+    fp32 = ["--fp16", "false", "--bf16", "false"]
+    ddp = two_full_ranks(swift_dpo, qwen2_vl, model_dir, "ddp", env, [*extra, *fp32])
     sharded = two_full_ranks(swift_dpo, qwen2_vl, model_dir, "fsdp2", with_gate(env, tmp_path / "gate"),
                              [*extra, "--fsdp", "fsdp2"])  # fmt: skip
-    ddp = two_full_ranks(swift_dpo, qwen2_vl, model_dir, "ddp", env, extra)
+    zero = two_full_ranks(swift_dpo, qwen2_vl, model_dir, "zero2", {**env, **deepspeed_environment()},
+                          [*extra, *fp32, "--save_only_model", "true", "--deepspeed", str(zero2)])  # fmt: skip
     for run in (sharded, ddp):
         output = run.stdout + run.stderr
         assert "of later unfreeze stages are trainable from the start" in output, run.tail()
-        assert "step 2: unfroze" in output, run.tail()
+        assert "vlm-dpo: step 2: unfroze" in output, run.tail()
+    for run in (ddp, zero):
+        assert (run.stdout + run.stderr).count("vlm-dpo: step 2: unfroze") == 2, run.tail()  # on each rank
+    output = zero.stdout + zero.stderr
+    assert "DeepSpeed ZeRO-2 optimizer holds" in output and "staged group(s)" in output, zero.tail()
 
     initial = live_weights(model_dir)
     aligner = [name for name in initial if qwen2_vl.part(name) == "aligner"]
@@ -421,12 +446,24 @@ def test_an_unfreeze_stage_under_fsdp2_trains_the_aligner_from_its_step_on_both_
         assert any(not mine[name].equal(initial[name]) for name in initial if qwen2_vl.part(name) == "language")
         # The same updates as DDP's (its gradients averaged over both ranks), every weight.
         assert_same_tensors({name: theirs[name] for name in mine}, mine, rtol=1e-5)
+        # ZeRO-2: every weight as DDP's too, the same names.
+        zeroed = load_file(zero.output_dir / f"checkpoint-{step}" / "model.safetensors")
+        assert zeroed.keys() == theirs.keys()
+        for name, tensor in zeroed.items():
+            torch.testing.assert_close(tensor, theirs[name], rtol=1e-5, atol=1e-7, msg=f"checkpoint-{step}: {name}")
     for name in aligner:
         # fully_shard splits dim 0 over the ranks: each rank's optimizer steps its own half.
         for rank, (before, after) in enumerate(zip(initial[name].chunk(2), mine[name].chunk(2), strict=True)):
             assert not after.equal(before), f"rank {rank}'s shard of {name} did not train at its stage"
+    # ZeRO-2's merger, as the model loads it back: inert in ZeRO's optimizer until its stage, then trained.
+    saved = {step: live_weights(zero.output_dir / f"checkpoint-{step}") for step in (1, 2, 3)}
+    assert all(saved[step][name].equal(initial[name]) for step in (1, 2) for name in aligner)
+    assert any(not saved[3][name].equal(initial[name]) for name in aligner), "the aligner did not train at its stage"
     losses = [[entry["loss"] for entry in run.logged_steps()] for run in (sharded, ddp)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-7), losses
+    for mine, theirs in zip(zero.logged_steps(), ddp.logged_steps(), strict=True):
+        for key in ("loss", "grad_norm"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (key, mine, theirs)
     # The held gradient is left out of the guards' norm (clipped and voted on) until the stage, then counted.
     logged = sharded.logged_steps()
     groups = [{key.rsplit("/", 1)[1] for key in entry if key.startswith("vlm_dpo/grad_norm/")} for entry in logged]
@@ -500,4 +537,3 @@ def assert_same_tensors(expected: dict, actual: dict, rtol=1e-6) -> None:
         torch.testing.assert_close(
             actual[name], tensor, rtol=rtol, atol=rtol * scale, msg=lambda default, name=name: f"{name}: {default}"
         )
-
