@@ -35,9 +35,12 @@ from exit_check_plugin import install as install_exit_check  # noqa: E402
 from fault_matrix import (  # noqa: E402
     DDP_CRASH,
     SKIP_LINE,
+    assert_deepspeed_skipped_once,
     assert_one_rank_fault_skipped_on_both,
     assert_skip_logged_once,
     assert_step_changed_nothing,
+    deepspeed_environment,
+    zero_config,
 )
 from fault_plugin import install as install_fault_plugin  # noqa: E402
 from framework_cli import free_port  # noqa: E402
@@ -116,20 +119,24 @@ def assert_stock_fails_and_the_adapter_trains(tmp_path, swift_dpo, model, plugin
         assert line in output, run.tail()
 
 
-def two_nodes_with_a_nan_on_rank_3(tmp_path, swift_dpo, swift_dataset_writer, model, plugin_file, extra, gate=False):
+def two_nodes_with_a_nan_on_rank_3(
+    tmp_path, swift_dpo, swift_dataset_writer, model, plugin_file, extra, gate=None, fault="loss-nan", env=None
+):
     """Two ``swift rlhf`` launches on this machine as two nodes of two ranks (swift's own NNODES/NODE_RANK/
-    MASTER_ADDR), three steps of ``model`` with ``extra`` and the plugins, a NaN loss on rank 3 (the second node's
-    second rank) at step 1; ``gate`` opens accelerate's FSDP gate. Asserts what every such run shows: both nodes
-    succeed as one world of four, the fault fired on the second node, the step was skipped once for rank 3's reason
-    alone, and all four ranks' plugin state counts the skip. Returns the first node's run (rank 0 saves)."""
+    MASTER_ADDR), three steps of ``model`` with ``extra`` and the plugins, a NaN (``fault``: in the loss, or in a
+    gradient under DeepSpeed) on rank 3 (the second node's second rank) at step 1; ``gate(env, folder)`` opens what
+    these CPU ranks need (``with_gate``: accelerate's FSDP gate). Asserts what every such run shows: both nodes
+    succeed as one world of four, the fault fired on the second node, the step was skipped once (for rank 3's reason
+    alone; under DeepSpeed by DeepSpeed, counted once), and all four ranks' plugin state counts the skip. Returns the
+    first node's run (rank 0 saves)."""
     from concurrent.futures import ThreadPoolExecutor
 
     config = tmp_path / "vlm_dpo.yaml"
     config.write_text(yaml.safe_dump({"loss": {"type": "sigmoid"}}))  # the plugins compute the loss: one to poison
-    env = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=3)
+    env = {**(env or {}), **install_fault_plugin(tmp_path / "plugins", fault=fault, steps=[1], only_rank=3)}
     env["VLM_DPO_CONFIG"] = str(config)
     if gate:
-        env = with_gate(env, tmp_path / "gate")
+        env = gate(env, tmp_path / "gate")
     env.update(NPROC_PER_NODE="2", NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     model_dir = model.build(tmp_path / "model")
     dataset = swift_dataset_writer(tmp_path / "data" / "train.jsonl", 16)
@@ -145,9 +152,13 @@ def two_nodes_with_a_nan_on_rank_3(tmp_path, swift_dpo, swift_dataset_writer, mo
     assert first.returncode == 0 and second.returncode == 0, first.tail() + second.tail()
     output = first.stdout + first.stderr
     assert "world_size: 4" in output, first.tail()
-    assert "[test_fault_injection] loss-nan at step 1" in second.stdout + second.stderr, second.tail()
-    assert_skip_logged_once(output, "rank 3: non-finite loss (nan)")
-    assert "rank 0:" not in next(line for line in output.splitlines() if SKIP_LINE in line)
+    assert f"[test_fault_injection] {fault} at step 1" in second.stdout + second.stderr, second.tail()
+    if "--deepspeed" in extra:
+        # The NaN reaches every rank in the reduced gradients: DeepSpeed skips the step, the guards count it.
+        assert_deepspeed_skipped_once(output, [entry["vlm_dpo/skipped_steps"] for entry in first.logged_steps()])
+    else:
+        assert_skip_logged_once(output, "rank 3: non-finite loss (nan)")
+        assert "rank 0:" not in next(line for line in output.splitlines() if SKIP_LINE in line)
     for rank in range(4):
         state = json.loads((first.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
         assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
@@ -161,6 +172,35 @@ def test_four_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(
     extra = [*TWO_CPU_RANKS, "--save_steps", "1", "--save_only_model", "false"]
     first = two_nodes_with_a_nan_on_rank_3(tmp_path, swift_dpo, swift_dataset_writer, qwen2_vl, plugin_file, extra)
     assert_step_changed_nothing(first.output_dir, 1)
+
+
+def test_zero3_on_four_ranks_on_two_nodes_skips_a_nan_gradient_on_the_second_node_everywhere(
+    tmp_path, swift_dpo, swift_dataset_writer, qwen2_vl, plugin_file
+):
+    """ZeRO-3 (``--deepspeed``, ``--use_cpu true`` with DeepSpeed's communication opened on the gloo group:
+    tests/support/deepspeed_on_cpu.py), LoRA, four ranks as two nodes: a NaN gradient on rank 3 at step 1 is
+    skipped by DeepSpeed on all four; the adapter saved after the step is the one saved before it, and the next
+    step trains it."""
+    pytest.importorskip("deepspeed")
+    import torch
+    from deepspeed_on_cpu import gate_env as deepspeed_gate_env
+    from safetensors.torch import load_file
+
+    def deepspeed_gate(env, folder):
+        return {**env, "PYTHONPATH": os.pathsep.join([deepspeed_gate_env(folder)["PYTHONPATH"], env["PYTHONPATH"]])}
+
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps(zero_config(3)))
+    extra = [*TWO_CPU_RANKS, "--fp16", "false", "--bf16", "false", "--save_steps", "1", "--deepspeed", str(zero3)]
+    first = two_nodes_with_a_nan_on_rank_3(
+        tmp_path, swift_dpo, swift_dataset_writer, qwen2_vl, plugin_file, extra,
+        gate=deepspeed_gate, fault="grad-nan", env=deepspeed_environment(),
+    )  # fmt: skip
+    assert "DeepSpeed ZeRO-3 optimizer holds" in first.stdout + first.stderr, first.tail()
+    adapters = [load_file(first.output_dir / f"checkpoint-{step}" / "adapter_model.safetensors") for step in (1, 2, 3)]
+    assert adapters[0] and all(adapters[0][name].equal(adapters[1][name]) for name in adapters[0]), "the skip moved it"
+    assert any(not adapters[1][name].equal(adapters[2][name]) for name in adapters[1]), "no step after the skip"
+    assert all(torch.isfinite(tensor).all() for tensor in adapters[2].values())
 
 
 FULL_TWO_RANKS = ["--tuner_type", "full", "--use_cpu", "true", "--save_steps", "1", "--save_only_model", "false"]
@@ -481,7 +521,7 @@ def test_fsdp2_on_four_ranks_on_two_nodes_skips_a_nan_on_the_second_node_on_ever
 
     extra = [*FULL_TWO_RANKS, "--fsdp", "fsdp2"]
     first = two_nodes_with_a_nan_on_rank_3(
-        tmp_path, swift_dpo, swift_dataset_writer, qwen2_vl, plugin_file, extra, gate=True
+        tmp_path, swift_dpo, swift_dataset_writer, qwen2_vl, plugin_file, extra, gate=with_gate
     )
 
     # fully_shard splits each weight's dim 0 (and its AdamW state) over the four ranks: the checkpoints around the
