@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
-from framework_cli import free_port
+from framework_cli import free_port, torch_extensions_dir
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vlm-dpo-plugins" / "torch_extensions"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
 
 
 @pytest.fixture

@@ -158,9 +158,9 @@ def zero_config(stage: int) -> dict:
 
 
 def deepspeed_environment() -> dict[str, str]:
-    # Outside a test's temporary HOME, so DeepSpeed's CPU communication op is compiled once per machine.
-    torch_extensions = Path.home() / ".cache" / "vlm-dpo-plugins" / "torch_extensions"
-    return {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(torch_extensions)}
+    from framework_cli import torch_extensions_dir
+
+    return {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": torch_extensions_dir()}
 
 
 def assert_live_buckets_as_written(output: str, stage: int) -> None:

@@ -21,6 +21,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed's compiled CPU communication op is kept between runs: outside any test's temporary HOME, so
+    it is compiled once, and one folder per environment, since the build names the environment's own include path
+    (a folder shared by two environments is compiled again each time the other one used it)."""
+    import hashlib
+
+    environment = f"{Path(sys.prefix).name}-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]}"
+    return str(Path.home() / ".cache" / "vlm-dpo-plugins" / "torch_extensions" / environment)
+
+
 PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
 
 

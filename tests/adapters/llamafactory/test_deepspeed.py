@@ -56,8 +56,9 @@ def test_an_unfreeze_stage_under_zero2_trains_the_projector_from_its_step_and_re
     tmp_path, llava, tiny_dataset_dir
 ):
     """ZeRO partitions the optimizer when DeepSpeed starts: the projector's stage is in it from step 0, inert, and
-    trains from its step (docs/scaling.md; the two-rank comparison with DDP is tests/sharded/test_unfreeze_stages.py).
-    A run resumed from the checkpoint just before the stage starts it as the uninterrupted run did.
+    trains from its step (docs/scaling.md; the two-rank comparison with DDP is tests/sharded/test_unfreeze_stages.py,
+    and through LLaMA-Factory test_distributed.py's unfreeze test). A run resumed from the checkpoint just before the
+    stage starts it as the uninterrupted run did.
     """
     import shutil
 

@@ -8,6 +8,8 @@
   ready only once" (the Qwen2.5-VL report); with the adapter installed it trains, and no DDP wrapper is left for
   interpreter shutdown to tear down after LLaMA-Factory's ``destroy_process_group()`` (the crash at exit that
   ``scripts/two_rank_exit_soak.py`` counts; ``exit_check_plugin.py``).
+- ``freeze.unfreeze`` (full tuning, the projector's stage at step 2): under DDP the projector trains from its step,
+  and FSDP2 (the gate opened) and ZeRO-2 (stock) train it from there as DDP does, one DDP run the measure of both.
 """
 
 from __future__ import annotations
@@ -96,19 +98,6 @@ def assert_stock_fails_and_the_adapter_trains(tmp_path, model_dir, dataset, mode
         assert line in run.output, run.log()
 
 
-def test_an_unfreeze_stage_under_ddp_trains_the_projector_from_its_step(tmp_path, llava, dataset):
-    section = {"freeze": {"unfreeze": [{"at_step": 2, "groups": ["projector"]}]}}
-    config = dpo_config(
-        TINY_MODELS["llava"], llava, dataset, tmp_path / "out", "full",
-        max_steps=3, save_strategy="steps", save_steps=1, vlm_dpo=section,
-    )  # fmt: skip
-    run = run_llamafactory(tmp_path, config, nproc=2)
-    assert run.returncode == 0, run.log()
-    assert "world size: 2" in run.output and "of later unfreeze stages are trainable from the start" in run.output
-    assert "step 2: unfroze" in run.output, run.log()
-    assert_projector_trains_from(2, llava, run.output_dir, last_step=3)
-
-
 def test_four_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(tmp_path, llava, dataset):
     # Two `llamafactory-cli train` launches on this machine, as two nodes of two ranks (LLaMA-Factory's own
     # NNODES/NODE_RANK/MASTER_ADDR); the NaN loss is on rank 3, the second node's second rank.
@@ -119,15 +108,37 @@ def test_four_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(tmp_pa
     first, _ = two_nodes(tmp_path, config, env)
     assert_skip_logged_once(first.output, "rank 3: non-finite loss (nan)")
     assert_step_changed_nothing(first.output_dir, 1)
-    for rank in range(4):
-        state = json.loads((first.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
-        assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
 
 
-def two_nodes(tmp_path, config: dict, env: dict) -> tuple[LlamaFactoryRun, LlamaFactoryRun]:
+def test_zero3_on_four_ranks_on_two_nodes_skips_a_nan_gradient_on_the_second_node_everywhere(tmp_path, llava, dataset):
+    """LLaMA-Factory's ZeRO-3 (stock: ``use_cpu`` unset, see test_deepspeed_ranks.py), LoRA, four ranks as two nodes:
+    a NaN gradient on rank 3 at step 1 reaches every rank in the reduced gradients and DeepSpeed skips the step on
+    all four; the adapter saved after the step is the one saved before it, and the next step trains it."""
+    pytest.importorskip("deepspeed", reason="needs deepspeed in the LLaMA-Factory environment")
+    from fault_matrix import assert_deepspeed_skipped_once, deepspeed_environment, zero_config
+    from safetensors.torch import load_file
+
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps(zero_config(3)))
+    fault = install_fault_plugin(tmp_path / "plugins", fault="grad-nan", steps=[1], only_rank=3)
+    config = dpo_config(
+        TINY_MODELS["llava"], llava, dataset, tmp_path / "out", "lora",
+        max_steps=3, save_strategy="steps", save_steps=1, deepspeed=str(zero3), use_cpu=None,
+    )  # fmt: skip
+    first, _ = two_nodes(tmp_path, config, {**fault, **deepspeed_environment()}, fault="grad-nan")
+    assert "DeepSpeed ZeRO-3 optimizer holds" in first.output, first.log()
+    assert_deepspeed_skipped_once(first.output, [entry["vlm_dpo/skipped_steps"] for entry in first.step_logs])
+    adapters = [load_file(first.output_dir / f"checkpoint-{step}" / "adapter_model.safetensors") for step in (1, 2, 3)]
+    assert adapters[0] and all(adapters[0][name].equal(adapters[1][name]) for name in adapters[0]), "the skip moved it"
+    assert any(not adapters[1][name].equal(adapters[2][name]) for name in adapters[1]), "no step after the skip"
+    assert all(torch.isfinite(tensor).all() for tensor in adapters[2].values())
+
+
+def two_nodes(tmp_path, config: dict, env: dict, fault: str = "loss-nan") -> tuple[LlamaFactoryRun, LlamaFactoryRun]:
     """``config`` launched at once as two nodes of two ranks on this machine (LLaMA-Factory's own ``NNODES``/
-    ``NODE_RANK``/``MASTER_ADDR``, one ``MASTER_PORT``), ``env`` (a fault plugin's, injecting a NaN loss on rank 3
-    at step 1) added; both launches succeed as one world of four, the fault on the second node only."""
+    ``NODE_RANK``/``MASTER_ADDR``, one ``MASTER_PORT``), ``env`` (a fault plugin's, injecting ``fault`` on rank 3
+    at step 1) added; both launches succeed as one world of four, the fault on the second node only, and every
+    rank's plugin state in the last checkpoint (checkpoint-3) counts one skipped step."""
     from concurrent.futures import ThreadPoolExecutor
 
     from framework_cli import free_port
@@ -141,8 +152,11 @@ def two_nodes(tmp_path, config: dict, env: dict) -> tuple[LlamaFactoryRun, Llama
         first, second = pool.map(node, (0, 1))
     assert first.returncode == 0 and second.returncode == 0, first.log() + second.log()
     assert "world size: 4" in first.output, first.log()
-    assert "[test_fault_injection] loss-nan at step 1" in second.output, second.log()
+    assert f"[test_fault_injection] {fault} at step 1" in second.output, second.log()
     assert "[test_fault_injection]" not in first.output, first.log()
+    for rank in range(4):
+        state = json.loads((first.output_dir / "checkpoint-3" / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
+        assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
     return first, second
 
 
@@ -284,10 +298,22 @@ def sharded_checkpoint_weights(checkpoint, converted) -> dict:
     return torch.load(converted, weights_only=True)["model"]
 
 
-def test_an_unfreeze_stage_under_fsdp2_trains_the_projector_from_its_step_as_under_ddp(tmp_path, llava, dataset):
-    """``freeze.unfreeze`` through LLaMA-Factory's own FSDP2 path (the gate opened, full tuning, as the fsdp2 test
-    above): the projector is held trainable from the start with its gradient dropped until its stage, then joins
-    the optimizer, each rank's shard of it alike; the same run under DDP is the measure."""
+def test_an_unfreeze_stage_trains_the_projector_from_its_step_under_ddp_fsdp2_and_zero2_alike(tmp_path, llava, dataset):
+    """``freeze.unfreeze`` on two ranks (LLaVA, full tuning, the projector's stage at step 2, a checkpoint each step)
+    under DDP, LLaMA-Factory's own FSDP2 path (the gate opened, as the fsdp2 test above) and its ZeRO-2 path (stock:
+    ``use_cpu`` unset, see test_deepspeed_ranks.py). One DDP run is the measure of both sharded runs.
+
+    - DDP: the projector is held trainable from the start, its gradient dropped until its stage, then it joins the
+      optimizer; the saved projector is the model's until checkpoint 2 and trains at step 2.
+    - FSDP2: likewise, each rank's shard of the projector alike; every weight after the stage, the losses and each
+      group's gradient norm (over all shards) are DDP's.
+    - ZeRO-2: the projector is in ZeRO's partitioned optimizer from the start, inert until its stage
+      (docs/scaling.md), then trains; every checkpoint's weights, the losses and gradient norms are DDP's.
+    """
+    pytest.importorskip("deepspeed", reason="needs deepspeed in the LLaMA-Factory environment")
+    from fault_matrix import deepspeed_environment, zero_config
+    from safetensors.torch import load_file
+
     section = {"freeze": {"unfreeze": [{"at_step": 2, "groups": ["projector"]}]}}
 
     def two_full_ranks(name: str, env: dict | None, **overrides) -> LlamaFactoryRun:
@@ -297,14 +323,19 @@ def test_an_unfreeze_stage_under_fsdp2_trains_the_projector_from_its_step_as_und
         )  # fmt: skip
         run = run_llamafactory(tmp_path / f"cli-{name}", config, env=env, nproc=2)
         assert run.returncode == 0 and "world size: 2" in run.output, run.log()
-        assert "of later unfreeze stages are trainable from the start" in run.output, run.log()
         assert run.output.count("step 2: unfroze") == 2, run.log()  # on each rank
         return run
 
-    sharded = two_full_ranks("fsdp2", gate_env(tmp_path / "gate"), **FSDP2)
+    # The measure both sharded engines must equal.
     ddp = two_full_ranks("ddp", None)
-    assert (sharded.output_dir / "checkpoint-1" / "pytorch_model_fsdp_0").is_dir(), "not an FSDP2 checkpoint"
+    assert "of later unfreeze stages are trainable from the start" in ddp.output, ddp.log()
+    assert_projector_trains_from(2, llava, ddp.output_dir, last_step=3)
+    ddp_saved = {step: load_file(ddp.output_dir / f"checkpoint-{step}/model.safetensors") for step in (1, 2, 3)}
 
+    # FSDP2.
+    sharded = two_full_ranks("fsdp2", gate_env(tmp_path / "gate"), **FSDP2)
+    assert "of later unfreeze stages are trainable from the start" in sharded.output, sharded.log()
+    assert (sharded.output_dir / "checkpoint-1" / "pytorch_model_fsdp_0").is_dir(), "not an FSDP2 checkpoint"
     initial = projector_weights(llava / "model.safetensors")
     saved = {
         step: sharded_checkpoint_weights(sharded.output_dir / f"checkpoint-{step}", tmp_path / f"{step}.pt")
@@ -319,20 +350,32 @@ def test_an_unfreeze_stage_under_fsdp2_trains_the_projector_from_its_step_as_und
             shard = {step: projector[step][name].chunk(2)[rank] for step in saved}
             assert shard[1].equal(start) and shard[2].equal(start), f"rank {rank}'s shard of {name} moved before step 2"
             assert not shard[3].equal(start), f"rank {rank}'s shard of {name} did not train at step 2"
-
     # Every weight after the stage, the losses and each group's gradient norm (over all shards) are DDP's; the
     # projector's norm appears at its stage, its held gradient never counted before.
-    from safetensors.torch import load_file
-
-    after_ddp = load_file(ddp.output_dir / "checkpoint-3" / "model.safetensors")
-    assert saved[3].keys() == after_ddp.keys()
+    assert saved[3].keys() == ddp_saved[3].keys()
     for name, tensor in saved[3].items():
-        torch.testing.assert_close(tensor, after_ddp[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(tensor, ddp_saved[3][name], rtol=1e-5, atol=1e-7, msg=f"fsdp2: {name}")
     assert [("vlm_dpo/grad_norm/projector" in entry) for entry in sharded.step_logs] == [False, False, True]
     for mine, theirs in zip(sharded.step_logs, ddp.step_logs, strict=True):
         assert mine.keys() == theirs.keys()
         for key in [key for key in theirs if key in ("loss", "rewards/margins") or "grad_norm" in key]:
-            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (key, mine, theirs)
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), ("fsdp2", key, mine, theirs)
+
+    # ZeRO-2, stock (use_cpu unset), DeepSpeed's environment as the DeepSpeed tests set it.
+    deepspeed_config = tmp_path / "zero2.json"
+    deepspeed_config.write_text(json.dumps(zero_config(2)))
+    zero2 = two_full_ranks("zero2", deepspeed_environment(), deepspeed=str(deepspeed_config), use_cpu=None)
+    assert "DeepSpeed ZeRO-2 optimizer holds" in zero2.output and "staged group(s)" in zero2.output, zero2.log()
+    assert_projector_trains_from(2, llava, zero2.output_dir, last_step=3)
+    for step in (1, 2, 3):
+        mine, theirs = load_file(zero2.output_dir / f"checkpoint-{step}/model.safetensors"), ddp_saved[step]
+        assert mine.keys() == theirs.keys()
+        for name, tensor in mine.items():
+            message = f"zero2 checkpoint-{step}: {name}"
+            torch.testing.assert_close(tensor, theirs[name], rtol=1e-5, atol=1e-7, msg=message)
+    for mine, theirs in zip(zero2.step_logs, ddp.step_logs, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), ("zero2", key, mine, theirs)
 
 
 def projector_of(weights: dict) -> dict:
@@ -355,9 +398,6 @@ def test_four_fsdp2_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(
     assert_skip_logged_once(first.output, "step 1:", "rank 3: non-finite loss (nan)")
     checkpoints = [first.output_dir / f"checkpoint-{step}" for step in (1, 2, 3)]
     assert all((folder / "pytorch_model_fsdp_0").is_dir() for folder in checkpoints), "not FSDP2 checkpoints"
-    for rank in range(4):
-        state = json.loads((checkpoints[2] / f"vlm_dpo_plugins_state.rank{rank}.json").read_text())
-        assert state["guards"]["skipped_steps"] == 1, (rank, state["guards"])
 
     # Checkpoint 1 is before the skipped step, checkpoint 2 after it, checkpoint 3 after the next step.
     weights = [sharded_checkpoint_weights(folder, tmp_path / f"model-{folder.name}.pt") for folder in checkpoints]
