@@ -31,6 +31,15 @@ def torch_extensions_dir() -> str:
     return str(Path.home() / ".cache" / "vlm-dpo-plugins" / "torch_extensions" / environment)
 
 
+def gate_opened_at_startup(folder, module: str) -> dict[str, str]:
+    """Environment for a framework's CLI whose processes (torchrun's ranks too) call ``module.open_gate()`` at
+    start-up: a ``sitecustomize`` module in ``folder``, on ``PYTHONPATH`` with this folder (where the gates live)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(f"from {module} import open_gate\n\nopen_gate()\n")
+    return {"PYTHONPATH": f"{folder}:{Path(__file__).parent}"}
+
+
 PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
 
 

@@ -33,11 +33,7 @@ def open_gate() -> None:
 
 
 def gate_env(folder) -> dict[str, str]:
-    """Environment for a framework's CLI whose processes (torchrun's ranks too) open the gate at start-up: a
-    ``sitecustomize`` module in ``folder``, on ``PYTHONPATH`` with this module's folder."""
-    from pathlib import Path
+    """Environment for a framework's CLI whose processes (torchrun's ranks too) open the gate at start-up."""
+    from framework_cli import gate_opened_at_startup
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text("from fsdp_on_cpu import open_gate\n\nopen_gate()\n")
-    return {"PYTHONPATH": f"{folder}:{Path(__file__).parent}"}
+    return gate_opened_at_startup(folder, "fsdp_on_cpu")
