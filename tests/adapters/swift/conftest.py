@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -228,6 +230,7 @@ class SwiftRun:
     stderr: str
     output_dir: Path
     command: list[str] = field(default_factory=list)
+    timed_out: bool = False
     model: SwiftTinyModel | None = None
     model_dir: Path | None = None
 
@@ -281,17 +284,28 @@ def run_swift(
     env_extra: Mapping[str, str] | None = None,
     timeout: float = 300,
 ) -> SwiftRun:
+    """One ``swift`` command; past ``timeout`` seconds its whole process group (torchrun and every rank) is killed and
+    the run comes back with ``timed_out`` set (a hang is what some runs show)."""
     command = [console_script("swift"), *args]
     started = time.monotonic()
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         command,
         cwd=tmp_path,  # never a folder holding a ``swift/`` directory (this one is tests/adapters/swift)
         env=isolated_env(tmp_path, env_extra),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
+        start_new_session=True,  # the ranks in the group of their own that a timeout kills
     )
-    return SwiftRun(proc.returncode, time.monotonic() - started, proc.stdout, proc.stderr, output_dir, command)
+    timed_out = False
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    seconds = time.monotonic() - started
+    return SwiftRun(proc.returncode, seconds, stdout, stderr, output_dir, command, timed_out=timed_out)
 
 
 # --- fixtures -------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from fault_matrix import (  # noqa: E402
 from fault_plugin import install as install_fault_plugin  # noqa: E402
 from framework_cli import free_port  # noqa: E402
 from fsdp_on_cpu import gate_env  # noqa: E402
+from full_weights_plugin import install as install_full_weights  # noqa: E402
 
 TWO_CPU_RANKS = ["--tuner_type", "lora", "--use_cpu", "true"]
 REENTRANT = ["--gradient_checkpointing_kwargs", '{"use_reentrant": true}']
@@ -281,60 +282,6 @@ def test_fsdp2_trains_as_ddp_skips_a_one_rank_nan_on_both_and_resumes_from_its_s
         assert mine == theirs and mine["skipped_steps"] == 1, (rank, mine, theirs)
 
 
-FULL_WEIGHTS_PLUGIN = """
-# A test plugin: when training ends every rank gathers the whole model (FSDP2's shards, the frozen base too, which
-# an FSDP2 LoRA checkpoint leaves out) and rank 0 saves it to $VLM_DPO_TEST_FULL_WEIGHTS.
-import os
-
-import torch
-
-from vlm_dpo_plugins import hookimpl
-
-
-class FullWeights:
-    model = None
-
-    @hookimpl
-    def vlm_dpo_train_begin(self, model, context):
-        self.model = model
-        # fully_shard's units, as the classes they wrap (FSDP<class>; an activation-checkpointed layer's inside)
-        units = sorted(
-            type(getattr(module, "_checkpoint_wrapped_module", module)).__name__.removeprefix("FSDP")
-            for module in model.modules() if type(module).__name__.startswith("FSDP")
-        )
-        print(f"[test_full_weights] rank {context.rank}: fsdp_version={context.fsdp_version} "
-              f"uses_peft={context.uses_peft} {type(model).__name__} units={','.join(units)}", flush=True)
-
-    @hookimpl
-    def vlm_dpo_train_end(self, context, metrics):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.model, options=options)  # under FSDP2 a collective: every rank calls it
-        if context.rank == 0:
-            torch.save(state, os.environ["VLM_DPO_TEST_FULL_WEIGHTS"])
-
-
-plugin = FullWeights()
-"""
-
-
-def install_full_weights(directory, fault: dict, saved) -> dict:
-    """``fault``'s environment plus :data:`FULL_WEIGHTS_PLUGIN` installed beside it, saving to ``saved``."""
-    from plugin_install import install_as_entry_point
-
-    source = directory / "source" / "vlm_dpo_test_full_weights.py"
-    source.parent.mkdir(parents=True, exist_ok=True)
-    source.write_text(FULL_WEIGHTS_PLUGIN)
-    env = install_as_entry_point(source, directory / "installed", "vlm_dpo_test_full_weights", "test_full_weights")
-    return {
-        **fault,
-        "PYTHONPATH": os.pathsep.join([env["PYTHONPATH"], fault["PYTHONPATH"]]),
-        "VLM_DPO_LOAD_PLUGINS": f"{fault['VLM_DPO_LOAD_PLUGINS']},{env['VLM_DPO_LOAD_PLUGINS']}",
-        "VLM_DPO_TEST_FULL_WEIGHTS": str(saved),
-    }
-
-
 def test_fsdp2_with_lora_on_llava_trains_as_ddp_and_skips_a_one_rank_nan_on_both(
     tmp_path, swift_dpo, llava, plugin_file
 ):
@@ -343,7 +290,8 @@ def test_fsdp2_with_lora_on_llava_trains_as_ddp_and_skips_a_one_rank_nan_on_both
     on rank 1 at step 1. The same run under DDP is the reference. Under FSDP2 with LoRA the Trainer saves the
     adapter alone, as a distributed checkpoint (``pytorch_model_fsdp_0``: the LoRA tensors, named as in
     ``adapter_model.safetensors``), and swift's own ``adapter_model.safetensors``/``adapter_config.json`` are not
-    written; the frozen base is checked from the whole model gathered at the end (FULL_WEIGHTS_PLUGIN)."""
+    written; the frozen base is checked from the whole model gathered at the end
+    (``tests/support/full_weights_plugin.py``)."""
     import torch
     from safetensors.torch import load_file
     from saved_models import live_weights
@@ -356,7 +304,7 @@ def test_fsdp2_with_lora_on_llava_trains_as_ddp_and_skips_a_one_rank_nan_on_both
 
     def launch(name, env, *extra):
         env = {
-            **install_full_weights(tmp_path / f"weights-{name}", env, tmp_path / f"{name}-final.pt"),
+            **install_full_weights(tmp_path / f"weights-{name}", tmp_path / f"{name}-final.pt", env),
             "NPROC_PER_NODE": "2",
             "MASTER_PORT": str(free_port()),
         }
@@ -376,9 +324,11 @@ def test_fsdp2_with_lora_on_llava_trains_as_ddp_and_skips_a_one_rank_nan_on_both
     units = "CLIPEncoderLayer,CLIPEncoderLayer,CLIPVisionEmbeddings,Embedding,Linear,LlamaDecoderLayer,"
     units += "LlamaDecoderLayer"
     for rank in (0, 1):
-        line = f"[test_full_weights] rank {rank}: fsdp_version=2 uses_peft=True FSDPPeftModelForCausalLM units={units},"
+        line = f"[test_full_weights] rank {rank}: fsdp_version=2 deepspeed_stage=None uses_peft=True "
+        line += f"FSDPPeftModelForCausalLM units={units},"
         assert f"{line}PeftModelForCausalLM\n" in sharded.stdout + sharded.stderr, sharded.tail()
-        line = f"[test_full_weights] rank {rank}: fsdp_version=None uses_peft=True PeftModelForCausalLM units=\n"
+        line = f"[test_full_weights] rank {rank}: fsdp_version=None deepspeed_stage=None uses_peft=True "
+        line += "PeftModelForCausalLM units=\n"
         assert line in ddp.stdout + ddp.stderr, ddp.tail()
     for run in (sharded, ddp):
         assert_one_rank_fault_skipped_on_both(run.stdout + run.stderr)
