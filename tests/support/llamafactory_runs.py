@@ -184,6 +184,29 @@ def write_dataset(dataset_dir: Path, rows: list[dict] | None = None, num_rows: i
     (dataset_dir / "dataset_info.json").write_text(json.dumps(info, indent=1))
 
 
+def write_mixed_dataset(directory: Path, rows: int = 4) -> Path:
+    """Pairs with an image and text-only pairs, alternating."""
+    from vlm_dpo_plugins.tiny.data import make_preference_examples, write_preference_images
+
+    examples = make_preference_examples(rows, seed=0)
+    paths = write_preference_images(examples, directory / "images")
+    written = []
+    for index, (example, path) in enumerate(zip(examples, paths, strict=True)):
+        text_only = index % 2 == 1
+        written.append(
+            {
+                "conversations": [
+                    {"from": "human", "value": "Name a shape." if text_only else f"{IMAGE_PLACEHOLDER}{example.prompt}"}
+                ],
+                "chosen": {"from": "gpt", "value": example.chosen},
+                "rejected": {"from": "gpt", "value": example.rejected},
+                "images": [] if text_only else [path.relative_to(directory).as_posix()],
+            }
+        )
+    write_dataset(directory, written)
+    return directory
+
+
 VIDEO_PLACEHOLDER = "<video>"
 
 

@@ -30,6 +30,7 @@ from llamafactory_runs import (  # noqa: E402
     dpo_config,
     run_llamafactory,
     write_dataset,
+    write_mixed_dataset,
 )
 from safetensors.torch import load_file  # noqa: E402
 
@@ -329,31 +330,6 @@ def test_gemma3_trains_like_llamafactory_with_its_image_blocks_packed(tmp_path, 
     parts = changed_parts(before, after, TINY_MODELS["gemma3"].part)
     assert parts["vision"]["changed"] == [] and parts["projector"]["changed"] == [], parts
     assert parts["language"]["changed"], "the language model did not train"
-
-
-def write_mixed_dataset(directory: Path, rows: int = 4) -> Path:
-    """Pairs with an image and text-only pairs, alternating."""
-    from llamafactory_runs import IMAGE_PLACEHOLDER
-
-    from vlm_dpo_plugins.tiny.data import make_preference_examples, write_preference_images
-
-    examples = make_preference_examples(rows, seed=0)
-    paths = write_preference_images(examples, directory / "images")
-    written = []
-    for index, (example, path) in enumerate(zip(examples, paths, strict=True)):
-        text_only = index % 2 == 1
-        written.append(
-            {
-                "conversations": [
-                    {"from": "human", "value": "Name a shape." if text_only else f"{IMAGE_PLACEHOLDER}{example.prompt}"}
-                ],
-                "chosen": {"from": "gpt", "value": example.chosen},
-                "rejected": {"from": "gpt", "value": example.rejected},
-                "images": [] if text_only else [path.relative_to(directory).as_posix()],
-            }
-        )
-    write_dataset(directory, written)
-    return directory
 
 
 @pytest.mark.parametrize("model", ["qwen2_vl", "llava"])

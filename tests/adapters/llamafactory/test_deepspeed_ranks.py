@@ -24,6 +24,11 @@ need it (unsetting ``use_cpu`` does), so only ms-swift's tests use it.
   seeding again after loading the model, and loading under ``zero.Init`` leaves the random generator elsewhere,
   so the LoRA A matrices start elsewhere than under DDP (stock LLaMA-Factory alike; ZeRO-2 starts them as DDP).
 
+- ZeRO-3, rank 1's batches never holding an image: LLaMA-Factory's collator gives a batch without images a 64×64
+  white stand-in image (its tokens unattended), so every rank runs the vision tower and gathers its weights in step:
+  stock trains, and with the plugins the same run trains as stock and as DDP, the shared step's vision lockstep
+  left idle (every rank's batch has images by the time the model sees it).
+
 ZeRO-2 on two ranks (stock, ``use_cpu`` unset) is the ``freeze.unfreeze`` test's in test_distributed.py: the
 projector held in ZeRO's optimizer until its stage, every checkpoint's weights, the losses and the gradient norms
 equal to the DDP run's.
@@ -47,6 +52,7 @@ from llamafactory_runs import (  # noqa: E402
     dpo_config,
     run_llamafactory,
     write_dataset,
+    write_mixed_dataset,
 )
 
 # A margin is beta times a difference of four log-probs of some 40 nats, each rounded to about 3e-6 in fp32: where
@@ -56,6 +62,7 @@ TOLERANCE = {
     "grad_norm": dict(rel=1e-5, abs=1e-7),
     "rewards/margins": dict(rel=1e-5, abs=1e-6),
 }
+STAND_IN_LOGGED = "vlm-dpo: guards: a rank's batch has no image while another's has"
 ONE_RANK_COUNTED = (
     "AssertionError: Check batch related parameters. "
     "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 4 != 2 * 1 * 1"
@@ -70,7 +77,8 @@ def dataset(tmp_path_factory):
 
 
 def two_ranks(tmp_path, model_dir, dataset, name, env, tuning="lora", **overrides) -> LlamaFactoryRun:
-    config = dpo_config(TINY_MODELS["llava"], model_dir, dataset, tmp_path / name, tuning, max_steps=3, **overrides)
+    settings = {"max_steps": 3, **overrides}
+    config = dpo_config(TINY_MODELS["llava"], model_dir, dataset, tmp_path / name, tuning, **settings)
     return run_llamafactory(tmp_path / f"cli-{name}", config, env=env, nproc=2)
 
 
@@ -115,3 +123,26 @@ def test_zero3_on_two_ranks_skips_a_one_rank_nan_on_both_and_trains_as_ddp(tmp_p
                 assert mine[key] == pytest.approx(theirs[key], **within), (key, mine, theirs)
             else:
                 assert not math.isfinite(mine[key]), (key, mine, theirs)
+
+
+def test_zero3_with_a_rank_without_images_trains_stock_and_with_the_plugins_as_ddp(tmp_path, llava):
+    # Unshuffled, one pair per rank and step: rank 0 gets the rows with images, rank 1 the text-only ones.
+    dataset = write_mixed_dataset(tmp_path / "data", rows=8)
+    in_order = dict(per_device_train_batch_size=1, disable_shuffling=True, max_steps=2)
+    zero3 = dict(deepspeed=zero_file(tmp_path, 3), use_cpu=None, **in_order)
+    stock_env = {"VLM_DPO_LLAMAFACTORY": "0", **deepspeed_environment()}
+    stock = two_ranks(tmp_path, llava, dataset, "stock", stock_env, "full", **zero3)
+    ours = two_ranks(tmp_path, llava, dataset, "zero3", deepspeed_environment(), "full", **zero3)
+    ddp = two_ranks(tmp_path, llava, dataset, "ddp", {}, "full", **in_order)
+    for run in (stock, ours, ddp):
+        assert run.returncode == 0 and "world size: 2" in run.output, run.log()
+    # Really ZeRO-3: the Trainer's save says so in both; the plugins read the live optimizer too.
+    for run in (stock, ours):
+        assert "stage3_gather_16bit_weights_on_model_save=false" in run.output, run.log()
+    assert "DeepSpeed ZeRO-3 optimizer holds" in ours.output, ours.log()
+    assert STAND_IN_LOGGED not in ours.output, ours.log()
+    assert len(stock.step_logs) == len(ours.step_logs) == len(ddp.step_logs) == 2
+    for mine, replicated, theirs in zip(ours.step_logs, ddp.step_logs, stock.step_logs, strict=True):
+        for key, within in TOLERANCE.items():
+            assert mine[key] == pytest.approx(replicated[key], **within), (key, mine, replicated)
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), (key, mine, theirs)
