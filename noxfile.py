@@ -89,8 +89,10 @@ def run_tests(session: nox.Session, *paths: str, browser: bool = False) -> None:
     if not browser:
         # The report's headless-Chromium test runs in the trl session only (playwright is installed there).
         env["VLM_DPO_REQUIRE_CHROMIUM"] = "0"
-    # The slow fault-injection suites run in the `reliability` session, in these same environments.
-    session.run("pytest", *PARALLEL, *CORE_TESTS, *paths, "-m", "not reliability", *session.posargs, env=env)
+    # The slow fault-injection suites run in the `reliability` session, and the FSDP2 matrix's other cells in the
+    # `fsdp2_matrix` one, in these same environments.
+    selection = "not reliability and not fsdp2_matrix"
+    session.run("pytest", *PARALLEL, *CORE_TESTS, *paths, "-m", selection, *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON)
@@ -138,6 +140,14 @@ RELIABILITY_TESTS = {
 RELIABILITY_PAGE = ROOT / "docs" / "reliability.md"
 
 
+def environment_pytest(session: nox.Session, environment: str) -> Path:
+    """The pytest of an environment a framework session built."""
+    pytest = ROOT / ".nox" / environment / "bin" / "pytest"
+    if not pytest.exists():
+        session.error(f"{pytest} is missing: run `nox -s {environment}` first (it builds that environment)")
+    return pytest
+
+
 @nox.session(venv_backend="none")
 def reliability(session: nox.Session) -> None:
     """Fault injection through every framework, then docs/reliability.md's table checked against the results.
@@ -158,9 +168,7 @@ def reliability(session: nox.Session) -> None:
     }
     failures = []
     for environment, paths in RELIABILITY_TESTS.items():
-        pytest = ROOT / ".nox" / environment / "bin" / "pytest"
-        if not pytest.exists():
-            session.error(f"{pytest} is missing: run `nox -s {environment}` first (it builds that environment)")
+        pytest = environment_pytest(session, environment)
         try:
             session.run(str(pytest), *PARALLEL, "-m", "reliability", *paths, env=env, external=True)
         except CommandFailed:
@@ -185,3 +193,22 @@ def reliability(session: nox.Session) -> None:
     )
     if failures:
         session.error(f"fault suites failed in: {', '.join(failures)}")
+
+
+FSDP2_MATRIX_TESTS = {
+    "trl": ("tests/sharded/test_fsdp2_through_trl.py",),
+    "llamafactory": ("tests/adapters/llamafactory/test_fsdp2_matrix.py",),
+    "swift": ("tests/adapters/swift/test_fsdp2_matrix.py",),
+}
+"""Where each environment's tests marked ``fsdp2_matrix`` live."""
+
+
+@nox.session(venv_backend="none")
+def fsdp2_matrix(session: nox.Session) -> None:
+    """The FSDP2 model × tuning cells the framework sessions leave out (tests marked ``fsdp2_matrix``; the sessions
+    run each model and each tuning at least once), in the environments the three sessions built. Not among the
+    default sessions: CI's run would pass 50 minutes with them (docs/testing.md). ``nox -s fsdp2_matrix``."""
+    env = {**TEST_ENVIRONMENT, "VLM_DPO_REQUIRE_CHROMIUM": "0"}
+    for environment, paths in FSDP2_MATRIX_TESTS.items():
+        pytest = environment_pytest(session, environment)
+        session.run(str(pytest), *PARALLEL, "-m", "fsdp2_matrix", *paths, env=env, external=True)

@@ -40,6 +40,23 @@ def gate_opened_at_startup(folder, module: str) -> dict[str, str]:
     return {"PYTHONPATH": f"{folder}:{Path(__file__).parent}"}
 
 
+JOINED = {"PYTHONPATH": os.pathsep, "VLM_DPO_LOAD_PLUGINS": ","}
+"""Variables that several environments each add to rather than set: folders on the path, plugins to load."""
+
+
+def merged_environments(*environments: Mapping[str, str]) -> dict[str, str]:
+    """Several environments of gates and test plugins as one: later values win, except that each of ``JOINED`` keeps
+    every environment's entries, in order (one gate per run: its ``sitecustomize`` is the one on the path)."""
+    merged: dict[str, str] = {}
+    for environment in environments:
+        merged.update(environment)
+    for name, separator in JOINED.items():
+        parts = [environment[name] for environment in environments if environment.get(name)]
+        if parts:
+            merged[name] = separator.join(parts)
+    return merged
+
+
 PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
 
 

@@ -72,15 +72,9 @@ plugin = FullWeights()
 def install(directory: Path, saved: Path, alongside: dict[str, str] | None = None) -> dict[str, str]:
     """The environment that loads this plugin, saving to ``saved``, beside the plugins ``alongside`` loads (another
     test plugin's environment, such as ``fault_plugin.install``'s)."""
-    from plugin_install import install_as_entry_point  # the test process only: this file runs alone when installed
+    # The test process only: this file runs alone when installed.
+    from framework_cli import merged_environments
+    from plugin_install import install_as_entry_point
 
     mine = install_as_entry_point(__file__, directory, "vlm_dpo_test_full_weights", ENTRY_POINT_NAME)
-    alongside = alongside or {}
-    loaded = [alongside.get("VLM_DPO_LOAD_PLUGINS"), mine["VLM_DPO_LOAD_PLUGINS"]]
-    paths = [mine["PYTHONPATH"], alongside.get("PYTHONPATH")]
-    return {
-        **alongside,
-        "PYTHONPATH": os.pathsep.join(filter(None, paths)),
-        "VLM_DPO_LOAD_PLUGINS": ",".join(filter(None, loaded)),
-        SAVED_VARIABLE: str(saved),
-    }
+    return merged_environments(alongside or {}, mine, {SAVED_VARIABLE: str(saved)})

@@ -184,6 +184,22 @@ def write_dataset(dataset_dir: Path, rows: list[dict] | None = None, num_rows: i
     (dataset_dir / "dataset_info.json").write_text(json.dumps(info, indent=1))
 
 
+FSDP2_SETTINGS = {
+    "llava": dict(
+        fsdp="full_shard auto_wrap",
+        # transformers 5.6 lists a CLIP text module among LLaVA's _no_split_modules, which accelerate's auto wrap
+        # cannot find in a vision-only CLIP: the layer classes are named, as a user of that release names them.
+        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "CLIPEncoderLayer"]},
+    ),
+    "qwen2_vl": dict(
+        fsdp="full_shard auto_wrap",
+        # Qwen2-VL's vision block and decoder layer (its _no_split_modules in transformers 5.6), named as above.
+        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2VLVisionBlock", "Qwen2VLDecoderLayer"]},
+    ),
+}
+"""LLaMA-Factory's own FSDP2 path (``fsdp``/``fsdp_config`` in its YAML) for each tiny model."""
+
+
 def write_mixed_dataset(directory: Path, rows: int = 4) -> Path:
     """Pairs with an image and text-only pairs, alternating."""
     from vlm_dpo_plugins.tiny.data import make_preference_examples, write_preference_images

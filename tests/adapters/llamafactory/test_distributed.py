@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 
@@ -31,8 +30,10 @@ from fault_matrix import (  # noqa: E402
     assert_step_changed_nothing,
 )
 from fault_plugin import install as install_fault_plugin  # noqa: E402
+from framework_cli import merged_environments  # noqa: E402
 from fsdp_on_cpu import gate_env  # noqa: E402
 from llamafactory_runs import (  # noqa: E402
+    FSDP2_SETTINGS,
     TINY_MODELS,
     LlamaFactoryRun,
     assert_projector_trains_from,
@@ -160,12 +161,7 @@ def two_nodes(tmp_path, config: dict, env: dict, fault: str = "loss-nan") -> tup
     return first, second
 
 
-FSDP2 = dict(
-    fsdp="full_shard auto_wrap",
-    # transformers 5.6 lists a CLIP text module among LLaVA's _no_split_modules, which accelerate's auto wrap
-    # cannot find in a vision-only CLIP: the layer classes are named, as a user of that release names them.
-    fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "CLIPEncoderLayer"]},
-)
+FSDP2 = FSDP2_SETTINGS["llava"]
 
 
 @pytest.mark.reliability("LLaMA-Factory", row="fsdp2")
@@ -177,7 +173,7 @@ def test_fsdp2_trains_as_ddp_skips_a_one_rank_nan_on_both_and_resumes_from_its_s
     fsdp_on_cpu.py; docs/scaling.md). Full tuning, a NaN loss on rank 1 at step 1."""
     fault = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=1)
     gate = gate_env(tmp_path / "gate")
-    sharded_env = {**fault, "PYTHONPATH": os.pathsep.join([gate["PYTHONPATH"], fault["PYTHONPATH"]])}
+    sharded_env = merged_environments(gate, fault)
 
     def two_full_ranks(name: str, env: dict, **overrides) -> LlamaFactoryRun:
         config = dpo_config(
@@ -218,11 +214,7 @@ def test_fsdp2_trains_as_ddp_skips_a_one_rank_nan_on_both_and_resumes_from_its_s
         torch.testing.assert_close(tensor, straight[name], rtol=1e-6, atol=1e-8, msg=name)
 
 
-QWEN2_VL_FSDP2 = dict(
-    fsdp="full_shard auto_wrap",
-    # Qwen2-VL's vision block and decoder layer (its _no_split_modules in transformers 5.6), named as above.
-    fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2VLVisionBlock", "Qwen2VLDecoderLayer"]},
-)
+QWEN2_VL_FSDP2 = FSDP2_SETTINGS["qwen2_vl"]
 
 
 def test_fsdp2_with_qwen2_vl_and_lora_trains_as_ddp_and_skips_a_one_rank_nan_on_both(
@@ -241,7 +233,7 @@ def test_fsdp2_with_qwen2_vl_and_lora_trains_as_ddp_and_skips_a_one_rank_nan_on_
     model_dir = tiny_model_dir("qwen2_vl")
     fault = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=1)
     gate = gate_env(tmp_path / "gate")
-    sharded_env = {**fault, "PYTHONPATH": os.pathsep.join([gate["PYTHONPATH"], fault["PYTHONPATH"]])}
+    sharded_env = merged_environments(gate, fault)
 
     def two_lora_ranks(name: str, env: dict, **overrides) -> LlamaFactoryRun:
         config = dpo_config(
@@ -401,7 +393,7 @@ def test_four_fsdp2_ranks_on_two_nodes_skip_a_nan_on_the_second_node_everywhere(
     rank, skips the step on all four, every rank's shard of the weights and of AdamW's state unchanged by it."""
     fault = install_fault_plugin(tmp_path / "plugins", fault="loss-nan", steps=[1], only_rank=3)
     gate = gate_env(tmp_path / "gate")
-    env = {**fault, "PYTHONPATH": os.pathsep.join([gate["PYTHONPATH"], fault["PYTHONPATH"]])}
+    env = merged_environments(gate, fault)
     config = dpo_config(
         TINY_MODELS["llava"], llava, dataset, tmp_path / "out", "full",
         max_steps=3, save_strategy="steps", save_steps=1, **FSDP2,

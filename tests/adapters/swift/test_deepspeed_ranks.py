@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 
@@ -41,7 +40,7 @@ pytest.importorskip("deepspeed", reason="needs deepspeed in the ms-swift environ
 from deepspeed_on_cpu import gate_env  # noqa: E402
 from fault_matrix import assert_deepspeed_skipped_once, deepspeed_environment, zero_config  # noqa: E402
 from fault_plugin import install as install_fault_plugin  # noqa: E402
-from framework_cli import free_port  # noqa: E402
+from framework_cli import free_port, merged_environments  # noqa: E402
 
 BATCH_CHECK = (
     "AssertionError: Check batch related parameters. "
@@ -103,7 +102,7 @@ def test_zero_on_two_ranks_skips_a_one_rank_nan_on_both_and_trains_as_ddp(tmp_pa
 
     ddp = launch("ddp", fault)
     gate = gate_env(tmp_path / "gate")
-    with_gate = {**fault, "PYTHONPATH": os.pathsep.join([gate["PYTHONPATH"], fault["PYTHONPATH"]])}
+    with_gate = merged_environments(gate, fault)
     run = launch("zero3", {**with_gate, **deepspeed_environment()}, "--deepspeed", zero_file(tmp_path, 3))
     output = run.stdout + run.stderr
     assert "DeepSpeed ZeRO-3 optimizer holds" in output, run.tail()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 
@@ -43,7 +42,7 @@ from fault_matrix import (  # noqa: E402
     zero_config,
 )
 from fault_plugin import install as install_fault_plugin  # noqa: E402
-from framework_cli import free_port  # noqa: E402
+from framework_cli import free_port, merged_environments  # noqa: E402
 from fsdp_on_cpu import gate_env  # noqa: E402
 from full_weights_plugin import install as install_full_weights  # noqa: E402
 
@@ -188,7 +187,7 @@ def test_zero3_on_four_ranks_on_two_nodes_skips_a_nan_gradient_on_the_second_nod
     from safetensors.torch import load_file
 
     def deepspeed_gate(env, folder):
-        return {**env, "PYTHONPATH": os.pathsep.join([deepspeed_gate_env(folder)["PYTHONPATH"], env["PYTHONPATH"]])}
+        return merged_environments(deepspeed_gate_env(folder), env)
 
     zero3 = tmp_path / "zero3.json"
     zero3.write_text(json.dumps(zero_config(3)))
@@ -223,8 +222,7 @@ def two_full_ranks(swift_dpo, model, model_dir, name, env, extra, max_steps=3):
 
 def with_gate(env, folder) -> dict:
     """``env`` with accelerate's FSDP gate opened for the CPU ranks (tests/support/fsdp_on_cpu.py)."""
-    paths = [gate_env(folder)["PYTHONPATH"], *filter(None, [env.get("PYTHONPATH")])]
-    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
+    return merged_environments(gate_env(folder), env)
 
 
 @pytest.mark.reliability("ms-swift", row="fsdp2")

@@ -26,7 +26,6 @@ projector frozen, still gathered under ZeRO-3 and FSDP2), fp32.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -38,7 +37,7 @@ pytest.importorskip("deepspeed", reason="needs deepspeed in the ms-swift environ
 import deepspeed_on_cpu  # noqa: E402
 import fsdp_on_cpu  # noqa: E402
 from fault_matrix import deepspeed_environment, zero_config  # noqa: E402
-from framework_cli import free_port  # noqa: E402
+from framework_cli import free_port, merged_environments  # noqa: E402
 from full_weights_plugin import install as install_full_weights  # noqa: E402
 
 COLLECTIVE_MISMATCH = "Is there a distributed collective mismatch in your code?"
@@ -90,20 +89,14 @@ def write_mixed_dataset(path):
     return path
 
 
-def joined(*environments: dict[str, str]) -> dict[str, str]:
-    """The environments merged, their ``PYTHONPATH`` entries kept side by side."""
-    paths = [env["PYTHONPATH"] for env in environments if env.get("PYTHONPATH")]
-    merged = {key: value for env in environments for key, value in env.items()}
-    return {**merged, "PYTHONPATH": os.pathsep.join(paths)} if paths else merged
-
-
 def engine(name: str, folder) -> tuple[list[str], dict[str, str]]:
     """The command-line flags and environment that run ``name`` on these CPU ranks."""
     if name == "zero3":
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / "zero3.json"
         config.write_text(json.dumps(zero_config(3)))
-        return ["--deepspeed", str(config)], joined(deepspeed_on_cpu.gate_env(folder), deepspeed_environment())
+        environment = merged_environments(deepspeed_on_cpu.gate_env(folder), deepspeed_environment())
+        return ["--deepspeed", str(config)], environment
     if name == "fsdp2":
         return ["--fsdp", "fsdp2"], fsdp_on_cpu.gate_env(folder)
     assert name == "ddp", name
