@@ -8,7 +8,8 @@ once into a cache folder and linked into every environment with a ``.pth`` file,
 pip sees it as installed and never downloads another multi-GB torch.
 
 Run everything: ``nox``. One framework: ``nox -s trl`` (or llamafactory, swift). The slow
-fault-injection suites: ``nox -s reliability`` (after the three, in their environments).
+fault-injection suites: ``nox -s reliability``, and FSDP2's other model × tuning cells: ``nox -s fsdp2_matrix``
+(after the three, in their environments).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ PARALLEL = ("-n", "2")
 CORE_TESTS = ("tests/core", "tests/fixtures")
 CONSTRAINTS = ("--constraint", str(ROOT / "tests" / "envs" / "constraints.txt"))
 
-nox.options.sessions = ["trl", "llamafactory", "swift", "reliability"]
+nox.options.sessions = ["trl", "llamafactory", "swift", "reliability", "fsdp2_matrix"]
 nox.options.reuse_existing_virtualenvs = False
 nox.options.error_on_missing_interpreters = True
 
@@ -206,8 +207,8 @@ FSDP2_MATRIX_TESTS = {
 @nox.session(venv_backend="none")
 def fsdp2_matrix(session: nox.Session) -> None:
     """The FSDP2 model × tuning cells the framework sessions leave out (tests marked ``fsdp2_matrix``; the sessions
-    run each model and each tuning at least once), in the environments the three sessions built. Not among the
-    default sessions: CI's run would pass 50 minutes with them (docs/testing.md). ``nox -s fsdp2_matrix``."""
+    run each model and each tuning at least once), in the environments the three sessions built: a slow matrix of
+    its own, last in CI's run, which ``nox -s trl llamafactory swift reliability`` leaves out (docs/testing.md)."""
     env = {**TEST_ENVIRONMENT, "VLM_DPO_REQUIRE_CHROMIUM": "0"}
     for environment, paths in FSDP2_MATRIX_TESTS.items():
         pytest = environment_pytest(session, environment)

@@ -92,8 +92,9 @@ def _warn_about_unsynchronised_cpu_ranks(training_args: Any) -> None:
     if processes > 1 and not torch.cuda.is_available() and not training_args.use_cpu:
         logger.warning(
             "vlm-dpo: NPROC_PER_NODE=%d on a machine without a GPU and without --use_cpu true: swift starts %d "
-            "independent copies of the run whose gradients are never averaged (each rank trains alone). Add "
-            "--use_cpu true for DDP over gloo",
+            "independent copies of the run whose gradients are never averaged (each rank trains alone; under "
+            "--deepspeed, DeepSpeed's batch check stops them instead). Add --use_cpu true for DDP over gloo; ZeRO-3 "
+            "and FSDP2 on CPU ranks: docs/scaling.md",
             processes,
             processes,
         )
