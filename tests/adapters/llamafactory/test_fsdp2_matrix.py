@@ -1,12 +1,13 @@
 """The FSDP2 cells of the model × tuning matrix that ``test_distributed.py`` leaves out, through LLaMA-Factory's own
 FSDP2 path on two CPU ranks (the gate opened, as there): LLaVA with LoRA, Qwen2-VL with full tuning.
 
-``test_distributed.py`` runs LLaVA with full tuning (and its resume) and Qwen2-VL with LoRA (and what its checkpoints
-hold) in the ``llamafactory`` session. These cells run in the ``fsdp2_matrix`` nox session, the slow matrix's own
-(last in CI's run; docs/testing.md). Each cell: a NaN loss on rank 1 at step 1 skipped on both ranks and counted
-in both ranks' checkpointed state; the losses, gradient norms (over all shards) and margins equal the same run under
-DDP; the whole model at the end, gathered from the shards (``tests/support/full_weights_plugin.py``), equals DDP's,
-with the vision tower and projector (and, with LoRA, the base language model) exactly as loaded.
+``test_distributed.py`` runs LLaVA with full tuning (and its resume) and Qwen2-VL with LoRA (and what its
+checkpoints hold) in the ``llamafactory`` session. These cells run in the ``fsdp2_matrix`` nox session, the slow
+matrix's own (run by hand: CI's run has no room for it; docs/testing.md). Each cell: a NaN loss on rank 1 at step 1
+skipped on both ranks and counted in both ranks' checkpointed state; the losses, gradient norms (over all shards)
+and margins equal the same run under DDP; the whole model at the end, gathered from the shards
+(``tests/support/full_weights_plugin.py``), equals DDP's, with the vision tower and projector (and, with LoRA, the
+base language model) exactly as loaded.
 """
 
 from __future__ import annotations

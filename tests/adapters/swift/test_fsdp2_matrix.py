@@ -4,11 +4,11 @@ LoRA.
 
 The ``swift`` and ``reliability`` sessions run Qwen2-VL with full tuning (a NaN skipped, the resume), LLaVA with
 LoRA (a NaN skipped, what the checkpoints hold) and LLaVA with full tuning (a rank without images,
-``test_mixed_ranks.py``). This cell runs in the ``fsdp2_matrix`` nox session, the slow matrix's own (last in CI's
-run; docs/testing.md): a NaN loss on rank 1 at step 1 skipped on both ranks and counted in both ranks' checkpointed
-state; the losses, gradient norms (over all shards) and margins equal the same run under DDP; the whole model at the
-end, gathered from the shards (``tests/support/full_weights_plugin.py``), equals DDP's, the adapters trained and
-the base model, vision tower and merger exactly as loaded.
+``test_mixed_ranks.py``). This cell runs in the ``fsdp2_matrix`` nox session, the slow matrix's own (run by hand:
+CI's run has no room for it; docs/testing.md): a NaN loss on rank 1 at step 1 skipped on both ranks and counted in
+both ranks' checkpointed state; the losses, gradient norms (over all shards) and margins equal the same run under
+DDP; the whole model at the end, gathered from the shards (``tests/support/full_weights_plugin.py``), equals DDP's,
+the adapters trained and the base model, vision tower and merger exactly as loaded.
 """
 
 from __future__ import annotations
