@@ -25,30 +25,15 @@ from framework_cli import merged_environments  # noqa: E402
 from fsdp_on_cpu import gate_env  # noqa: E402
 from full_weights_plugin import install as install_full_weights  # noqa: E402
 from llamafactory_runs import FSDP2_SETTINGS, TINY_MODELS, dpo_config, run_llamafactory, write_dataset  # noqa: E402
-from saved_models import live_weights  # noqa: E402
+from saved_models import assert_same_weights, live_weights, without_adapters  # noqa: E402
 
 pytestmark = pytest.mark.fsdp2_matrix
-
-# AdamW divides each gradient element by the root of its running square: an element near zero, summed over the
-# shards in another order than DDP's, moves its weight by a fraction of the learning rate (1e-3) rather than by
-# rounding. A thousandth of it; a weight stepped wrongly moves by about a whole learning rate.
-WEIGHT_TOLERANCE = 1e-6
-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     directory = tmp_path_factory.mktemp("data")
     write_dataset(directory, num_rows=8)
     return directory
-
-
-def base_names(weights: dict) -> dict:
-    """PEFT's names of a gathered model back to the model's own (``base_layer`` weights as the layer's)."""
-    return {
-        name.removeprefix("base_model.model.").replace(".base_layer.", "."): tensor
-        for name, tensor in weights.items()
-        if ".lora_" not in name
-    }
 
 
 @pytest.mark.parametrize("family, tuning", [("llava", "lora"), ("qwen2_vl", "full")])
@@ -83,12 +68,9 @@ def test_fsdp2_cell_trains_as_ddp_and_skips_a_one_rank_nan_on_both(tmp_path, tin
                 assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (key, mine, theirs)
 
     final, reference = torch.load(tmp_path / "fsdp2.pt"), torch.load(tmp_path / "ddp.pt")
-    assert final.keys() == reference.keys(), sorted(final.keys() ^ reference.keys())[:10]
-    for name, tensor in reference.items():
-        difference = (final[name] - tensor).abs().max().item()
-        assert difference <= WEIGHT_TOLERANCE, (name, difference)
+    assert_same_weights(final, reference)
     initial = live_weights(model_dir)
-    weights = base_names(final) if tuning == "lora" else final
+    weights = without_adapters(final) if tuning == "lora" else final
     assert weights.keys() == initial.keys(), sorted(weights.keys() ^ initial.keys())[:10]
     held = [name for name in initial if tuning == "lora" or model.part(name) != "language"]
     assert {model.part(name) for name in held} >= {"vision", "projector"}

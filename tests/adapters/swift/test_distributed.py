@@ -292,7 +292,7 @@ def test_fsdp2_with_lora_on_llava_trains_as_ddp_and_skips_a_one_rank_nan_on_both
     (``tests/support/full_weights_plugin.py``)."""
     import torch
     from safetensors.torch import load_file
-    from saved_models import live_weights
+    from saved_models import live_weights, without_adapters
 
     config = tmp_path / "vlm_dpo.yaml"
     config.write_text(yaml.safe_dump({"loss": {"type": "sigmoid"}}))  # the plugins compute the loss: one to poison
@@ -365,10 +365,7 @@ def test_fsdp2_with_lora_on_llava_trains_as_ddp_and_skips_a_one_rank_nan_on_both
     for run in (sharded, ddp):
         final = torch.load(tmp_path / f"{run.output_dir.name}-final.pt")
         lora = {name.replace(".default.", "."): tensor for name, tensor in final.items() if ".lora_" in name}
-        base = {
-            name.removeprefix("base_model.model.").replace(".base_layer.", "."): tensor
-            for name, tensor in final.items() if ".lora_" not in name
-        }  # fmt: skip
+        base = without_adapters(final)
         assert base.keys() == initial.keys(), sorted(set(base) ^ set(initial))[:10]
         assert {llava.part(name) for name in base} == {"vision", "aligner", "language"}
         for name, tensor in initial.items():
